@@ -1,0 +1,127 @@
+"""Reading a campaign file and its recipient list on the client side.
+
+mailerctl opens the files; the daemon never opens a path a client names. The
+list is read as a stream of Rows so a million-line file never sits in memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tomllib
+from pathlib import Path
+from typing import Iterator
+
+import msgspec
+
+from mailerd.protocol import CampaignSpec, Row
+
+
+class InputError(Exception):
+    """A campaign or list file is unusable; the message names the file and the problem."""
+
+
+class CampaignFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    sender: str = msgspec.field(name="from")
+    subject: str
+    text: str | None = None
+    html: str | None = None
+    servers: list[str] | None = None
+
+
+def load_campaign(path: str | Path, columns: list[str]) -> CampaignSpec:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read campaign file: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        campaign = msgspec.convert(raw, CampaignFile)
+    except msgspec.ValidationError as exc:
+        raise InputError(f"{path}: {_describe(exc)}") from None
+    return CampaignSpec(
+        name=campaign.name,
+        sender=campaign.sender,
+        subject=campaign.subject,
+        text=_read_body(path, "text", campaign.text),
+        html=_read_body(path, "html", campaign.html),
+        servers=campaign.servers,
+        columns=columns,
+    )
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    text, _, where = str(exc).rpartition(" - at `$.")
+    if not _:
+        return str(exc)
+    return f"key {where.rstrip('`')}: {text}"
+
+
+def _read_body(campaign_path: Path, key: str, relative: str | None) -> str | None:
+    if relative is None:
+        return None
+    path = campaign_path.parent / relative
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{campaign_path}: {key} = {relative!r}: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{campaign_path}: {key} = {relative!r}: {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+class RecipientList:
+    """A CSV list: header row first; delimiter , ; or tab; UTF-8 with or without BOM."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = open(self.path, encoding="utf-8-sig", newline="")
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read recipient list: {exc.strerror}") from None
+        self.size = self.path.stat().st_size
+        first = self._read_guarded(self._file.readline)
+        if not first.strip():
+            raise InputError(f"{self.path}: line 1: the list is empty (a header row with an 'email' column is expected)")
+        self.delimiter = max(",;\t", key=first.count)
+        self._reader = csv.reader(
+            _prepend(first, self._file), delimiter=self.delimiter, strict=False
+        )
+        self.columns = [c.strip() for c in self._read_guarded(lambda: next(self._reader))]
+        if "email" not in [c.lower() for c in self.columns]:
+            raise InputError(f"{self.path}: line 1: no 'email' column in the header ({', '.join(self.columns)})")
+
+    def _read_guarded(self, read):
+        try:
+            return read()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except csv.Error as exc:
+            raise InputError(f"{self.path}: line {self._reader.line_num}: {exc}") from None
+
+    def rows(self) -> Iterator[Row]:
+        reader = self._reader
+        while True:
+            start = reader.line_num + 1
+            values = self._read_guarded(lambda: next(reader, None))
+            if values is None:
+                return
+            if not values or values == [""]:
+                continue  # blank line
+            yield Row(start, values)
+
+    def position(self) -> int:
+        try:
+            return self._file.buffer.tell()
+        except (OSError, ValueError):
+            return 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _prepend(first: str, rest: io.TextIOBase) -> Iterator[str]:
+    yield first
+    yield from rest

@@ -1,0 +1,234 @@
+"""mailerctl: control a running mailerd.
+
+Exit codes: 0 ok, 1 the daemon refused (the message says why), 2 usage or bad
+input files, 3 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+from mailerd.protocol import (
+    Cancel,
+    CampaignList,
+    CampaignReport,
+    DaemonStatus,
+    Enqueued,
+    EnqueueBegin,
+    EnqueueCommit,
+    EnqueueRows,
+    ListCampaigns,
+    Pause,
+    Report,
+    Resume,
+    RowsAccepted,
+    Status,
+)
+
+from . import output
+from .campaign import InputError, RecipientList, load_campaign
+from .client import Client, Refused, Unreachable, socket_path
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+CHUNK_ROWS = 2000
+STATES = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailerctl", description="Control a running mailerd.")
+    parser.add_argument("--socket", help="control socket (default: $MAILERD_SOCKET, "
+                        "/run/mailerd/control.sock, ./state/control.sock)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("enqueue", help="add a campaign and its recipient list")
+    p.add_argument("campaign_file", metavar="CAMPAIGN.toml")
+    p.add_argument("--recipients", "-r", required=True, metavar="LIST.csv")
+    p.add_argument("--json", action="store_true")
+
+    for name, text in (("pause", "stop starting new transactions"),
+                       ("cancel", "stop a campaign for good")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("id", type=int)
+        p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("resume", help="send every recipient not yet sent")
+    p.add_argument("id", type=int)
+    p.add_argument("--include-uncertain", action="store_true",
+                   help="also resend recipients whose delivery is uncertain")
+    p.add_argument("--retry-failed", action="store_true", help="also retry failed recipients")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="daemon, servers, workers and campaigns")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("report", help="counts per state, or the recipients in one state")
+    p.add_argument("id", type=int, nargs="?")
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="all campaigns")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("watch", help="live progress until the campaign is done")
+    p.add_argument("id", type=int)
+    p.add_argument("--interval", type=float, default=0.5)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"mailerctl: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except Refused as exc:
+        print(f"mailerctl: {exc}", file=sys.stderr)
+        code = EXIT_REFUSED
+    except Unreachable as exc:
+        print(f"mailerctl: {exc}", file=sys.stderr)
+        code = EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def connect(args: argparse.Namespace) -> Client:
+    return Client(socket_path(args.socket))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    recipients = RecipientList(args.recipients)
+    try:
+        spec = load_campaign(args.campaign_file, recipients.columns)
+        with connect(args) as client:
+            started = client.call(EnqueueBegin(spec=spec))
+            assert isinstance(started, Enqueued)
+            progress = output.EnqueueProgress(recipients.size) if sys.stderr.isatty() else None
+            invalid = _stream_rows(client, started.campaign, recipients, progress)
+            report = client.call(EnqueueCommit(campaign=started.campaign))
+            if progress:
+                progress.finish()
+    finally:
+        recipients.close()
+    assert isinstance(report, CampaignReport)
+    if args.json:
+        output.print_json({"id": report.id, "total": report.total, "invalid": invalid})
+    else:
+        print(report.id)
+        if invalid:
+            print(f"mailerctl: {invalid} of {report.total} rows are invalid; "
+                  f"see: mailerctl report {report.id} --state invalid", file=sys.stderr)
+    return EXIT_OK
+
+
+def _stream_rows(client: Client, campaign: int, recipients: RecipientList,
+                 progress: "output.EnqueueProgress | None") -> int:
+    invalid = 0
+    chunk = []
+    for row in recipients.rows():
+        chunk.append(row)
+        if len(chunk) >= CHUNK_ROWS:
+            invalid += _send_chunk(client, campaign, chunk)
+            chunk = []
+            if progress:
+                progress.update(recipients.position())
+    if chunk:
+        invalid += _send_chunk(client, campaign, chunk)
+    return invalid
+
+
+def _send_chunk(client: Client, campaign: int, rows: list) -> int:
+    reply = client.call(EnqueueRows(campaign=campaign, rows=rows))
+    assert isinstance(reply, RowsAccepted)
+    return reply.invalid
+
+
+def _campaign_command(make_request: Callable[[argparse.Namespace], object]):
+    def run(args: argparse.Namespace) -> int:
+        with connect(args) as client:
+            report = client.call(make_request(args))
+        _show_report(report, args.json)
+        return EXIT_OK
+    return run
+
+
+cmd_pause = _campaign_command(lambda a: Pause(campaign=a.id))
+cmd_cancel = _campaign_command(lambda a: Cancel(campaign=a.id))
+cmd_resume = _campaign_command(lambda a: Resume(
+    campaign=a.id, include_uncertain=a.include_uncertain, retry_failed=a.retry_failed))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        report = client.call(Report(campaign=args.id, state=args.state, limit=args.limit))
+    _show_report(report, args.json)
+    return EXIT_OK
+
+
+def _show_report(report: object, as_json: bool) -> None:
+    if not isinstance(report, CampaignReport):
+        print(getattr(report, "message", ""))
+        return
+    if as_json:
+        output.print_json(output.report_json(report))
+    else:
+        print(output.report_text(report))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        reply = client.call(ListCampaigns())
+    assert isinstance(reply, CampaignList)
+    if args.json:
+        output.print_json([output.report_json(r) for r in reply.campaigns])
+    else:
+        print(output.campaign_table(reply.campaigns))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        reply = client.call(Status())
+    assert isinstance(reply, DaemonStatus)
+    if args.json:
+        output.print_json(output.status_json(reply))
+    else:
+        print(output.status_text(reply))
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    view = output.WatchView(sys.stdout)
+    with connect(args) as client:
+        try:
+            while True:
+                report = client.call(Report(campaign=args.id))
+                assert isinstance(report, CampaignReport)
+                view.show(report)
+                if report.state in ("done", "cancelled"):
+                    view.finish(report)
+                    return EXIT_OK
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            view.interrupted()
+            return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "enqueue": cmd_enqueue,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "cancel": cmd_cancel,
+    "report": cmd_report,
+    "list": cmd_list,
+    "status": cmd_status,
+    "watch": cmd_watch,
+}

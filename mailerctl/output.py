@@ -1,0 +1,196 @@
+"""How mailerctl shows things: aligned tables, JSON, and live progress."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterable, TextIO
+
+import msgspec
+
+from mailerd.protocol import CampaignReport, Counts, DaemonStatus
+
+COUNT_ORDER = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def table(headers: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    headers = list(headers)
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- reports
+
+
+def report_json(report: CampaignReport) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": report.id,
+        "name": report.name,
+        "state": report.state,
+        "total": report.total,
+        "counts": msgspec.to_builtins(report.counts),
+        "created": iso(report.created),
+        "updated": iso(report.updated),
+        "rate": round(report.rate, 2),
+        "eta": report.eta and round(report.eta, 1),
+    }
+    if report.recipients is not None:
+        data["recipients"] = [
+            {
+                "email": r.email, "line": r.line, "state": r.state, "attempts": r.attempts,
+                "code": r.code, "reply": r.reply, "updated": iso(r.updated),
+                "server": r.server, "dot_sent": iso(r.dot_at),
+            }
+            for r in report.recipients
+        ]
+    return data
+
+
+def counts_row(counts: Counts) -> list[int]:
+    return [getattr(counts, name) for name in COUNT_ORDER]
+
+
+def report_text(report: CampaignReport) -> str:
+    lines = [f"campaign {report.id}  {report.name!r}  {report.state}"]
+    lines.append(table(("total", *COUNT_ORDER), [[report.total, *counts_row(report.counts)]]))
+    if report.state == "running":
+        lines.append(f"rate {report.rate:.1f}/s  eta {duration(report.eta)}")
+    if report.recipients is not None:
+        lines.append("")
+        lines.append(table(
+            ("line", "email", "state", "attempts", "code", "updated", "reply"),
+            [[r.line, r.email, r.state, r.attempts, r.code, iso(r.updated), _one_line(r.reply)]
+             for r in report.recipients],
+        ) if report.recipients else "(no recipients in that state)")
+    return "\n".join(lines)
+
+
+def _one_line(text: str | None) -> str:
+    return "" if text is None else " ".join(text.split())
+
+
+def campaign_table(reports: list[CampaignReport]) -> str:
+    if not reports:
+        return "(no campaigns)"
+    return table(
+        ("id", "name", "state", "total", *COUNT_ORDER),
+        [[r.id, r.name, r.state, r.total, *counts_row(r.counts)] for r in reports],
+    )
+
+
+def status_json(status: DaemonStatus) -> dict[str, Any]:
+    data = msgspec.to_builtins(status)
+    data.pop("kind", None)
+    data["campaigns"] = [report_json(r) for r in status.campaigns]
+    return data
+
+
+def status_text(status: DaemonStatus) -> str:
+    lines = [f"mailerd {status.version}  pid {status.pid}  up {duration(status.uptime)}  "
+             f"state {status.state_dir}", ""]
+    for server in status.servers:
+        lines.append(f"server {server.name}  {server.host}:{server.port}  "
+                     f"connections {server.connections}")
+        lines.append(table(
+            ("slot", "pid", "state", "sent", "restarts", "doing"),
+            [[w.slot, w.pid, w.state, w.sent, w.restarts, w.detail] for w in server.workers],
+        ))
+        lines.append("")
+    lines.append(campaign_table(status.campaigns) if status.campaigns else "(no active campaigns)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def bar(done: int, total: int, width: int) -> str:
+    filled = int(width * done / total) if total else width
+    return "#" * filled + "-" * (width - filled)
+
+
+class EnqueueProgress:
+    """Bytes of the list read so far, on stderr (only when it is a terminal)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(size, 1)
+        self.last = 0.0
+
+    def update(self, position: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        pct = min(100, 100 * position // self.size)
+        sys.stderr.write(f"\rreading list [{bar(pct, 100, 30)}] {pct:3d}%")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        sys.stderr.write("\r" + " " * 50 + "\r")
+        sys.stderr.flush()
+
+
+class WatchView:
+    """One redrawn line on a terminal; a line every few seconds otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_print = 0.0
+
+    def line(self, report: CampaignReport) -> str:
+        c = report.counts
+        finished = c.sent + c.failed + c.uncertain + c.invalid
+        pct = 100 * finished / report.total if report.total else 100.0
+        return (f"[{bar(finished, report.total, 24)}] {pct:5.1f}%  sent {c.sent}  "
+                f"queued {c.queued}  sending {c.sending}  deferred {c.deferred}  "
+                f"failed {c.failed}  uncertain {c.uncertain}  invalid {c.invalid}  "
+                f"{report.rate:.1f}/s  eta {duration(report.eta)}  {report.state}")
+
+    def show(self, report: CampaignReport) -> None:
+        text = self.line(report)
+        if self.tty:
+            width = shutil.get_terminal_size().columns
+            self.stream.write("\r" + text[: width - 1].ljust(width - 1))
+        elif time.monotonic() - self.last_print >= 2:
+            self.stream.write(text + "\n")
+            self.last_print = time.monotonic()
+        else:
+            return
+        self.stream.flush()
+
+    def finish(self, report: CampaignReport) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        else:
+            self.stream.write(self.line(report) + "\n")
+        self.stream.flush()
+
+    def interrupted(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()

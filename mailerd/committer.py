@@ -1,0 +1,137 @@
+"""Group commit: one thread owns the journal and runs every operation on it.
+
+The event loop never blocks on SQLite. Callers `await committer.run(fn, *args)`;
+the thread takes every operation that has queued up since its last commit, runs
+them in one transaction (each inside its own savepoint, so one failing operation
+does not undo the others) and resolves their futures only after COMMIT returned.
+A caller that awaited `run` therefore knows its change is durable. No delay is
+added to gather work: whatever arrives while a commit is in progress forms the
+next batch, which is what makes batches grow with load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from typing import Any, Callable, NamedTuple, TypeVar
+
+from .journal import Journal
+
+T = TypeVar("T")
+
+
+class _Op(NamedTuple):
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+class Committer:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+        self.operations = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="journal", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue fn(*args) for the journal thread; the future resolves after commit."""
+        assert self._loop is not None, "committer not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Op(fn, args, future))
+        return future
+
+    # ---------------------------------------------------------- journal thread
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(op is _STOP for op in batch)
+            ops = [op for op in batch if op is not _STOP]
+            if ops:
+                self._commit_batch(ops)
+            if stop:
+                return
+
+    def _commit_batch(self, ops: list[_Op]) -> None:
+        db = self.journal.db
+        assert db is not None
+        results: list[tuple[_Op, bool, Any]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                results.append(self._run_in_savepoint(db, op))
+            db.execute("COMMIT")
+            self.last_error = None
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            self.last_error = f"journal write failed: {exc}"
+            error = JournalWriteError(self.last_error)
+            results = [(op, False, error) for op in ops]
+        self.commits += 1
+        self.operations += len(ops)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, results)
+
+    @staticmethod
+    def _run_in_savepoint(db: sqlite3.Connection, op: _Op) -> tuple[_Op, bool, Any]:
+        db.execute("SAVEPOINT op")
+        try:
+            value = op.fn(*op.args)
+        except Exception as exc:  # the error belongs to the caller, not to the batch
+            db.execute("ROLLBACK TO op")
+            db.execute("RELEASE op")
+            if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
+                raise
+            return op, False, exc
+        db.execute("RELEASE op")
+        return op, True, value
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+class JournalWriteError(Exception):
+    """The journal could not commit (disk full, I/O error): nothing of the batch was kept."""
+
+
+def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "disk" in text or "full" in text or "i/o" in text or "readonly" in text
+
+
+def _resolve(results: list[tuple[_Op, bool, Any]]) -> None:
+    for op, ok, value in results:
+        if op.future.done():
+            continue
+        if ok:
+            op.future.set_result(value)
+        else:
+            op.future.set_exception(value)

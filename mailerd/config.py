@@ -1,0 +1,191 @@
+"""The daemon's configuration: a TOML file parsed into msgspec Structs.
+
+Every error names the file and the key (`servers.isp.port`), and is raised before
+anything starts. Durations are written "500ms", "30s", "5m", "1h", "1d" or as a
+number of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+
+class ConfigError(Exception):
+    pass
+
+
+class Duration(float):
+    """Seconds, written in the config as "30s", "5m", "1h" ..."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        return Duration(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return Duration(float(match[1]) * _UNIT_SECONDS[match[2]])
+    raise ValueError(f'invalid duration {value!r}: use e.g. "30s", "5m", "1h"')
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        return parse_duration(obj)
+    raise NotImplementedError
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(Section):
+    state_dir: str | None = None
+    socket: str | None = None
+    socket_mode: int = 0o600
+    journal_sync: Literal["normal", "full"] = "normal"
+    commit_interval: Duration = Duration(0.002)  # how long a group commit waits to gather work
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_timeout: Duration = Duration(30)
+
+
+class DeliveryConfig(Section):
+    retry_initial: Duration = Duration(60)
+    retry_max: Duration = Duration(3600)
+    max_attempts: int = 10
+    reconnect_initial: Duration = Duration(1)
+    reconnect_max: Duration = Duration(60)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 25
+    security: Literal["none", "starttls", "tls"] = "none"
+    username: str | None = None
+    password_file: str | None = None
+    tls_verify: bool = True
+    connections: int = 1
+    timeout: Duration = Duration(60)
+    helo_name: str | None = None
+
+
+class Config(msgspec.Struct, kw_only=True):
+    daemon: DaemonConfig
+    delivery: DeliveryConfig
+    servers: dict[str, ServerConfig]
+    path: str | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        if self.daemon.state_dir:
+            return Path(self.daemon.state_dir)
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        return Path("state")
+
+    @property
+    def socket_path(self) -> Path:
+        if self.daemon.socket:
+            return Path(self.daemon.socket)
+        if os.environ.get("RUNTIME_DIRECTORY"):
+            return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
+        return self.state_dir / "control.sock"
+
+
+def _section(value: Any, dotted: str, type_: type, where: str) -> Any:
+    try:
+        return msgspec.convert(value, type_, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {_name_key(str(exc), dotted)}") from None
+
+
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
+
+
+def _name_key(message: str, prefix: str) -> str:
+    """Turn msgspec's "... - at `$.port`" into "key servers.isp.port: ..."."""
+    text, sep, path = message.rpartition(" - at `")
+    if not sep:
+        text, path = message, ""
+    key = path.rstrip("`").removeprefix("$").lstrip(".")
+    full = f"{prefix}.{key}" if key else prefix
+    unknown = _UNKNOWN.match(text)
+    if unknown:
+        return f"unknown key {full}.{unknown[1]}"
+    return f"key {full}: {text}"
+
+
+_TOP_LEVEL = {"daemon", "delivery", "servers"}
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    raw: dict[str, Any] = {}
+    where = str(path) if path else "<built-in defaults>"
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    unknown = sorted(set(raw) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{unknown[0]}]")
+    servers_raw = raw.get("servers", {})
+    if not isinstance(servers_raw, dict):
+        raise ConfigError(f"{where}: [servers] must be a table of [servers.NAME] tables")
+    servers = {
+        name: _section(value, f"servers.{name}", ServerConfig, where)
+        for name, value in servers_raw.items()
+    }
+    config = Config(
+        daemon=_section(raw.get("daemon", {}), "daemon", DaemonConfig, where),
+        delivery=_section(raw.get("delivery", {}), "delivery", DeliveryConfig, where),
+        servers=servers,
+        path=str(path) if path else None,
+    )
+    _check_values(config, where)
+    return config
+
+
+def _check_values(config: Config, where: str) -> None:
+    problems = []
+    for name, server in config.servers.items():
+        if not 1 <= server.connections <= 256:
+            problems.append(f"servers.{name}.connections must be between 1 and 256")
+        if not 1 <= server.port <= 65535:
+            problems.append(f"servers.{name}.port must be between 1 and 65535")
+        if server.password_file and not server.username:
+            problems.append(f"servers.{name}.password_file needs servers.{name}.username")
+        if server.timeout <= 0:
+            problems.append(f"servers.{name}.timeout must be positive")
+    if config.delivery.max_attempts < 1:
+        problems.append("delivery.max_attempts must be at least 1")
+    if config.delivery.retry_max < config.delivery.retry_initial:
+        problems.append("delivery.retry_max must not be less than delivery.retry_initial")
+    if problems:
+        raise ConfigError(f"{where}: {problems[0]}")
+
+
+def read_password(server_name: str, server: ServerConfig) -> str | None:
+    """Read a relay password from its file; $CREDENTIALS_DIRECTORY is expanded."""
+    if not server.password_file:
+        return None
+    path = os.path.expandvars(server.password_file)
+    try:
+        return Path(path).read_text(encoding="utf-8").strip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"servers.{server_name}.password_file: cannot read {path}: {exc.strerror}"
+        ) from None

@@ -1,0 +1,146 @@
+"""The control socket: framing, peer credentials and routing of requests.
+
+A bad frame (garbage, truncated, oversize, unknown request, wrong version) gets an
+Error reply where one can still be sent, and that connection is closed; every
+other client is served as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+
+from . import wire
+from .commands import ClientSession, Commands, Peer
+from .log import event
+from .protocol import (
+    PROTOCOL_VERSION,
+    AnyRequest,
+    Cancel,
+    EnqueueBegin,
+    EnqueueCommit,
+    EnqueueRows,
+    Error,
+    ListCampaigns,
+    Pause,
+    Reply,
+    Report,
+    Request,
+    Resume,
+    Status,
+)
+
+IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", creds))
+
+
+class ControlServer:
+    def __init__(self, commands: Commands, path: Path, mode: int) -> None:
+        self.commands = commands
+        self.path = path
+        self.mode = mode
+        self.server: asyncio.AbstractServer | None = None
+        self.clients: set[asyncio.Task[None]] = set()
+        self._decoder = wire.Decoder(AnyRequest)
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_socket():
+            self.path.unlink()  # we hold the state lock, so no live daemon owns it
+        old_umask = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=wire.MAX_FRAME
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, self.mode)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.clients):
+            task.cancel()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.clients.add(task)
+        sock = writer.get_extra_info("socket")
+        session = ClientSession(peer_credentials(sock))
+        try:
+            await self._converse(session, reader, writer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.clients.discard(task)
+            await self.commands.abandon(session)
+            writer.close()
+
+    async def _converse(self, session: ClientSession, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                frame = await asyncio.wait_for(wire.read_frame(reader), IDLE_TIMEOUT)
+                request = self._decoder.decode(frame)
+            except wire.ConnectionClosed:
+                return
+            except (wire.FrameError, asyncio.TimeoutError) as exc:
+                reason = str(exc) or "idle for too long"
+                event("control_bad_frame", logging.WARNING, peer_uid=session.peer.uid,
+                      peer_pid=session.peer.pid, error=reason)
+                await self._send(writer, Error(message=f"bad request: {reason}"))
+                return
+            reply = await self._answer(session, request)
+            await self._send(writer, reply)
+
+    async def _answer(self, session: ClientSession, request: Request) -> Reply:
+        if request.v != PROTOCOL_VERSION:
+            return Error(message=f"protocol version {request.v} is not supported "
+                                 f"(this daemon speaks {PROTOCOL_VERSION})")
+        try:
+            return await self._route(session, request)
+        except Exception as exc:  # a bug or journal trouble must not take the daemon down
+            event("control_error", logging.ERROR, request=type(request).__name__,
+                  error=repr(exc), exc_info=True)
+            return Error(message=f"internal error while handling {type(request).__name__}: {exc}")
+
+    async def _route(self, session: ClientSession, request: Request) -> Reply:
+        commands = self.commands
+        match request:
+            case EnqueueBegin():
+                return await commands.enqueue_begin(session, request)
+            case EnqueueRows():
+                return await commands.enqueue_rows(session, request)
+            case EnqueueCommit():
+                return await commands.enqueue_commit(session, request)
+            case Pause():
+                return await commands.pause(session, request)
+            case Resume():
+                return await commands.resume(session, request)
+            case Cancel():
+                return await commands.cancel(session, request)
+            case Report():
+                return await commands.report(request)
+            case ListCampaigns():
+                return await commands.list_campaigns()
+            case Status():
+                return await commands.status()
+        return Error(message=f"unsupported request {type(request).__name__}")
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:
+        writer.write(wire.pack(reply))
+        await writer.drain()

@@ -1,0 +1,144 @@
+"""`mailerd --config FILE`: the daemon's entry point and its lifetime.
+
+Start-up order matters: config is checked, the state directory locked, the
+journal recovered, the control socket opened, and only then are workers started.
+SIGTERM or SIGINT drains: no new transactions, in-flight ones finish, QUIT, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .commands import Commands
+from .committer import Committer
+from .config import Config, ConfigError, load_config
+from .control import ControlServer
+from .journal import Journal, JournalError
+from .log import event, setup_logging, stop_logging
+from .supervisor import Supervisor
+
+EXIT_CONFIG = 2
+EXIT_STATE = 3
+EXIT_LOCKED = 4
+
+
+class StartupError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock for the daemon's lifetime; name the holder if taken."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(state_dir / "mailerd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot use state directory {state_dir}: {exc.strerror}",
+                           EXIT_STATE) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(
+            f"another mailerd (pid {holder}) is already using state directory {state_dir}",
+            EXIT_LOCKED,
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Daemon:
+    def __init__(self, config: Config, journal: Journal) -> None:
+        self.config = config
+        self.journal = journal
+        self.committer = Committer(journal)
+        self.supervisor = Supervisor(config, journal, self.committer)
+        self.commands = Commands(config, journal, self.committer, self.supervisor)
+        self.control = ControlServer(
+            self.commands, config.socket_path, config.daemon.socket_mode
+        )
+        self.stop_requested = asyncio.Event()
+
+    async def run(self) -> None:
+        self.committer.start()
+        await self.control.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        await self.supervisor.start()
+        event("daemon_ready", pid=os.getpid(), socket=str(self.config.socket_path),
+              servers=",".join(self.config.servers), version=__version__)
+        await self.stop_requested.wait()
+        await self.shutdown()
+
+    def _request_stop(self, sig: signal.Signals) -> None:
+        if not self.stop_requested.is_set():
+            event("daemon_stopping", signal=sig.name)
+            self.stop_requested.set()
+
+    async def shutdown(self) -> None:
+        await self.control.stop()
+        await self.supervisor.stop(self.config.daemon.shutdown_timeout)
+        await self.committer.stop()
+        event("daemon_stopped", commits=self.committer.commits)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mailerd", description="Bulk-mail sending daemon.")
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the config file and exit")
+    parser.add_argument("--version", action="version", version=f"mailerd {__version__}")
+    return parser.parse_args(argv)
+
+
+def start(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.check_config:
+        print(f"{args.config or '<built-in defaults>'}: ok")
+        return 0
+    setup_logging(config.daemon.log_level)
+    lock_state_dir(config.state_dir)
+    journal = Journal(config.state_dir / "journal.sqlite3", config.daemon.journal_sync)
+    try:
+        recovery = journal.open()
+    except JournalError as exc:
+        raise StartupError(str(exc), EXIT_STATE) from None
+    event("journal_recovered", path=str(journal.path), requeued=recovery.requeued,
+          uncertain=recovery.uncertain, discarded_campaigns=recovery.discarded_campaigns)
+    try:
+        asyncio.run(Daemon(config, journal).run())
+    finally:
+        journal.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        code = start(args)
+    except ConfigError as exc:
+        print(f"mailerd: {exc}", file=sys.stderr)
+        code = EXIT_CONFIG
+    except StartupError as exc:
+        event("startup_failed", logging.ERROR, error=str(exc))
+        print(f"mailerd: {exc}", file=sys.stderr)
+        code = exc.code
+    finally:
+        stop_logging()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""The journal: every campaign and every recipient's delivery state, in SQLite.
+
+This is the only module that speaks SQL. Its methods are synchronous and are run
+by exactly one thread (see committer.py), so they need no locking of their own.
+
+Recipient states and who moves them:
+  queued     -> sending    the supervisor hands the recipient to a worker
+  sending    -> data-sent  committed before the worker may write the final "."
+  data-sent  -> sent | deferred | failed | uncertain   the relay's answer, or none
+  sending    -> queued     the session broke before the final "." (no attempt counted)
+  deferred   -> sending    when its retry time comes (or at resume)
+  invalid    never sent: bad address, empty, duplicate, malformed row
+On start, `sending` goes back to `queued` (the relay discarded the unfinished
+transaction) and `data-sent` becomes `uncertain` (the relay may have the message).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import msgspec
+
+from .protocol import (
+    COUNTED_STATES,
+    CampaignReport,
+    CampaignSpec,
+    Counts,
+    RecipientInfo,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE campaigns (
+    id      INTEGER PRIMARY KEY,
+    uid     TEXT NOT NULL,
+    name    TEXT NOT NULL,
+    state   TEXT NOT NULL,
+    spec    BLOB NOT NULL,
+    total   INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE recipients (
+    campaign  INTEGER NOT NULL,
+    line      INTEGER NOT NULL,
+    email     TEXT NOT NULL,
+    email_key TEXT,
+    fields    BLOB,
+    state     TEXT NOT NULL,
+    attempts  INTEGER NOT NULL DEFAULT 0,
+    code      INTEGER,
+    reply     TEXT,
+    next_at   REAL,
+    server    TEXT,
+    dot_at    REAL,
+    updated   REAL NOT NULL,
+    PRIMARY KEY (campaign, line)
+) WITHOUT ROWID;
+CREATE INDEX recipients_by_state ON recipients (campaign, state, line);
+CREATE INDEX recipients_by_key ON recipients (campaign, email_key) WHERE email_key IS NOT NULL;
+CREATE TABLE audit (
+    id       INTEGER PRIMARY KEY,
+    t        REAL NOT NULL,
+    campaign INTEGER,
+    action   TEXT NOT NULL,
+    detail   TEXT NOT NULL
+);
+"""
+
+UNCERTAIN_AFTER_RESTART = (
+    "no reply recorded: the daemon stopped after the final '.' was sent, "
+    "the relay may have delivered the message"
+)
+
+# States a campaign still has work in (it is not `done` while any remain).
+PENDING_STATES = ("queued", "sending", "data-sent", "deferred")
+
+
+class JournalError(Exception):
+    """The journal cannot be opened or used; the message says why."""
+
+
+class NewRecipient(NamedTuple):
+    line: int
+    email: str
+    key: str | None
+    fields: bytes | None
+    state: str  # "queued" or "invalid"
+    reply: str | None
+
+
+class Claimed(NamedTuple):
+    campaign: int
+    line: int
+    email: str
+    fields: bytes
+    attempts: int
+
+
+class ClaimResult(NamedTuple):
+    recipients: list[Claimed]
+    cursor: int  # highest queued line looked at
+
+
+class Outcome(NamedTuple):
+    campaign: int
+    line: int
+    state: str  # sent | deferred | failed | uncertain
+    code: int | None
+    reply: str
+    next_at: float | None = None
+
+
+class Recovery(NamedTuple):
+    requeued: int
+    uncertain: int
+    discarded_campaigns: int
+
+
+class CampaignRow(NamedTuple):
+    id: int
+    uid: str
+    name: str
+    state: str
+    spec: CampaignSpec
+    total: int
+    created: float
+    updated: float
+
+
+_spec_decoder = msgspec.msgpack.Decoder(CampaignSpec)
+
+
+class Journal:
+    def __init__(self, path: Path, synchronous: str = "normal") -> None:
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self.db: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> Recovery:
+        self.db = self._connect()
+        self._prepare_schema()
+        return self.recover()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path.exists() and not self.path.is_file():
+            raise JournalError(f"{self.path} is not a file")
+        try:
+            db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=0
+            )
+            db.execute("PRAGMA journal_mode=WAL").fetchone()
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.execute("PRAGMA foreign_keys=OFF")
+            db.execute("PRAGMA cache_size=-16000")
+            db.execute("PRAGMA wal_autocheckpoint=4000")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+        return db
+
+    def _prepare_schema(self) -> None:
+        db = self._db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            self._check_integrity()
+            return
+        if version == 0:
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise JournalError(f"{self.path} is an SQLite file but not a mailerd journal")
+            db.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            return
+        raise JournalError(
+            f"{self.path} has journal schema version {version}; this mailerd knows "
+            f"version {SCHEMA_VERSION} (newer journals cannot be opened by older releases)"
+        )
+
+    def _check_integrity(self) -> None:
+        result = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if result != "ok":
+            raise JournalError(f"journal {self.path} is corrupt: {result}")
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self.db is None:
+            raise JournalError("journal is not open")
+        return self.db
+
+    def recover(self) -> Recovery:
+        """Classify what a crash left behind (rule 3 of the write discipline)."""
+        now = time.time()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            requeued = db.execute(
+                "UPDATE recipients SET state='queued', updated=? WHERE state='sending'", (now,)
+            ).rowcount
+            uncertain = db.execute(
+                "UPDATE recipients SET state='uncertain', code=NULL, reply=?, updated=? "
+                "WHERE state='data-sent'",
+                (UNCERTAIN_AFTER_RESTART, now),
+            ).rowcount
+            loading = [r[0] for r in db.execute("SELECT id FROM campaigns WHERE state='loading'")]
+            for campaign in loading:
+                self._delete_campaign(campaign)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return Recovery(requeued, uncertain, len(loading))
+
+    # ------------------------------------------------------------ enqueue
+
+    def begin_campaign(self, uid: str, spec: CampaignSpec) -> int:
+        now = time.time()
+        cursor = self._db.execute(
+            "INSERT INTO campaigns (uid, name, state, spec, created, updated) "
+            "VALUES (?, ?, 'loading', ?, ?, ?)",
+            (uid, spec.name, msgspec.msgpack.encode(spec), now, now),
+        )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def known_keys(self, campaign: int, keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        found: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                row[0]
+                for row in self._db.execute(
+                    f"SELECT email_key FROM recipients WHERE campaign=? AND email_key IN ({marks})",
+                    (campaign, *chunk),
+                )
+            )
+        return found
+
+    def line_of_key(self, campaign: int, key: str) -> int | None:
+        row = self._db.execute(
+            "SELECT line FROM recipients WHERE campaign=? AND email_key=?", (campaign, key)
+        ).fetchone()
+        return row[0] if row else None
+
+    def add_recipients(self, campaign: int, rows: list[NewRecipient]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT INTO recipients (campaign, line, email, email_key, fields, state, reply, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(campaign, *row, now) for row in rows],
+        )
+
+    def commit_campaign(self, campaign: int) -> int:
+        total = self._db.execute(
+            "SELECT count(*) FROM recipients WHERE campaign=?", (campaign,)
+        ).fetchone()[0]
+        self._db.execute(
+            "UPDATE campaigns SET state='running', total=?, updated=? WHERE id=?",
+            (total, time.time(), campaign),
+        )
+        return total
+
+    def discard_campaign(self, campaign: int) -> None:
+        self._delete_campaign(campaign)
+
+    def _delete_campaign(self, campaign: int) -> None:
+        self._db.execute("DELETE FROM recipients WHERE campaign=?", (campaign,))
+        self._db.execute("DELETE FROM campaigns WHERE id=?", (campaign,))
+
+    # ------------------------------------------------------------ campaigns
+
+    def campaign(self, campaign: int) -> CampaignRow | None:
+        row = self._db.execute(
+            "SELECT id, uid, name, state, spec, total, created, updated FROM campaigns WHERE id=?",
+            (campaign,),
+        ).fetchone()
+        return self._campaign_row(row) if row else None
+
+    def campaigns(self, states: tuple[str, ...] | None = None) -> list[CampaignRow]:
+        sql = "SELECT id, uid, name, state, spec, total, created, updated FROM campaigns"
+        params: tuple[str, ...] = ()
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params = states
+        return [self._campaign_row(row) for row in self._db.execute(sql + " ORDER BY id", params)]
+
+    @staticmethod
+    def _campaign_row(row: tuple) -> CampaignRow:
+        return CampaignRow(row[0], row[1], row[2], row[3], _spec_decoder.decode(row[4]), *row[5:])
+
+    def set_campaign_state(self, campaign: int, state: str) -> None:
+        self._db.execute(
+            "UPDATE campaigns SET state=?, updated=? WHERE id=?", (state, time.time(), campaign)
+        )
+
+    def audit(self, campaign: int | None, action: str, detail: str) -> None:
+        self._db.execute(
+            "INSERT INTO audit (t, campaign, action, detail) VALUES (?, ?, ?, ?)",
+            (time.time(), campaign, action, detail),
+        )
+
+    def resume(self, campaign: int, include_uncertain: bool, retry_failed: bool) -> int:
+        """Make every not-yet-sent recipient eligible now; return how many changed."""
+        states = ["deferred"]
+        if include_uncertain:
+            states.append("uncertain")
+        if retry_failed:
+            states.append("failed")
+        marks = ",".join("?" * len(states))
+        changed = self._db.execute(
+            f"UPDATE recipients SET state='queued', next_at=NULL, updated=? "
+            f"WHERE campaign=? AND state IN ({marks})",
+            (time.time(), campaign, *states),
+        ).rowcount
+        return changed
+
+    def has_pending(self, campaign: int) -> bool:
+        marks = ",".join("?" * len(PENDING_STATES))
+        return (
+            self._db.execute(
+                f"SELECT 1 FROM recipients WHERE campaign=? AND state IN ({marks}) LIMIT 1",
+                (campaign, *PENDING_STATES),
+            ).fetchone()
+            is not None
+        )
+
+    # ------------------------------------------------------------ delivery
+
+    def claim(
+        self, campaign: int, after_line: int, limit: int, now: float, skip: set[int]
+    ) -> ClaimResult:
+        """Queued recipients past `after_line`, then deferred ones whose time has come.
+
+        Nothing is written: a claimed recipient becomes `sending` only when it is
+        handed to a worker (mark_sending). `skip` holds lines already in memory.
+        """
+        rows = self._db.execute(
+            "SELECT line, email, fields, attempts FROM recipients "
+            "WHERE campaign=? AND state='queued' AND line>? ORDER BY line LIMIT ?",
+            (campaign, after_line, limit + len(skip)),
+        ).fetchall()
+        cursor = rows[-1][0] if rows else after_line
+        rows += self._db.execute(
+            "SELECT line, email, fields, attempts FROM recipients "
+            "WHERE campaign=? AND state='deferred' AND next_at<=? ORDER BY next_at LIMIT ?",
+            (campaign, now, limit + len(skip)),
+        ).fetchall()
+        claimed = [Claimed(campaign, *row) for row in rows if row[0] not in skip]
+        if len(claimed) > limit:
+            claimed = claimed[:limit]
+            cursor = min(cursor, claimed[-1].line)
+        return ClaimResult(claimed, cursor)
+
+    def next_retry_at(self, campaign: int) -> float | None:
+        row = self._db.execute(
+            "SELECT min(next_at) FROM recipients WHERE campaign=? AND state='deferred'",
+            (campaign,),
+        ).fetchone()
+        return row[0]
+
+    def mark_sending(self, items: list[tuple[int, int, str]]) -> None:
+        """(campaign, line, server): handed to a worker of that server."""
+        now = time.time()
+        self._db.executemany(
+            "UPDATE recipients SET state='sending', server=?, updated=? WHERE campaign=? AND line=?",
+            [(server, now, campaign, line) for campaign, line, server in items],
+        )
+
+    def mark_data_sent(self, items: list[tuple[int, int]]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "UPDATE recipients SET state='data-sent', dot_at=?, updated=? "
+            "WHERE campaign=? AND line=? AND state='sending'",
+            [(now, now, campaign, line) for campaign, line in items],
+        )
+
+    def record_outcomes(self, outcomes: list[Outcome]) -> None:
+        now = time.time()
+        self._db.executemany(
+            "UPDATE recipients SET state=?, code=?, reply=?, next_at=?, "
+            "attempts=attempts+1, updated=? WHERE campaign=? AND line=?",
+            [
+                (o.state, o.code, o.reply, o.next_at, now, o.campaign, o.line)
+                for o in outcomes
+            ],
+        )
+
+    def requeue(self, items: list[tuple[int, int]]) -> None:
+        """Back to the queue without counting an attempt: the relay cannot have the message."""
+        now = time.time()
+        self._db.executemany(
+            "UPDATE recipients SET state='queued', updated=? "
+            "WHERE campaign=? AND line=? AND state='sending'",
+            [(now, campaign, line) for campaign, line in items],
+        )
+
+    def settle_lost_worker(self, items: list[tuple[int, int]]) -> tuple[int, int]:
+        """A worker died holding these: data-sent -> uncertain, sending -> queued."""
+        now = time.time()
+        uncertain = requeued = 0
+        for campaign, line in items:
+            uncertain += self._db.execute(
+                "UPDATE recipients SET state='uncertain', code=NULL, reply=?, attempts=attempts+1, "
+                "updated=? WHERE campaign=? AND line=? AND state='data-sent'",
+                ("no reply: the worker process died after the final '.' was sent", now,
+                 campaign, line),
+            ).rowcount
+            requeued += self._db.execute(
+                "UPDATE recipients SET state='queued', updated=? "
+                "WHERE campaign=? AND line=? AND state='sending'",
+                (now, campaign, line),
+            ).rowcount
+        return uncertain, requeued
+
+    # ------------------------------------------------------------ reports
+
+    def counts(self, campaign: int) -> Counts:
+        counts = dict.fromkeys(COUNTED_STATES, 0)
+        for state, n in self._db.execute(
+            "SELECT state, count(*) FROM recipients WHERE campaign=? GROUP BY state", (campaign,)
+        ):
+            key = "sending" if state == "data-sent" else state
+            counts[key] = counts.get(key, 0) + n
+        return Counts(**counts)
+
+    def sent_since(self, campaign: int, since: float) -> int:
+        return self._db.execute(
+            "SELECT count(*) FROM recipients WHERE campaign=? AND state='sent' AND updated>=?",
+            (campaign, since),
+        ).fetchone()[0]
+
+    def recipients(
+        self, campaign: int, state: str | None, limit: int | None
+    ) -> list[RecipientInfo]:
+        sql = (
+            "SELECT email, line, state, attempts, code, reply, updated, server, dot_at "
+            "FROM recipients WHERE campaign=?"
+        )
+        params: list[object] = [campaign]
+        if state == "sending":
+            sql += " AND state IN ('sending', 'data-sent')"
+        elif state:
+            sql += " AND state=?"
+            params.append(state)
+        sql += " ORDER BY line"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [
+            RecipientInfo(
+                email=r[0], line=r[1], state=r[2], attempts=r[3], code=r[4], reply=r[5],
+                updated=r[6], server=r[7], dot_at=r[8],
+            )
+            for r in self._db.execute(sql, params)
+        ]
+
+    def report(self, campaign: int, state: str | None = None,
+               limit: int | None = None, with_recipients: bool = False) -> CampaignReport | None:
+        row = self.campaign(campaign)
+        if row is None:
+            return None
+        return CampaignReport(
+            id=row.id, name=row.name, state=row.state, total=row.total,
+            counts=self.counts(campaign), created=row.created, updated=row.updated,
+            recipients=self.recipients(campaign, state, limit) if with_recipients else None,
+        )

@@ -1,0 +1,106 @@
+"""Length-prefixed msgpack frames: the one wire format of mailerd.
+
+Used on the control socket (mailerctl <-> daemon) and on the socketpairs between
+the supervisor and its workers. A frame is a 4-byte big-endian length followed
+by that many bytes of msgpack. Frames larger than the reader's limit are refused
+before their body is read, so a hostile peer cannot make us buffer gigabytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 8 * 1024 * 1024
+
+T = TypeVar("T")
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection at a frame boundary."""
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, float):  # float subclasses such as config.Duration
+        return float(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if isinstance(type_, type) and issubclass(type_, float) and isinstance(obj, (int, float)):
+        return type_(obj)
+    raise NotImplementedError
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+def pack(message: Any) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def _check_length(length: int, limit: int) -> None:
+    if length > limit:
+        raise FrameError(f"frame of {length} bytes exceeds the limit of {limit}")
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise FrameError("truncated frame header") from None
+        raise ConnectionClosed() from None
+    (length,) = HEADER.unpack(header)
+    _check_length(length, limit)
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise FrameError(f"truncated frame: expected {length} bytes") from None
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            if chunks:
+                raise FrameError("truncated frame")
+            raise ConnectionClosed()
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
+    """Blocking read of one frame (used by mailerctl)."""
+    (length,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+    _check_length(length, limit)
+    if length == 0:
+        return b""
+    try:
+        return _recv_exactly(sock, length)
+    except ConnectionClosed:
+        raise FrameError(f"truncated frame: expected {length} bytes") from None
+
+
+class Decoder(Generic[T]):
+    """A typed msgpack decoder whose errors become FrameError."""
+
+    def __init__(self, type_: type[T]) -> None:
+        self._decoder = msgspec.msgpack.Decoder(type_, dec_hook=_dec_hook)
+
+    def decode(self, body: bytes) -> T:
+        try:
+            return self._decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise FrameError(f"undecodable frame: {exc}") from None

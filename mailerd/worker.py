@@ -1,0 +1,351 @@
+"""A worker process: one SMTP session, many messages.
+
+Started by the supervisor as `python -m mailerd.worker FD`, where FD is its end of
+a socketpair. It renders each message itself and drives the SMTP transaction stage
+by stage (MAIL, RCPT, DATA, body, then the final "."), because only then does it
+know whether a broken connection happened before the "." (the relay discarded the
+message: requeue) or after it (the relay may have it: uncertain). The final "." is
+written only after the supervisor confirms the journal holds `data-sent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from email.utils import parseaddr
+
+import aiosmtplib
+import msgspec
+
+from . import wire
+from .render import Renderer, RenderError, format_date
+from .workerproto import (
+    AnyToWorker,
+    CampaignTemplate,
+    Done,
+    DotAck,
+    DotRequest,
+    FromWorker,
+    Job,
+    Released,
+    Result,
+    Revoke,
+    SessionState,
+    Setup,
+    Stop,
+)
+
+_PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
+_fields_decoder = msgspec.msgpack.Decoder(list[str])
+
+
+class SessionLost(Exception):
+    """The SMTP session is unusable; `after_dot` says whether the "." went out."""
+
+    def __init__(self, reason: str, after_dot: bool, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.after_dot = after_dot
+        self.code = code
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """Transparency (RFC 5321 4.5.2); the message already has CRLF line ends."""
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return _PERIOD_AT_LINE_START.sub(b"..", message)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us if the daemon dies (belt to the EOF braces)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    def __init__(self, setup: Setup, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.setup = setup
+        self.server = setup.server
+        self.reader = reader
+        self.writer = writer
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.renderers: dict[int, Renderer] = {}
+        self.senders: dict[int, str] = {}
+        self.job_arrived = asyncio.Event()
+        self.dot_acks: dict[tuple[int, int], asyncio.Future[bool]] = {}
+        self.stopping = False
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.needs_reset = False
+        self.failures = 0  # consecutive sessions that failed to connect or answered nothing
+        self.session_replies = 0
+        self.unproductive: str | None = None  # why the last session ended before any reply
+        self._decoder = wire.Decoder(AnyToWorker)
+        self._last_state: tuple[str, str] = ("", "")
+
+    # -------------------------------------------------------- supervisor link
+
+    def send(self, message: FromWorker) -> None:
+        self.writer.write(wire.pack(message))
+
+    async def read_supervisor(self) -> None:
+        """Dispatch supervisor messages; EOF means the daemon is gone: exit at once."""
+        try:
+            while True:
+                self.handle(self._decoder.decode(await wire.read_frame(self.reader)))
+        except (wire.ConnectionClosed, wire.FrameError, ConnectionError):
+            os._exit(3)  # never write a "." the journal cannot confirm
+
+    def handle(self, message: AnyToWorker) -> None:
+        if isinstance(message, Job):
+            self.jobs.append(message)
+            self.job_arrived.set()
+        elif isinstance(message, DotAck):
+            future = self.dot_acks.pop((message.campaign, message.line), None)
+            if future is not None and not future.done():
+                future.set_result(message.ok)
+        elif isinstance(message, CampaignTemplate):
+            self.add_campaign(message)
+        elif isinstance(message, Revoke):
+            self.release(lambda job: job.campaign == message.campaign)
+        elif isinstance(message, Stop):
+            self.stopping = True
+            self.release(lambda job: True)
+            self.job_arrived.set()
+
+    def add_campaign(self, message: CampaignTemplate) -> None:
+        spec = message.spec
+        self.renderers[message.campaign] = Renderer(
+            sender=spec.sender, subject=spec.subject, text=spec.text, html=spec.html,
+            columns=[c for c in spec.columns if c.lower() != "email"],
+            campaign_uid=message.uid,
+        )
+        self.senders[message.campaign] = parseaddr(spec.sender)[1]
+
+    def release(self, predicate) -> None:
+        kept, given_back = collections.deque(), []
+        for job in self.jobs:
+            (given_back if predicate(job) else kept).append(job)
+        self.jobs = kept
+        if given_back:
+            self.send(Released([(job.campaign, job.line) for job in given_back]))
+
+    def state(self, state: str, detail: str = "", until: float | None = None) -> None:
+        if (state, detail) != self._last_state:
+            self._last_state = (state, detail)
+            self.send(SessionState(state, detail, until))
+
+    # -------------------------------------------------------- main loop
+
+    async def run(self) -> None:
+        reader_task = asyncio.create_task(self.read_supervisor())
+        self.state("ready", "no session yet")
+        while not self.stopping:
+            if not self.jobs:
+                self.state("idle", "waiting for work")
+                self.job_arrived.clear()
+                await self.job_arrived.wait()
+                continue
+            if self.smtp is None:
+                if self.unproductive:
+                    reason, self.unproductive = self.unproductive, None
+                    await self.back_off(reason)
+                    continue
+                if not await self.open_session():
+                    continue
+            job = self.jobs.popleft()
+            self.send(await self.deliver(job))
+        await self.close_session()
+        self.state("closed", "stopped")
+        await self.writer.drain()
+        reader_task.cancel()
+
+    async def open_session(self) -> bool:
+        self.state("connecting", f"{self.server.host}:{self.server.port}")
+        smtp = aiosmtplib.SMTP(
+            hostname=self.server.host,
+            port=self.server.port,
+            username=self.setup.server.username,
+            password=self.setup.password,
+            timeout=self.server.timeout,
+            use_tls=self.server.security == "tls",
+            start_tls=self.server.security == "starttls",
+            validate_certs=self.server.tls_verify,
+            local_hostname=self.server.helo_name or socket.gethostname(),
+        )
+        try:
+            await smtp.connect()
+            await greet(smtp)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            await self.back_off(describe(exc))
+            return False
+        self.smtp = smtp
+        self.needs_reset = False
+        self.session_replies = 0
+        self.state("ready", f"connected to {self.server.host}:{self.server.port}")
+        return True
+
+    async def back_off(self, reason: str) -> None:
+        """Connection-level failure: give the jobs back to others and wait, growing."""
+        self.failures += 1
+        delivery = self.setup.delivery
+        delay = min(delivery.reconnect_initial * 2 ** (self.failures - 1), delivery.reconnect_max)
+        self.release(lambda job: True)
+        self.state("backoff", reason, time.time() + delay)
+        await asyncio.sleep(delay)
+        self.state("ready", f"retrying after: {reason}")
+
+    async def close_session(self) -> None:
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        try:
+            if smtp.is_connected:
+                await smtp.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+        smtp.close()
+
+    def drop_session(self) -> None:
+        if self.smtp is not None:
+            self.smtp.close()
+        self.smtp = None
+
+    # -------------------------------------------------------- one transaction
+
+    async def deliver(self, job: Job) -> Done:
+        try:
+            message = self.render(job)
+        except RenderError as exc:
+            return Done(job.campaign, job.line, "failed", None, f"cannot render message: {exc}")
+        try:
+            code, reply = await self.transaction(job, message)
+        except SessionLost as lost:
+            self.drop_session()
+            if self.session_replies == 0:
+                self.unproductive = lost.reason
+            result: Result = "uncertain" if lost.after_dot else "requeue"
+            return Done(job.campaign, job.line, result, lost.code, lost.reason)
+        self.session_replies += 1
+        self.failures = 0
+        return Done(job.campaign, job.line, classify(code), code, reply)
+
+    def render(self, job: Job) -> bytes:
+        fields = _fields_decoder.decode(job.fields)
+        return self.renderers[job.campaign].render(
+            line=job.line, email=job.email, fields=fields, date=format_date(time.time())
+        )
+
+    async def transaction(self, job: Job, message: bytes) -> tuple[int, str]:
+        """Run MAIL..DATA..'.'; return the deciding reply, or raise SessionLost."""
+        smtp = self.smtp
+        assert smtp is not None
+        self.state("sending", job.email)
+        try:
+            if self.needs_reset:
+                await smtp.rset()
+                self.needs_reset = False
+            for command in (
+                (b"MAIL", b"FROM:<" + self.senders[job.campaign].encode() + b">"),
+                (b"RCPT", b"TO:<" + job.email.encode() + b">"),
+            ):
+                reply = await smtp.execute_command(*command)
+                if reply.code not in (250, 251):
+                    return self.refused(reply.code, reply.message)
+            reply = await smtp.execute_command(b"DATA")
+            if reply.code != 354:
+                return self.refused(reply.code, reply.message)
+            ack = self.request_dot(job)
+            assert smtp.protocol is not None
+            smtp.protocol.write(dot_stuff(message))
+            if not await ack:
+                raise SessionLost("journal could not record the transaction", after_dot=False)
+            smtp.protocol.write(b".\r\n")
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SessionLost(describe(exc), after_dot=False, code=code_of(exc)) from None
+        try:
+            reply = await smtp.protocol.read_response(timeout=self.server.timeout)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SessionLost(
+                f"no reply after the final '.': {describe(exc)}", after_dot=True
+            ) from None
+        if reply.code == 421:
+            raise SessionLost(f"{reply.code} {reply.message}", after_dot=False, code=421)
+        if reply.code != 250:
+            self.needs_reset = True
+        return reply.code, reply.message
+
+    def refused(self, code: int, text: str) -> tuple[int, str]:
+        """A refusal before the '.': 421 ends the session, anything else needs RSET."""
+        if code == 421:
+            raise SessionLost(f"{code} {text}", after_dot=False, code=code)
+        self.needs_reset = True
+        return code, text
+
+    def request_dot(self, job: Job) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.dot_acks[(job.campaign, job.line)] = future
+        self.send(DotRequest(job.campaign, job.line))
+        return future
+
+
+async def greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO for old relays) unless STARTTLS or AUTH already did it on connect."""
+    if smtp.last_ehlo_response is not None or smtp.last_helo_response is not None:
+        return
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError as exc:
+        if exc.code == 421:
+            raise
+        await smtp.helo()
+
+
+def classify(code: int) -> Result:
+    if code == 250:
+        return "sent"
+    if 400 <= code < 500:
+        return "deferred"
+    return "failed"
+
+
+def code_of(exc: BaseException) -> int | None:
+    return getattr(exc, "code", None) if isinstance(exc, aiosmtplib.SMTPResponseException) else None
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+async def amain(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=wire.MAX_FRAME)
+    decoder = wire.Decoder(Setup)
+    setup = decoder.decode(await wire.read_frame(reader))
+    await Worker(setup, reader, writer).run()
+
+
+def main() -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    asyncio.run(amain(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Messages between the supervisor and its worker processes (framed as in wire.py).
+
+The supervisor hands out Jobs; a worker renders and sends each over its one SMTP
+session. Before writing the final "." it sends DotRequest and waits for DotAck,
+which the supervisor sends only once the journal has durably recorded the
+recipient as `data-sent`. Every Job ends with exactly one Done, or comes back in
+Released when the worker gives it up unstarted.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from .config import DeliveryConfig, ServerConfig
+from .protocol import CampaignSpec
+
+Result = Literal["sent", "deferred", "failed", "uncertain", "requeue"]
+
+
+class ToWorker(msgspec.Struct, tag_field="t", tag=True, array_like=True):
+    pass
+
+
+class Setup(ToWorker):
+    server_name: str
+    slot: int
+    server: ServerConfig
+    delivery: DeliveryConfig
+    password: str | None
+    log_level: str
+
+
+class CampaignTemplate(ToWorker):
+    campaign: int
+    uid: str
+    spec: CampaignSpec
+
+
+class Job(ToWorker):
+    campaign: int
+    line: int
+    email: str
+    fields: msgspec.Raw
+
+
+class DotAck(ToWorker):
+    campaign: int
+    line: int
+    ok: bool
+
+
+class Revoke(ToWorker):
+    """Give back every job of this campaign that has not started."""
+
+    campaign: int
+
+
+class Stop(ToWorker):
+    """Finish the transaction in progress, give back the rest, QUIT and exit."""
+
+
+class FromWorker(msgspec.Struct, tag_field="t", tag=True, array_like=True):
+    pass
+
+
+class SessionState(FromWorker):
+    state: str  # connecting | ready | sending | backoff | closed
+    detail: str
+    until: float | None = None
+
+
+class DotRequest(FromWorker):
+    campaign: int
+    line: int
+
+
+class Done(FromWorker):
+    campaign: int
+    line: int
+    result: Result
+    code: int | None
+    reply: str
+
+
+class Released(FromWorker):
+    jobs: list[tuple[int, int]]
+
+
+AnyToWorker = Setup | CampaignTemplate | Job | DotAck | Revoke | Stop
+AnyFromWorker = SessionState | DotRequest | Done | Released

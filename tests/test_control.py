@@ -1,0 +1,155 @@
+"""The control socket and mailerctl: bad input gets clear errors, the daemon goes on."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+
+import msgspec
+import pytest
+
+from conftest import make_campaign, relay_server, wait_until, write_config
+from mailerd import wire
+from mailerd.protocol import Error, Status
+
+
+def raw_exchange(path: str, payload: bytes) -> bytes:
+    """Send raw bytes, return whatever the daemon answers before closing."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_reply(data: bytes):
+    assert len(data) >= 4, "the daemon answered nothing"
+    (length,) = struct.unpack(">I", data[:4])
+    from mailerd.protocol import AnyReply
+    return msgspec.msgpack.decode(data[4 : 4 + length], type=AnyReply)
+
+
+@pytest.fixture
+def daemon(relay_factory, daemon_factory):
+    relay = relay_factory()
+    return daemon_factory({"isp": relay_server(relay)}).start()
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b"\x00\x00\x00\x05hello", "undecodable"),
+    (struct.pack(">I", 1 << 30) + b"x", "exceeds the limit"),
+    (b"\x00\x00\x00\x10abc", "truncated"),
+    (wire.pack({"op": "Explode"}), "undecodable"),
+    (wire.pack({"op": "Status", "v": 99}), "protocol version 99"),
+])
+def test_malformed_frames_get_an_error_and_the_daemon_keeps_serving(daemon, payload, expected):
+    reply = decode_reply(raw_exchange(daemon.socket, payload))
+    assert isinstance(reply, Error)
+    assert expected in reply.message
+    assert daemon.status().pid == daemon.proc.pid  # still serving everyone else
+
+
+def test_a_stalled_client_does_not_block_others(daemon):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+        stalled.connect(daemon.socket)
+        stalled.sendall(b"\x00\x00\x01\x00partial")
+        for _ in range(20):
+            assert daemon.status().pid
+
+
+def test_enqueue_errors_name_the_problem(tmp_path, daemon):
+    campaign, recipients = make_campaign(tmp_path / "c", 5)
+    missing = daemon.ctl("enqueue", str(tmp_path / "nope.toml"), "--recipients", str(recipients),
+                         check=False)
+    assert missing.returncode == 2
+    assert "nope.toml" in missing.stderr and "cannot read" in missing.stderr
+
+    campaign.write_text(campaign.read_text().replace("{{ first_name }}", "{{ surname }}"))
+    bad_template = daemon.ctl("enqueue", str(campaign), "--recipients", str(recipients), check=False)
+    assert bad_template.returncode == 1
+    assert "subject" in bad_template.stderr and "surname" in bad_template.stderr
+
+    campaign.write_text(campaign.read_text() + 'colour = "red"\n')
+    unknown = daemon.ctl("enqueue", str(campaign), "--recipients", str(recipients), check=False)
+    assert unknown.returncode == 2 and "colour" in unknown.stderr
+
+    no_email = tmp_path / "noemail.csv"
+    no_email.write_text("name,address\nA,a@example.com\n")
+    bad_list = daemon.ctl("enqueue", str(campaign), "--recipients", str(no_email), check=False)
+    assert bad_list.returncode == 2 and "email" in bad_list.stderr and "line 1" in bad_list.stderr
+
+    listed = json.loads(daemon.ctl("list", "--json").stdout)
+    assert listed == []  # nothing half-enqueued was kept
+
+
+def test_unreachable_daemon_exit_code_3(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mailerctl", "--socket", str(tmp_path / "none.sock"), "status"],
+        capture_output=True, text=True)
+    assert result.returncode == 3
+    assert f"cannot connect to {tmp_path / 'none.sock'}: is mailerd running?" in result.stderr
+
+
+def test_unknown_campaign_is_refused_with_exit_1(daemon):
+    result = daemon.ctl("pause", "42", check=False)
+    assert result.returncode == 1 and "no campaign with id 42" in result.stderr
+
+
+def test_report_json_shape_and_list_and_status(tmp_path, daemon):
+    campaign, recipients = make_campaign(tmp_path / "c", 12, extra_rows=["bogus,X,Y"])
+    cid = daemon.enqueue(campaign, recipients)
+    daemon.wait_done(cid)
+    report = json.loads(daemon.ctl("report", str(cid), "--json").stdout)
+    assert {"id", "name", "state", "counts"} <= set(report)
+    assert report["state"] == "done"
+    assert set(report["counts"]) >= {"queued", "sending", "sent", "deferred", "failed",
+                                     "uncertain", "invalid"}
+    assert report["counts"]["sent"] == 12 and report["counts"]["invalid"] == 1
+    invalid = json.loads(daemon.ctl("report", str(cid), "--json", "--state", "invalid").stdout)
+    assert [r["email"] for r in invalid["recipients"]] == ["bogus"]
+    assert {"email", "state", "attempts", "code", "reply", "updated"} <= set(invalid["recipients"][0])
+
+    table = daemon.ctl("report", str(cid)).stdout
+    assert "SENT" in table and "12" in table
+    assert str(cid) in daemon.ctl("list").stdout
+    status = json.loads(daemon.ctl("status", "--json").stdout)
+    assert status["servers"][0]["name"] == "isp"
+    assert len(status["servers"][0]["workers"]) == 2
+    watch = daemon.ctl("watch", str(cid)).stdout
+    assert "sent 12" in watch and "done" in watch
+
+
+def test_interrupted_enqueue_leaves_nothing_behind(tmp_path, daemon):
+    from mailerd.protocol import CampaignSpec, EnqueueBegin, EnqueueRows, Row
+    from mailerctl.client import Client
+
+    spec = CampaignSpec(name="half", sender="a@example.org", subject="s", text="t",
+                        columns=["email"])
+    with Client(daemon.socket) as client:
+        started = client.call(EnqueueBegin(spec=spec))
+        client.call(EnqueueRows(campaign=started.campaign, rows=[Row(2, ["a@example.com"])]))
+    wait_until(lambda: json.loads(daemon.ctl("list", "--json").stdout) == [], 10,
+               "the half-loaded campaign to be discarded")
+
+
+def test_bad_config_names_the_key_and_file(tmp_path):
+    config = write_config(tmp_path / "bad.toml", {"servers.isp": {"host": "x", "prot": 25}})
+    result = subprocess.run([sys.executable, "-m", "mailerd", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "bad.toml" in result.stderr and "servers.isp.prot" in result.stderr
+
+
+def test_second_daemon_on_the_same_state_dir_refuses(daemon):
+    result = subprocess.run([sys.executable, "-m", "mailerd", "--config", str(daemon.config)],
+                            capture_output=True, text=True, timeout=30, cwd=daemon.workdir)
+    assert result.returncode == 4
+    assert f"pid {daemon.proc.pid}" in result.stderr
+    assert daemon.call(Status()).pid == daemon.proc.pid
