@@ -12,10 +12,14 @@ import time
 from typing import Callable
 
 from mailerd.protocol import (
+    CampaignPlan,
+    Plan,
+    SetPacing,
     Cancel,
     CampaignList,
     CampaignReport,
     DaemonStatus,
+    DebugFreeze,
     Enqueued,
     EnqueueBegin,
     EnqueueCommit,
@@ -72,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="all campaigns")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("set", help="change a server's pacing in the running daemon")
+    p.add_argument("server")
+    p.add_argument("settings", nargs="+", metavar="KEY=VALUE",
+                   help="connections, group_size, group_interval, messages_per_connection, rate, "
+                        "hourly_quota, daily_quota, idle_timeout, clean_period, quota_cooloff; "
+                        "learned=forget drops what was learned")
+
+    p = sub.add_parser("plan", help="estimate when a campaign will finish")
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+
+    # hidden: only a daemon with [daemon] debug_commands = true honours it
+    p = sub.add_parser("debug-freeze")
+    p.add_argument("seconds", type=float)
 
     p = sub.add_parser("watch", help="live progress until the campaign is done")
     p.add_argument("id", type=int)
@@ -183,6 +202,14 @@ def _show_report(report: object, as_json: bool) -> None:
         print(output.report_text(report))
 
 
+def cmd_debug_freeze(args: argparse.Namespace) -> int:
+    """Block the daemon's event loop for SECONDS (to see the systemd watchdog act)."""
+    with connect(args) as client:
+        reply = client.call(DebugFreeze(seconds=args.seconds))
+    print(getattr(reply, "message", "") or "ok")
+    return EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     with connect(args) as client:
         reply = client.call(ListCampaigns())
@@ -202,6 +229,30 @@ def cmd_status(args: argparse.Namespace) -> int:
         output.print_json(output.status_json(reply))
     else:
         print(output.status_text(reply))
+    return EXIT_OK
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    settings = {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"{item!r}: expected KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    with connect(args) as client:
+        reply = client.call(SetPacing(server=args.server, settings=settings))
+    print(getattr(reply, "message", ""))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        reply = client.call(Plan(campaign=args.id))
+    assert isinstance(reply, CampaignPlan)
+    if args.json:
+        output.print_json(output.plan_json(reply))
+    else:
+        print(output.plan_text(reply))
     return EXIT_OK
 
 
@@ -231,4 +282,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "list": cmd_list,
     "status": cmd_status,
     "watch": cmd_watch,
+    "set": cmd_set,
+    "plan": cmd_plan,
+    "debug-freeze": cmd_debug_freeze,
 }

@@ -11,7 +11,7 @@ from typing import Any, Iterable, TextIO
 
 import msgspec
 
-from mailerd.protocol import CampaignReport, Counts, DaemonStatus
+from mailerd.protocol import CampaignPlan, CampaignReport, Counts, DaemonStatus, ServerInfo
 
 COUNT_ORDER = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid")
 
@@ -111,12 +111,54 @@ def status_json(status: DaemonStatus) -> dict[str, Any]:
     return data
 
 
+def server_text(server: ServerInfo) -> list[str]:
+    state = server.state
+    if server.reason:
+        state += f" ({server.reason})"
+    if server.until:
+        state += f" until {iso(server.until)}"
+    windows = server.windows
+    lines = [
+        f"server {server.name}  {server.host}:{server.port}  {state}",
+        f"  connections {server.effective_connections} of {server.connections}  "
+        f"messages/connection {server.messages_per_connection or '-'}  "
+        f"rate {f'{server.rate:.3g}/s' if server.rate else '-'}",
+        f"  sent: last minute {windows.get('minute', 0)}, hour {windows.get('hour', 0)}, "
+        f"day {windows.get('day', 0)}  sessions ended {server.sessions_ended}, "
+        f"dropped {server.drops}, refused {server.refused}",
+    ]
+    if server.learned:
+        lines.append("  learned: " + ", ".join(f"{k}={v}" for k, v in server.learned.items()))
+    if server.settings:
+        lines.append("  set at run time: " + ", ".join(f"{k}={v}" for k, v in server.settings.items()))
+    return lines
+
+
+def plan_json(plan: CampaignPlan) -> dict[str, Any]:
+    data = msgspec.to_builtins(plan)
+    data.pop("kind", None)
+    data["finish"] = iso(plan.finish)
+    return data
+
+
+def plan_text(plan: CampaignPlan) -> str:
+    if plan.left == 0:
+        head = f"campaign {plan.id}: nothing left to send"
+    elif plan.seconds is None:
+        head = (f"campaign {plan.id}: {plan.left} left; no estimate yet "
+                "(no rate is set and nothing has been sent recently)")
+    else:
+        head = (f"campaign {plan.id}: {plan.left} left, about {duration(plan.seconds)} "
+                f"(finish {iso(plan.finish)})")
+    rows = [[p.server, f"{p.rate:.3g}/s", p.state, p.reason] for p in plan.servers]
+    return head + "\n" + table(("server", "rate", "state", "why"), rows)
+
+
 def status_text(status: DaemonStatus) -> str:
     lines = [f"mailerd {status.version}  pid {status.pid}  up {duration(status.uptime)}  "
              f"state {status.state_dir}", ""]
     for server in status.servers:
-        lines.append(f"server {server.name}  {server.host}:{server.port}  "
-                     f"connections {server.connections}")
+        lines += server_text(server)
         lines.append(table(
             ("slot", "pid", "state", "sent", "restarts", "doing"),
             [[w.slot, w.pid, w.state, w.sent, w.restarts, w.detail] for w in server.workers],

@@ -10,11 +10,14 @@ from typing import NamedTuple
 
 from . import __version__
 from .committer import Committer
-from .config import Config
+from .config import Config, ConfigError
 from .enqueue import SpecError, check_spec, store_chunk
 from .journal import Journal
 from .log import event
 from .protocol import (
+    CampaignPlan,
+    Plan,
+    SetPacing,
     CampaignList,
     CampaignReport,
     DaemonStatus,
@@ -170,6 +173,31 @@ class Commands:
             campaigns=[await self._report(row.id) for row in rows],
             servers=self.supervisor.server_info(),
         )
+
+    async def set_pacing(self, session: ClientSession, request: SetPacing) -> Reply:
+        if not request.settings:
+            return Error(message="nothing to set: give KEY=VALUE pairs")
+        try:
+            server = await self.supervisor.set_pacing(
+                request.server, dict(request.settings), f"uid={session.peer.uid} pid={session.peer.pid}")
+        except ConfigError as exc:
+            return Error(message=f"servers.{request.server}: {exc}")
+        event("server_settings_changed", server=request.server, peer_uid=session.peer.uid,
+              peer_pid=session.peer.pid)
+        return Ok(message=f"servers.{server.name}: " + ", ".join(
+            f"{k}={v}" for k, v in request.settings.items()))
+
+    async def plan(self, request: Plan) -> Reply:
+        row = await self._campaign(request.campaign)
+        if isinstance(row, Error):
+            return row
+        counts = await self.committer.run(self.journal.counts, row.id)
+        left = counts.queued + counts.sending + counts.deferred
+        if row.state in ("cancelled",):
+            left = 0
+        seconds, servers = self.supervisor.plan(row.spec, left)
+        finish = time.time() + seconds if seconds is not None else None
+        return CampaignPlan(id=row.id, left=left, seconds=seconds, finish=finish, servers=servers)
 
     async def _report(self, campaign: int, state: str | None = None, limit: int | None = None,
                       with_recipients: bool = False) -> CampaignReport:

@@ -12,6 +12,7 @@ next batch, which is what makes batches grow with load.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import sqlite3
 import threading
@@ -61,6 +62,7 @@ class Committer:
     # ---------------------------------------------------------- journal thread
 
     def _serve(self) -> None:
+        _name_os_thread(b"mailerd-journal")
         while True:
             first = self._queue.get()
             batch = [first]
@@ -125,6 +127,14 @@ class JournalWriteError(Exception):
 def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "disk" in text or "full" in text or "i/o" in text or "readonly" in text
+
+
+def _name_os_thread(name: bytes) -> None:
+    """Show the journal thread by name in `top -H` and /proc/PID/task/*/comm."""
+    try:
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def _resolve(results: list[tuple[_Op, bool, Any]]) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from .classify import PatternConfig, validate_patterns
+
 
 class ConfigError(Exception):
     pass
@@ -53,7 +55,9 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class DaemonConfig(Section):
     state_dir: str | None = None
     socket: str | None = None
-    socket_mode: int = 0o600
+    socket_mode: int | None = None  # default 0o660 with a socket_group, else 0o600
+    socket_group: str | None = None  # members (and root, and our own user) may use the socket
+    debug_commands: bool = False  # honour debugging requests such as debug-freeze
     journal_sync: Literal["normal", "full"] = "normal"
     commit_interval: Duration = Duration(0.002)  # how long a group commit waits to gather work
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -78,12 +82,29 @@ class ServerConfig(Section):
     connections: int = 1
     timeout: Duration = Duration(60)
     helo_name: str | None = None
+    # pacing (all live-changeable with `mailerctl set` or SIGHUP)
+    group_size: int = 0  # after this many messages through this account ...
+    group_interval: Duration = Duration(0)  # ... all its sessions pause this long
+    messages_per_connection: int = 0  # QUIT and reconnect after this many (0: no limit)
+    rate: str | None = None  # e.g. "20/s", "30/min", "500/h"
+    hourly_quota: int = 0
+    daily_quota: int = 0
+    idle_timeout: Duration = Duration(30)  # QUIT a session idle this long, before the relay cuts it
+    clean_period: Duration = Duration(60)  # a lowered limit recovers one step after this long
+    quota_cooloff: Duration = Duration(300)  # first park on a quota refusal with no known window
+
+
+PACING_KEYS = (
+    "connections", "group_size", "group_interval", "messages_per_connection", "rate",
+    "hourly_quota", "daily_quota", "idle_timeout", "clean_period", "quota_cooloff",
+)
 
 
 class Config(msgspec.Struct, kw_only=True):
     daemon: DaemonConfig
     delivery: DeliveryConfig
     servers: dict[str, ServerConfig]
+    patterns: PatternConfig = msgspec.field(default_factory=PatternConfig)
     path: str | None = None
 
     @property
@@ -101,6 +122,12 @@ class Config(msgspec.Struct, kw_only=True):
         if os.environ.get("RUNTIME_DIRECTORY"):
             return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
         return self.state_dir / "control.sock"
+
+    @property
+    def socket_mode(self) -> int:
+        if self.daemon.socket_mode is not None:
+            return self.daemon.socket_mode
+        return 0o660 if self.daemon.socket_group else 0o600
 
 
 def _section(value: Any, dotted: str, type_: type, where: str) -> Any:
@@ -126,7 +153,7 @@ def _name_key(message: str, prefix: str) -> str:
     return f"key {full}: {text}"
 
 
-_TOP_LEVEL = {"daemon", "delivery", "servers"}
+_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns"}
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -152,6 +179,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     config = Config(
         daemon=_section(raw.get("daemon", {}), "daemon", DaemonConfig, where),
         delivery=_section(raw.get("delivery", {}), "delivery", DeliveryConfig, where),
+        patterns=_section(raw.get("patterns", {}), "patterns", PatternConfig, where),
         servers=servers,
         path=str(path) if path else None,
     )
@@ -160,7 +188,20 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 
 def _check_values(config: Config, where: str) -> None:
-    problems = []
+    problems = [f"servers.{name}.{p}" for name, s in config.servers.items()
+                for p in server_problems(s)]
+    bad_pattern = validate_patterns(config.patterns)
+    if bad_pattern:
+        problems.append(bad_pattern)
+    if config.daemon.socket_group:
+        from .access import resolve_group
+
+        try:
+            resolve_group(config.daemon.socket_group)
+        except ValueError as exc:
+            problems.append(f"daemon.socket_group: {exc}")
+    if config.daemon.socket_mode is not None and not 0 <= config.daemon.socket_mode <= 0o777:
+        problems.append("daemon.socket_mode must be a file mode such as 0o660")
     for name, server in config.servers.items():
         if not 1 <= server.connections <= 256:
             problems.append(f"servers.{name}.connections must be between 1 and 256")
@@ -176,6 +217,54 @@ def _check_values(config: Config, where: str) -> None:
         problems.append("delivery.retry_max must not be less than delivery.retry_initial")
     if problems:
         raise ConfigError(f"{where}: {problems[0]}")
+
+
+def server_problems(server: ServerConfig) -> list[str]:
+    """Pacing values that parse but make no sense, as 'key: why' strings."""
+    problems = []
+    for key in ("group_size", "messages_per_connection", "hourly_quota", "daily_quota"):
+        if getattr(server, key) < 0:
+            problems.append(f"{key} must not be negative")
+    if server.rate is not None:
+        from .pacing import parse_rate
+
+        try:
+            parse_rate(server.rate)
+        except ValueError as exc:
+            problems.append(f"rate: {exc}")
+    if server.group_size and not server.group_interval:
+        problems.append("group_size needs group_interval")
+    return problems
+
+
+def apply_setting(server: ServerConfig, key: str, value: str) -> ServerConfig:
+    """A copy of `server` with one pacing key set from text (as `mailerctl set` gives it)."""
+    if key not in PACING_KEYS:
+        raise ConfigError(f"{key} cannot be changed at run time (keys: {', '.join(PACING_KEYS)})")
+    raw = msgspec.to_builtins(server, enc_hook=float)
+    raw[key] = _setting_value(key, value)
+    try:
+        updated = msgspec.convert(raw, ServerConfig, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{key}={value}: {_name_key(str(exc), key)}") from None
+    problems = server_problems(updated)
+    if problems:
+        raise ConfigError(problems[0])
+    if not 1 <= updated.connections <= 256:
+        raise ConfigError("connections must be between 1 and 256")
+    return updated
+
+
+def _setting_value(key: str, value: str) -> object:
+    field_type = ServerConfig.__annotations__[key]
+    if value.lower() in ("none", "off", "") and "None" in field_type:
+        return None
+    if field_type == "int":
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value}: expected a whole number") from None
+    return value
 
 
 def read_password(server_name: str, server: ServerConfig) -> str | None:

@@ -2,7 +2,8 @@
 
 A bad frame (garbage, truncated, oversize, unknown request, wrong version) gets an
 Error reply where one can still be sent, and that connection is closed; every
-other client is served as before.
+other client is served as before. A peer that access.py does not let in gets one
+Error reply saying so, whatever it asked.
 """
 
 from __future__ import annotations
@@ -12,29 +13,36 @@ import logging
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 from . import wire
+from .access import AccessPolicy
 from .commands import ClientSession, Commands, Peer
 from .log import event
 from .protocol import (
     PROTOCOL_VERSION,
     AnyRequest,
     Cancel,
+    DebugFreeze,
     EnqueueBegin,
     EnqueueCommit,
     EnqueueRows,
     Error,
     ListCampaigns,
+    Ok,
     Pause,
     Reply,
     Report,
     Request,
+    Plan,
     Resume,
+    SetPacing,
     Status,
 )
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
+REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answer
 
 
 def peer_credentials(sock: socket.socket) -> Peer:
@@ -43,10 +51,13 @@ def peer_credentials(sock: socket.socket) -> Peer:
 
 
 class ControlServer:
-    def __init__(self, commands: Commands, path: Path, mode: int) -> None:
+    def __init__(self, commands: Commands, path: Path, mode: int, group: str | None = None,
+                 debug_commands: bool = False) -> None:
         self.commands = commands
         self.path = path
         self.mode = mode
+        self.access = AccessPolicy(group)
+        self.debug_commands = debug_commands
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
         self._decoder = wire.Decoder(AnyRequest)
@@ -62,6 +73,8 @@ class ControlServer:
             )
         finally:
             os.umask(old_umask)
+        if self.access.gid is not None:
+            os.chown(self.path, -1, self.access.gid)
         os.chmod(self.path, self.mode)
 
     async def stop(self) -> None:
@@ -81,13 +94,28 @@ class ControlServer:
         sock = writer.get_extra_info("socket")
         session = ClientSession(peer_credentials(sock))
         try:
-            await self._converse(session, reader, writer)
+            refusal = await asyncio.to_thread(self.access.refusal, session.peer)  # NSS may block
+            if refusal is not None:
+                await self._refuse(session, refusal, reader, writer)
+            else:
+                await self._converse(session, reader, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             self.clients.discard(task)
             await self.commands.abandon(session)
             writer.close()
+
+    async def _refuse(self, session: ClientSession, refusal: str, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """Answer the first request (whatever it is) with the refusal, then hang up."""
+        event("control_refused", logging.WARNING, peer_uid=session.peer.uid,
+              peer_gid=session.peer.gid, peer_pid=session.peer.pid)
+        try:
+            await asyncio.wait_for(wire.read_frame(reader, REFUSED_FRAME_LIMIT), 10)
+        except (wire.FrameError, wire.ConnectionClosed, asyncio.TimeoutError):
+            pass
+        await self._send(writer, Error(message=refusal))
 
     async def _converse(self, session: ClientSession, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
@@ -138,7 +166,24 @@ class ControlServer:
                 return await commands.list_campaigns()
             case Status():
                 return await commands.status()
+            case SetPacing():
+                return await commands.set_pacing(session, request)
+            case Plan():
+                return await commands.plan(request)
+            case DebugFreeze():
+                return self._debug_freeze(session, request)
         return Error(message=f"unsupported request {type(request).__name__}")
+
+    def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:
+        if not self.debug_commands:
+            return Error(message="debug commands are disabled "
+                                 "(set [daemon] debug_commands = true to allow them)")
+        seconds = max(0.0, min(request.seconds, 3600.0))
+        event("debug_freeze", logging.WARNING, seconds=seconds, peer_uid=session.peer.uid,
+              peer_pid=session.peer.pid)
+        # after this reply is written: block the whole event loop, as a hang would
+        asyncio.get_running_loop().call_soon(time.sleep, seconds)
+        return Ok(message=f"freezing the event loop for {seconds:g} s")
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, reply: Reply) -> None:

@@ -3,12 +3,17 @@
 Start-up order matters: config is checked, the state directory locked, the
 journal recovered, the control socket opened, and only then are workers started.
 SIGTERM or SIGINT drains: no new transactions, in-flight ones finish, QUIT, exit 0.
+
+Under systemd (Type=notify) READY=1 is sent only once all of that is done, STATUS=
+carries a one-line summary, WATCHDOG=1 is sent from the event loop (notify.py), and
+STOPPING=1 when a drain begins.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import fcntl
 import logging
 import os
@@ -16,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, notify
 from .commands import Commands
 from .committer import Committer
 from .config import Config, ConfigError, load_config
@@ -66,21 +71,49 @@ class Daemon:
         self.supervisor = Supervisor(config, journal, self.committer)
         self.commands = Commands(config, journal, self.committer, self.supervisor)
         self.control = ControlServer(
-            self.commands, config.socket_path, config.daemon.socket_mode
+            self.commands, config.socket_path, config.socket_mode,
+            group=config.daemon.socket_group, debug_commands=config.daemon.debug_commands,
         )
         self.stop_requested = asyncio.Event()
+        self.notifier: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         self.committer.start()
-        await self.control.start()
+        try:
+            await self.control.start()
+        except OSError as exc:
+            await self.committer.stop()
+            raise StartupError(f"cannot set up the control socket {self.control.path}: "
+                               f"{exc.strerror or exc}", EXIT_STATE) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         await self.supervisor.start()
         event("daemon_ready", pid=os.getpid(), socket=str(self.config.socket_path),
               servers=",".join(self.config.servers), version=__version__)
+        notify.ready(self.supervisor.status_line())
+        self.notifier = asyncio.create_task(notify.keep_informed(self.supervisor.status_line))
         await self.stop_requested.wait()
-        await self.shutdown()
+        notify.stopping("draining: in-flight transactions finish, then exit")
+        try:
+            await self.shutdown()
+        finally:
+            self.notifier.cancel()
+
+    def _request_reload(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file; a bad file changes nothing."""
+        try:
+            config = load_config(self.config.path)
+        except ConfigError as exc:
+            event("config_reload_failed", logging.ERROR, error=str(exc))
+            return
+        self.config = config
+        self.commands.config = config
+        await self.supervisor.reload(config)
 
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop_requested.is_set():
@@ -126,6 +159,7 @@ def start(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    faulthandler.enable(all_threads=True)  # a watchdog SIGABRT shows where the loop hung
     try:
         code = start(args)
     except ConfigError as exc:

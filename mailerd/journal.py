@@ -62,6 +62,16 @@ CREATE TABLE recipients (
 ) WITHOUT ROWID;
 CREATE INDEX recipients_by_state ON recipients (campaign, state, line);
 CREATE INDEX recipients_by_key ON recipients (campaign, email_key) WHERE email_key IS NOT NULL;
+CREATE TABLE sends (
+    server TEXT NOT NULL,
+    t      REAL NOT NULL
+);
+CREATE INDEX sends_by_server ON sends (server, t);
+CREATE TABLE servers (
+    name      TEXT PRIMARY KEY,
+    learned   BLOB,
+    overrides BLOB
+);
 CREATE TABLE audit (
     id       INTEGER PRIMARY KEY,
     t        REAL NOT NULL,
@@ -378,13 +388,38 @@ class Journal:
             [(server, now, campaign, line) for campaign, line, server in items],
         )
 
-    def mark_data_sent(self, items: list[tuple[int, int]]) -> None:
+    def mark_data_sent(self, items: list[tuple[int, int, str]]) -> None:
+        """(campaign, line, server): the final '.' may go out now; counts as a send."""
         now = time.time()
         self._db.executemany(
             "UPDATE recipients SET state='data-sent', dot_at=?, updated=? "
             "WHERE campaign=? AND line=? AND state='sending'",
-            [(now, now, campaign, line) for campaign, line in items],
+            [(now, now, campaign, line) for campaign, line, _ in items],
         )
+        self._db.executemany("INSERT INTO sends (server, t) VALUES (?, ?)",
+                             [(server, now) for _, _, server in items])
+
+    def sends_since(self, server: str, since: float) -> list[float]:
+        return [row[0] for row in self._db.execute(
+            "SELECT t FROM sends WHERE server=? AND t>=? ORDER BY t", (server, since))]
+
+    def prune_sends(self, before: float) -> None:
+        self._db.execute("DELETE FROM sends WHERE t<?", (before,))
+
+    def server_state(self, name: str) -> tuple[bytes | None, bytes | None]:
+        row = self._db.execute(
+            "SELECT learned, overrides FROM servers WHERE name=?", (name,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    def save_learned(self, name: str, learned: bytes | None) -> None:
+        self._db.execute(
+            "INSERT INTO servers (name, learned) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET learned=excluded.learned", (name, learned))
+
+    def save_overrides(self, name: str, overrides: bytes | None) -> None:
+        self._db.execute(
+            "INSERT INTO servers (name, overrides) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET overrides=excluded.overrides", (name, overrides))
 
     def record_outcomes(self, outcomes: list[Outcome]) -> None:
         now = time.time()
@@ -397,13 +432,18 @@ class Journal:
             ],
         )
 
-    def requeue(self, items: list[tuple[int, int]]) -> None:
-        """Back to the queue without counting an attempt: the relay cannot have the message."""
+    def requeue(self, items: list[tuple[int, int]], reply: str | None = None) -> None:
+        """Back to the queue without counting an attempt: the relay does not have the message.
+
+        Only the worker's own account of the session says so, which is why `data-sent`
+        may move here too: the session broke before the '.' was written, or the relay
+        answered after it with a refusal that was not the recipient's fault.
+        """
         now = time.time()
         self._db.executemany(
-            "UPDATE recipients SET state='queued', updated=? "
-            "WHERE campaign=? AND line=? AND state='sending'",
-            [(now, campaign, line) for campaign, line in items],
+            "UPDATE recipients SET state='queued', reply=coalesce(?, reply), updated=? "
+            "WHERE campaign=? AND line=? AND state IN ('sending', 'data-sent')",
+            [(reply, now, campaign, line) for campaign, line in items],
         )
 
     def settle_lost_worker(self, items: list[tuple[int, int]]) -> tuple[int, int]:

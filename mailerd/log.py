@@ -1,8 +1,12 @@
 """Structured event logging: every log record is an event name plus fields.
 
 `event("sent", campaign=3, recipient="a@example.org", code=250)` becomes the line
-`... info sent campaign=3 recipient=a@example.org code=250` on stderr. Records go
-through a queue to a listener thread, so a slow log sink never stalls the event loop.
+`... info sent campaign=3 recipient=a@example.org code=250` on stderr, or, when
+systemd connected stderr to the journal, one journald entry with structured fields
+(see journald.py). Records go through a bounded queue to a listener thread, so a slow
+log sink (journald can block its writers) never stalls the event loop; records that
+do not fit are counted and reported as `log_records_dropped`. Fields named like
+passwords, secrets, credentials or keys are never logged.
 """
 
 from __future__ import annotations
@@ -14,13 +18,26 @@ import sys
 import time
 from typing import Any
 
+from . import journald
+from .journald import is_secret
+
 logger = logging.getLogger("mailerd")
 _listener: logging.handlers.QueueListener | None = None
 
 
 def event(what: str, /, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
     if logger.isEnabledFor(level):
-        logger.log(level, what, exc_info=exc_info, extra={"fields": fields})
+        fields = {key: value for key, value in fields.items() if not is_secret(key)}
+        logger.log(level, what, exc_info=exc_info, extra={"fields": fields, "event": what})
+
+
+def readable(record: logging.LogRecord) -> str:
+    """'what key=value ...' (then any traceback): the text of one event, unstamped."""
+    fields: dict[str, Any] = getattr(record, "fields", {})
+    head, sep, tail = record.getMessage().partition("\n")
+    parts = [head] + [f"{key}={_quote(value)}" for key, value in fields.items()
+                      if value is not None]
+    return " ".join(parts) + sep + tail
 
 
 def _quote(value: Any) -> str:
@@ -34,20 +51,52 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        parts = [stamp, record.levelname.lower(), record.getMessage()]
-        parts += [f"{key}={_quote(value)}" for key, value in fields.items() if value is not None]
+        parts = [stamp, record.levelname.lower(), readable(record)]
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def setup_logging(level: str = "info") -> None:
-    global _listener
-    handler = logging.StreamHandler(sys.stderr)
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Never blocks: when the sink is so far behind that the queue is full, count."""
+
+    def __init__(self, log_queue: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(log_queue)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                note = logging.LogRecord(logger.name, logging.WARNING, __file__, 0,
+                                         "log_records_dropped", None, None)
+                note.fields, note.event = {"count": self.dropped}, "log_records_dropped"
+                self.queue.put_nowait(note)
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+QUEUE_SIZE = 100_000
+
+
+def log_handler(stream: Any = None) -> logging.Handler:
+    """journald with structured fields when stderr is the journal, else text lines."""
+    stream = sys.stderr if stream is None else stream
+    if journald.stderr_is_journal(stream) and journald.available():
+        return journald.JournaldHandler(message=readable)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(KeyValueFormatter())
-    log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    logger.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    return handler
+
+
+def setup_logging(level: str = "info", handler: logging.Handler | None = None,
+                  queue_size: int = QUEUE_SIZE) -> None:
+    global _listener
+    handler = handler or log_handler()
+    log_queue: queue.Queue[logging.LogRecord] = queue.Queue(queue_size)
+    logger.handlers[:] = [_DroppingQueueHandler(log_queue)]
     logger.setLevel(level.upper())
     logger.propagate = False
     _listener = logging.handlers.QueueListener(log_queue, handler)

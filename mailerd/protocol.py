@@ -89,9 +89,25 @@ class ListCampaigns(Request):
     pass
 
 
+class SetPacing(Request):
+    server: str
+    settings: dict[str, str]
+
+
+class Plan(Request):
+    campaign: int
+
+
+class DebugFreeze(Request):
+    """Debugging only ([daemon] debug_commands = true): block the event loop on purpose,
+    so that the watchdog can be seen to restart a hung daemon."""
+
+    seconds: float
+
+
 AnyRequest = (
     EnqueueBegin | EnqueueRows | EnqueueCommit | Pause | Resume | Cancel | Status | Report
-    | ListCampaigns
+    | ListCampaigns | SetPacing | Plan | DebugFreeze
 )
 
 # ---------------------------------------------------------------- replies
@@ -153,6 +169,21 @@ class CampaignReport(Reply):
     recipients: list[RecipientInfo] | None = None
 
 
+class ServerPlan(msgspec.Struct, kw_only=True):
+    server: str
+    rate: float  # messages per second expected
+    state: str
+    reason: str
+
+
+class CampaignPlan(Reply):
+    id: int
+    left: int
+    seconds: float | None  # None: cannot be estimated (nothing can send)
+    finish: float | None
+    servers: list[ServerPlan]
+
+
 class CampaignList(Reply):
     campaigns: list[CampaignReport]
 
@@ -171,7 +202,19 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     name: str
     host: str
     port: int
-    connections: int
+    connections: int  # configured ceiling
+    effective_connections: int
+    state: str  # ok | slowed | paused | parked
+    reason: str
+    until: float | None
+    windows: dict[str, int]  # messages sent in the last minute, hour, day
+    learned: dict[str, float | int]
+    settings: dict[str, str]  # changed at run time with `mailerctl set`
+    messages_per_connection: int
+    rate: float | None
+    sessions_ended: int
+    drops: int
+    refused: int
     workers: list[WorkerInfo]
 
 
@@ -184,4 +227,7 @@ class DaemonStatus(Reply):
     servers: list[ServerInfo]
 
 
-AnyReply = Error | Ok | Enqueued | RowsAccepted | CampaignReport | CampaignList | DaemonStatus
+AnyReply = (
+    Error | Ok | Enqueued | RowsAccepted | CampaignReport | CampaignList | DaemonStatus
+    | CampaignPlan
+)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import binascii
 import email.contentmanager
-import email.quoprimime
 import email.policy
+import email.quoprimime
 import email.utils
 import functools
 import hashlib
@@ -60,8 +60,6 @@ _PLAIN_ADDR_SPEC = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-
 # short so every CTE keeps them on one line, and distinct so they can't collide.
 _TEXT_SENTINEL = "mailerd-skeleton-text-body-7f3c1a"
 _HTML_SENTINEL = "mailerd-skeleton-html-body-9b2e4d"
-
-_NEWLINES = re.compile(r"\r\n|\r|\n")  # same as email.generator.NLCRE
 
 
 class TemplateError(ValueError):
@@ -201,10 +199,12 @@ def default_boundary(campaign_uid: str) -> str:
 # -------------------------------------------------------------------------- bodies
 
 def _to_wire(payload: str) -> bytes:
-    """What email.generator writes for a text payload: line ends become CRLF."""
-    if "\r" not in payload:
-        return payload.replace("\n", _CRLF).encode("ascii")
-    return _NEWLINES.sub(_CRLF, payload).encode("ascii")
+    """What email.generator writes for a text payload: line ends become CRLF.
+
+    The generator splits on \r\n|\r|\n, but encoded payloads only ever contain
+    "\n": their lines come from bytes.splitlines() and QP/base64 escape the rest.
+    """
+    return payload.replace("\n", _CRLF).encode("ascii")
 
 
 def _encode_body(field: str, content: str) -> EncodedBody:
@@ -272,7 +272,7 @@ def _qp_encode_line(raw_line: bytes) -> str:
         if line[stop - 2] == "=":
             pieces.append(line[start : stop - 1])
             start = stop - 2
-        elif line[stop - 2] == "=":
+        elif line[stop - 1] == "=":
             pieces.append(line[start:stop])
             start = stop - 1
         else:
@@ -375,18 +375,20 @@ def _serialise_skeleton(
 class _PartCache:
     """Remembers the last rendered body, so constant bodies are encoded once."""
 
-    __slots__ = ("field", "content", "encoded")
+    __slots__ = ("field", "last")
 
     def __init__(self, field: str) -> None:
         self.field = field
-        self.content: str | None = None
-        self.encoded = EncodedBody("", b"")
+        # One tuple, replaced atomically, so concurrent renders never mix entries.
+        self.last: tuple[str | None, EncodedBody] = (None, EncodedBody("", b""))
 
     def encode(self, content: str) -> EncodedBody:
-        if content != self.content:
-            self.encoded = _encode_body(self.field, content)
-            self.content = content
-        return self.encoded
+        last_content, last_encoded = self.last
+        if content == last_content:
+            return last_encoded
+        encoded = _encode_body(self.field, content)
+        self.last = (content, encoded)
+        return encoded
 
 
 class Renderer:

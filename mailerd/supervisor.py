@@ -1,123 +1,61 @@
 """The supervisor: worker processes, and which recipient goes to which of them.
 
-Like gunicorn's arbiter it keeps a fixed set of worker slots (`connections` per
+Like gunicorn's arbiter it keeps a set of worker slots (`connections` per
 server), spawns a process into each, reaps the dead and respawns them with a
-growing delay. Unlike it, it also owns the dispatch of work: running campaigns
-keep a small in-memory buffer of recipients claimed from the journal, and every
-free worker slot is fed from those buffers. All state changes go through the
-committer, in order, so the journal always tells the truth a restart needs.
+growing delay. It also owns the dispatch of work: running campaigns keep a small
+in-memory buffer of recipients claimed from the journal, and every free worker
+slot of every server is fed from those buffers, as far as that server's pacer
+allows. All state changes go through the committer, in order, so the journal
+always tells the truth a restart needs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import socket
 import sys
 import time
-from typing import Callable
 
 import msgspec
 
 from . import wire
+from .campaignrun import CampaignRun
+from .classify import Cause, Classifier
 from .committer import Committer
-from .config import Config, read_password
+from .config import Config, ConfigError, ServerConfig, apply_setting, read_password
 from .journal import Claimed, Journal, Outcome
 from .log import event
-from .protocol import CampaignSpec, ServerInfo, WorkerInfo
+from .pacing import DAY, Decision, Learned, Pacer
+from .protocol import CampaignSpec, ServerInfo, ServerPlan
+from .servers import ServerRun, WorkerSlot
 from .workerproto import (
     AnyFromWorker,
     CampaignTemplate,
     Done,
     DotAck,
     DotRequest,
+    Hold,
     Job,
+    Limits,
     Released,
     Revoke,
+    SessionEnded,
     SessionState,
     Setup,
     Stop,
-    ToWorker,
 )
 
-PREFETCH = 2  # jobs a worker holds: the one in flight and the next
 BUFFER_LOW = 64
 CLAIM_BATCH = 512
 TICK = 1.0
 RESPAWN_MAX = 30.0
-ACCEPTING_STATES = ("ready", "idle", "sending")
+SESSIONS_SIGNAL_GUARD = 1.0  # one halving per burst of "too many sessions"
+CONNECTION_KEYS = ("host", "port", "security", "username", "password_file", "tls_verify",
+                   "timeout", "helo_name")
 
-
-class CampaignRun:
-    """A running campaign's place in the dispatch: its buffer and read cursor."""
-
-    def __init__(self, campaign: int, uid: str, spec: CampaignSpec, state: str) -> None:
-        self.id = campaign
-        self.uid = uid
-        self.spec = spec
-        self.state = state
-        self.servers = set(spec.servers) if spec.servers else None
-        self.buffer: collections.deque[Claimed] = collections.deque()
-        self.held: set[int] = set()  # lines buffered here or held by a worker
-        self.attempts: dict[int, int] = {}
-        self.cursor = 0
-        self.exhausted = False
-        self.refilling = False
-        self.sent_times: collections.deque[float] = collections.deque()
-
-    def uses(self, server: str) -> bool:
-        return self.servers is None or server in self.servers
-
-    def rescan(self) -> None:
-        self.cursor = 0
-        self.exhausted = False
-
-    def note_sent(self, now: float) -> None:
-        self.sent_times.append(now)
-        while self.sent_times and self.sent_times[0] < now - 60:
-            self.sent_times.popleft()
-
-    def rate(self, now: float) -> float:
-        recent = [t for t in self.sent_times if t >= now - 60]
-        if len(recent) < 2:
-            return 0.0
-        span = max(now - recent[0], 1.0)
-        return len(recent) / span
-
-
-class WorkerSlot:
-    """One worker process of one server, and what it holds."""
-
-    def __init__(self, server_name: str, slot: int) -> None:
-        self.server_name = server_name
-        self.slot = slot
-        self.process: asyncio.subprocess.Process | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.jobs: dict[tuple[int, int], Claimed] = {}
-        self.campaigns_known: set[int] = set()
-        self.state = "starting"
-        self.detail = ""
-        self.until: float | None = None
-        self.sent = 0
-        self.restarts = 0
-        self.respawn_delay = 0.5
-        self.started_at = 0.0
-
-    @property
-    def accepting(self) -> bool:
-        return self.writer is not None and self.state in ACCEPTING_STATES
-
-    def send(self, message: ToWorker) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(wire.pack(message))
-
-    def info(self) -> WorkerInfo:
-        pid = self.process.pid if self.process and self.process.returncode is None else None
-        return WorkerInfo(
-            server=self.server_name, slot=self.slot, pid=pid, state=self.state,
-            detail=self.detail, sent=self.sent, restarts=self.restarts,
-        )
+_learned_decoder = msgspec.msgpack.Decoder(Learned)
+_overrides_decoder = msgspec.msgpack.Decoder(dict[str, str])
 
 
 class Supervisor:
@@ -125,40 +63,42 @@ class Supervisor:
         self.config = config
         self.journal = journal
         self.committer = committer
+        self.classifier = Classifier(config.patterns)
         self.campaigns: dict[int, CampaignRun] = {}
-        self.slots = [
-            WorkerSlot(name, i)
-            for name, server in config.servers.items()
-            for i in range(server.connections)
-        ]
+        self.servers: dict[str, ServerRun] = {}
         self.passwords = {
             name: read_password(name, server) for name, server in config.servers.items()
         }
         self.stopping = False
+        self.sent_total = 0
         self._dispatch_scheduled = False
+        self._wake_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._rr = 0
-        self.on_campaign_done: Callable[[int], None] = lambda campaign: None
 
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         for row in self.journal.campaigns(("running", "paused")):
             self.campaigns[row.id] = CampaignRun(row.id, row.uid, row.spec, row.state)
-        for slot in self.slots:
-            self._spawn_soon(slot, 0)
+        for name, server in self.config.servers.items():
+            await self._add_server(name, server)
         self._spawn_task(self._tick_forever())
 
     async def stop(self, timeout: float) -> None:
         """Graceful: workers finish their transaction, give back the rest, QUIT, exit."""
         self.stopping = True
-        for slot in self.slots:
+        slots = self.all_slots()
+        for slot in slots:
             slot.send(Stop())
         deadline = time.monotonic() + timeout
-        for slot in self.slots:
+        for slot in slots:
             await self._wait_exit(slot, deadline)
         for task in list(self._tasks):
             task.cancel()
+
+    def all_slots(self) -> list[WorkerSlot]:
+        return [slot for server in self.servers.values() for slot in server.slots]
 
     async def _wait_exit(self, slot: WorkerSlot, deadline: float) -> None:
         process = slot.process
@@ -182,18 +122,124 @@ class Supervisor:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
+            assert exc is not None
             event("supervisor_task_failed", logging.ERROR, error=repr(exc),
                   exc_info=(type(exc), exc, exc.__traceback__))
+
+    # ------------------------------------------------------------ servers
+
+    async def _add_server(self, name: str, config: ServerConfig) -> None:
+        learned_blob, overrides_blob = await self.committer.run(self.journal.server_state, name)
+        learned = _learned_decoder.decode(learned_blob) if learned_blob else Learned()
+        overrides = _overrides_decoder.decode(overrides_blob) if overrides_blob else {}
+        config = self._with_overrides(name, config, overrides)
+        sends = await self.committer.run(self.journal.sends_since, name, time.time() - DAY)
+        server = ServerRun(name, config, Pacer(name, config, learned, sends))
+        server.overrides = overrides
+        self.servers[name] = server
+        self._resize(server)
+        server.choose_active()
+
+    @staticmethod
+    def _with_overrides(name: str, config: ServerConfig, overrides: dict[str, str]) -> ServerConfig:
+        for key, value in overrides.items():
+            try:
+                config = apply_setting(config, key, value)
+            except ConfigError as exc:
+                event("setting_ignored", logging.WARNING, server=name, setting=key, error=str(exc))
+        return config
+
+    def _resize(self, server: ServerRun) -> None:
+        """Spawn or retire worker slots until there are `connections` of them."""
+        live = [s for s in server.slots if not s.retired]
+        wanted = server.config.connections
+        for number in range(len(live), wanted):
+            slot = WorkerSlot(server.name, self._free_slot_number(server, number))
+            server.slots.append(slot)
+            self._spawn_soon(slot, 0)
+        for slot in live[wanted:]:
+            slot.retired = True
+            slot.send(Stop())
+
+    @staticmethod
+    def _free_slot_number(server: ServerRun, start: int) -> int:
+        used = {s.slot for s in server.slots}
+        number = start
+        while number in used:
+            number += 1
+        return number
+
+    def _reconfigure(self, server: ServerRun, config: ServerConfig) -> None:
+        restart = any(getattr(config, k) != getattr(server.config, k) for k in CONNECTION_KEYS)
+        server.config = config
+        server.pacer.configure(config)
+        self._resize(server)
+        if restart:
+            self.passwords[server.name] = read_password(server.name, config)
+            for slot in server.slots:
+                slot.send(Stop())  # respawned at once with the new Setup
+        self._apply_pacing(server)
+
+    async def set_pacing(self, name: str, settings: dict[str, str], who: str) -> ServerRun:
+        """`mailerctl set`: change pacing now; journaled so it outlives a restart."""
+        server = self.servers.get(name)
+        if server is None:
+            raise ConfigError(f"no server named {name!r} (configured: {', '.join(self.servers)})")
+        config = server.config
+        forget = settings.pop("learned", None)
+        if forget not in (None, "forget"):
+            raise ConfigError("learned=forget is the only value for learned")
+        for key, value in settings.items():
+            config = apply_setting(config, key, value)
+        server.overrides.update(settings)
+        if forget:
+            server.pacer.learned = Learned()
+            server.pacer.changed = True
+        overrides = msgspec.msgpack.encode(server.overrides)
+
+        def journal_it() -> None:
+            self.journal.save_overrides(name, overrides)
+            self.journal.audit(None, "set", f"server={name} {settings} forget={bool(forget)} {who}")
+
+        await self.committer.run(journal_it)
+        event("pacing_set", server=name, settings=" ".join(f"{k}={v}" for k, v in settings.items())
+              or None, learned="forgotten" if forget else None)
+        self._reconfigure(server, config)
+        return server
+
+    async def reload(self, config: Config) -> None:
+        """SIGHUP: the config file is the truth again; run-time settings are dropped."""
+        self.config = config
+        self.classifier = Classifier(config.patterns)
+        for name, server_config in config.servers.items():
+            if name not in self.servers:
+                self.passwords[name] = read_password(name, server_config)
+                await self._add_server(name, server_config)
+                continue
+            server = self.servers[name]
+            if server.overrides:
+                server.overrides = {}
+                await self.committer.run(self.journal.save_overrides, name, None)
+            self._reconfigure(server, server_config)
+        for name in set(self.servers) - set(config.servers):
+            for slot in self.servers[name].slots:
+                slot.retired = True
+                slot.send(Stop())
+        event("config_reloaded", path=config.path, servers=",".join(config.servers))
+        self.kick()
+
+    # ------------------------------------------------------------ worker processes
 
     def _spawn_soon(self, slot: WorkerSlot, delay: float) -> None:
         async def later() -> None:
             if delay:
                 await asyncio.sleep(delay)
-            if not self.stopping:
+            if not self.stopping and not slot.retired:
                 await self._spawn(slot)
         self._spawn_task(later())
 
     async def _spawn(self, slot: WorkerSlot) -> None:
+        server = self.servers[slot.server_name]
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
@@ -204,11 +250,12 @@ class Supervisor:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=wire.MAX_FRAME)
         slot.process, slot.writer = process, writer
-        slot.state, slot.detail, slot.started_at = "starting", "", time.monotonic()
+        slot.state, slot.detail, slot.connected = "starting", "", False
+        slot.started_at = time.monotonic()
         slot.campaigns_known.clear()
-        server = self.config.servers[slot.server_name]
-        slot.send(Setup(slot.server_name, slot.slot, server, self.config.delivery,
+        slot.send(Setup(slot.server_name, slot.slot, server.config, self.config.delivery,
                         self.passwords[slot.server_name], self.config.daemon.log_level))
+        slot.send(self._limits(server))
         event("worker_started", server=slot.server_name, slot=slot.slot, pid=process.pid)
         self._spawn_task(self._serve_worker(slot, reader, process))
 
@@ -227,15 +274,22 @@ class Supervisor:
         if slot.writer is not None:
             slot.writer.close()
             slot.writer = None
-        slot.state = "stopped" if self.stopping else "dead"
+        slot.state, slot.connected = ("stopped" if self.stopping else "dead"), False
         await self._settle_slot(slot)
-        if self.stopping:
+        server = self.servers.get(slot.server_name)
+        if self.stopping or server is None:
+            return
+        if slot.retired:
+            server.slots.remove(slot)
+            server.choose_active()
             return
         self._respawn(slot, code)
 
     def _respawn(self, slot: WorkerSlot, code: int) -> None:
-        healthy_for = time.monotonic() - slot.started_at
-        if healthy_for > 60:
+        if code == 0:  # stopped on purpose (a restart for new connection settings)
+            self._spawn_soon(slot, 0)
+            return
+        if time.monotonic() - slot.started_at > 60:
             slot.respawn_delay = 0.5
         delay = slot.respawn_delay
         slot.respawn_delay = min(slot.respawn_delay * 2, RESPAWN_MAX)
@@ -272,12 +326,15 @@ class Supervisor:
             self._finish(slot, message)
         elif isinstance(message, SessionState):
             self._session_state(slot, message)
+        elif isinstance(message, SessionEnded):
+            self._session_ended(slot, message)
         elif isinstance(message, Released):
             self._released(slot, message.jobs)
 
     def _confirm_data_sent(self, slot: WorkerSlot, message: DotRequest) -> None:
-        key = (message.campaign, message.line)
-        future = self.committer.run(self.journal.mark_data_sent, [key])
+        future = self.committer.run(
+            self.journal.mark_data_sent, [(message.campaign, message.line, slot.server_name)]
+        )
 
         def acknowledge(done: asyncio.Future[None]) -> None:
             ok = not done.cancelled() and done.exception() is None
@@ -289,32 +346,88 @@ class Supervisor:
         future.add_done_callback(acknowledge)
 
     def _session_state(self, slot: WorkerSlot, message: SessionState) -> None:
-        previous = slot.state
+        was_accepting = slot.accepting
         slot.state, slot.detail, slot.until = message.state, message.detail, message.until
+        slot.connected = message.connected
         if message.state == "backoff":
             event("session_backoff", logging.WARNING, server=slot.server_name, slot=slot.slot,
                   reason=message.detail, until=round(message.until or 0, 1))
-        if slot.accepting and previous not in ACCEPTING_STATES:
+        if slot.accepting and not was_accepting:
             self.kick()
 
+    def _session_ended(self, slot: WorkerSlot, ended: SessionEnded) -> None:
+        server = self.servers[slot.server_name]
+        server.sessions_ended += 1
+        handled, slot.refusal_handled = slot.refusal_handled, False
+        slot.connected = False
+        now = time.time()
+        if ended.stage == "connect":
+            server.refused += 1
+            cause = self.classifier.classify(ended.code, ended.reply) if ended.code else None
+            if cause is None and ended.code in (421, 432):
+                cause = Cause.SESSIONS  # refused at the greeting
+            if cause is not None:
+                self._pacing_signal(server, cause, ended.reply, now)
+            return
+        if ended.dropped:
+            server.drops += 1
+        if handled:
+            return
+        others = any(s.connected for s in server.slots if s is not slot)
+        decision = server.pacer.on_session_end(ended.messages, ended.dropped, ended.reply, now,
+                                               others)
+        if decision is not None:
+            if decision.cause == Cause.SESSIONS.value:
+                server.last_decrease = now
+            self._decided(server, decision)
+
+    def _pacing_signal(self, server: ServerRun, cause: Cause, reply: str, now: float) -> None:
+        if cause is Cause.SESSIONS:
+            if now - server.last_decrease < SESSIONS_SIGNAL_GUARD:
+                return
+            server.last_decrease = now
+        self._decided(server, server.pacer.on_refusal(cause, reply, now))
+
+    def _decided(self, server: ServerRun, decision: Decision) -> None:
+        event("pacing", server=server.name, action=decision.action, cause=decision.cause,
+              detail=decision.detail, smtp_reply=decision.reply)
+        self._apply_pacing(server)
+
     def _finish(self, slot: WorkerSlot, done: Done) -> None:
-        key = (done.campaign, done.line)
-        claimed = slot.jobs.pop(key, None)
+        server = self.servers[slot.server_name]
+        claimed = slot.jobs.pop((done.campaign, done.line), None)
         run = self.campaigns.get(done.campaign)
-        if done.result == "requeue":
+        cause = self._refusal_cause(done)
+        slot.refusal_handled = cause is not None
+        if cause is not None:
+            # the relay's limit, not the recipient's fault: no attempt counted
+            self._pacing_signal(server, cause, f"{done.code} {done.reply}", time.time())
+            self._requeue(run, claimed, done)
+        elif done.result == "requeue":
             self._requeue(run, claimed, done)
         else:
-            outcome = self._outcome(claimed, done)
-            self._watch(self.committer.run(self.journal.record_outcomes, [outcome]))
-            if run is not None:
-                run.held.discard(done.line)
-                if outcome.state == "sent":
-                    slot.sent += 1
-                    run.note_sent(time.time())
-            event(outcome.state, campaign=done.campaign,
-                  recipient=claimed.email if claimed else None, server=slot.server_name,
-                  smtp_code=done.code, smtp_reply=done.reply)
+            self._record(slot, run, claimed, done)
         self.kick()
+
+    def _refusal_cause(self, done: Done) -> Cause | None:
+        if done.result == "sent" or done.code is None:
+            return None
+        return self.classifier.classify(done.code, done.reply)
+
+    def _record(self, slot: WorkerSlot, run: CampaignRun | None, claimed: Claimed | None,
+                done: Done) -> None:
+        outcome = self._outcome(claimed, done)
+        self._watch(self.committer.run(self.journal.record_outcomes, [outcome]))
+        if run is not None:
+            run.held.discard(done.line)
+            if outcome.state == "sent":
+                run.note_sent(time.time())
+        if outcome.state == "sent":
+            slot.sent += 1
+            self.sent_total += 1
+        event(outcome.state, campaign=done.campaign,
+              recipient=claimed.email if claimed else None, server=slot.server_name,
+              smtp_code=done.code, smtp_reply=done.reply)
 
     def _outcome(self, claimed: Claimed | None, done: Done) -> Outcome:
         attempts = (claimed.attempts if claimed else 0) + 1
@@ -329,28 +442,20 @@ class Supervisor:
         return Outcome(done.campaign, done.line, state, done.code, done.reply, next_at)
 
     def _requeue(self, run: CampaignRun | None, claimed: Claimed | None, done: Done) -> None:
-        """The session broke before the '.': the relay has nothing; send it again at once."""
-        self._watch(self.committer.run(self.journal.requeue, [(done.campaign, done.line)]))
-        if run is None or claimed is None:
-            return
-        if run.state == "running":
-            run.buffer.appendleft(claimed)
-        else:
-            run.held.discard(done.line)
+        """The relay does not have it: back to the queue at once, no attempt counted."""
+        reply = f"{done.code} {done.reply}" if done.code and not done.reply.startswith(str(done.code)) \
+            else done.reply
+        self._watch(self.committer.run(self.journal.requeue, [(done.campaign, done.line)], reply))
+        if run is not None and claimed is not None:
+            run.put_back(claimed)
 
     def _released(self, slot: WorkerSlot, jobs: list[tuple[int, int]]) -> None:
-        returned = []
         for campaign, line in jobs:
             claimed = slot.jobs.pop((campaign, line), None)
-            returned.append((campaign, line))
             run = self.campaigns.get(campaign)
-            if run is None or claimed is None:
-                continue
-            if run.state == "running":
-                run.buffer.appendleft(claimed)
-            else:
-                run.held.discard(line)
-        self._watch(self.committer.run(self.journal.requeue, returned))
+            if run is not None and claimed is not None:
+                run.put_back(claimed)
+        self._watch(self.committer.run(self.journal.requeue, list(jobs)))
         self.kick()
 
     def _watch(self, future: asyncio.Future[object]) -> None:
@@ -359,6 +464,27 @@ class Supervisor:
                 event("journal_error", logging.ERROR, error=str(done.exception()))
         future.add_done_callback(check)
 
+    # ------------------------------------------------------------ pacing
+
+    def _limits(self, server: ServerRun) -> Limits:
+        return Limits(server.pacer.messages_per_connection(), server.config.idle_timeout)
+
+    def _apply_pacing(self, server: ServerRun) -> None:
+        """Tell the workers what the pacer now says; save what it learned."""
+        before = server.active
+        after = server.choose_active()
+        parked = server.pacer.next_start(time.time()) - time.time() > server.config.idle_timeout
+        limits = self._limits(server)
+        for slot in server.slots:
+            slot.send(limits)
+            if slot.slot in before - after or (parked and slot.jobs):
+                slot.send(Hold())
+        if server.pacer.changed:
+            server.pacer.changed = False
+            learned = msgspec.msgpack.encode(server.pacer.learned)
+            self._watch(self.committer.run(self.journal.save_learned, server.name, learned))
+        self.kick()
+
     # ------------------------------------------------------------ dispatch
 
     def kick(self) -> None:
@@ -366,21 +492,58 @@ class Supervisor:
             self._dispatch_scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)
 
+    def _wake_at(self, when: float) -> None:
+        """Dispatch again when a pacing wait is over."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.time())
+        if self._wake_handle is not None and self._wake_handle.when() <= loop.time() + delay:
+            return
+        if self._wake_handle is not None:
+            self._wake_handle.cancel()
+        self._wake_handle = loop.call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wake_handle = None
+        self.kick()
+
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
+        now = time.time()
         assigned: list[tuple[int, int, str]] = []
-        for slot in self.slots:
-            while slot.accepting and len(slot.jobs) < PREFETCH:
-                claimed = self._next_for(slot.server_name)
-                if claimed is None:
-                    break
-                self._assign(slot, claimed)
-                assigned.append((claimed.campaign, claimed.line, slot.server_name))
+        for server in self.servers.values():
+            self._feed(server, now, assigned)
         if assigned:
             self._watch(self.committer.run(self.journal.mark_sending, assigned))
         for run in self.campaigns.values():
             if run.state == "running" and len(run.buffer) < BUFFER_LOW:
                 self._refill(run)
+
+    def _feed(self, server: ServerRun, now: float, assigned: list[tuple[int, int, str]]) -> None:
+        """Hand recipients to this server's active, free slots, as its pacer allows."""
+        prefetch = server.prefetch()
+        for slot in server.slots:
+            if slot.slot not in server.active:
+                continue
+            while slot.accepting and len(slot.jobs) < prefetch:
+                start = server.pacer.next_start(now)
+                if start > now:
+                    self._wake_at(start)
+                    return
+                claimed = self._next_for(server.name)
+                if claimed is None:
+                    return
+                decision = server.pacer.take(now)
+                self._assign(slot, claimed)
+                assigned.append((claimed.campaign, claimed.line, server.name))
+                if decision is not None:
+                    self._group_pause(server, decision)
+
+    def _group_pause(self, server: ServerRun, decision: Decision) -> None:
+        event("pacing", server=server.name, action=decision.action, cause=decision.cause,
+              detail=decision.detail)
+        if server.config.group_interval > server.config.idle_timeout:
+            for slot in server.slots:  # the relay would cut an idle session: QUIT first
+                slot.send(Hold())
 
     def _next_for(self, server: str) -> Claimed | None:
         runs = [r for r in self.campaigns.values() if r.state == "running" and r.uses(server)]
@@ -432,7 +595,15 @@ class Supervisor:
             await self.tick()
 
     async def tick(self) -> None:
-        """Once a second: pick up due retries and notice finished campaigns."""
+        """Once a second: pacing recovery, due retries, finished campaigns."""
+        now = time.time()
+        for server in self.servers.values():
+            decisions = server.pacer.tick(now)
+            for decision in decisions:
+                event("pacing", server=server.name, action=decision.action,
+                      cause=decision.cause, detail=decision.detail)
+            if decisions:
+                self._apply_pacing(server)
         for run in list(self.campaigns.values()):
             if run.state != "running":
                 continue
@@ -450,7 +621,6 @@ class Supervisor:
         run.state = "done"
         del self.campaigns[run.id]
         event("campaign_done", campaign=run.id, name=run.spec.name)
-        self.on_campaign_done(run.id)
 
     # ------------------------------------------------------------ campaign control
 
@@ -472,30 +642,48 @@ class Supervisor:
         if run is None:
             return
         run.state = state
-        for claimed in run.buffer:
-            run.held.discard(claimed.line)
-        run.buffer.clear()
-        for slot in self.slots:
+        run.drop_buffer()
+        for slot in self.all_slots():
             if any(c == campaign for c, _ in slot.jobs):
                 slot.send(Revoke(campaign))
         if state == "cancelled" and not run.held:
             del self.campaigns[campaign]
-
-    def in_flight(self, campaign: int) -> int:
-        return sum(1 for slot in self.slots for c, _ in slot.jobs if c == campaign)
 
     def rate(self, campaign: int) -> float:
         run = self.campaigns.get(campaign)
         return run.rate(time.time()) if run else 0.0
 
     def server_info(self) -> list[ServerInfo]:
-        infos = []
-        for name, server in self.config.servers.items():
-            infos.append(ServerInfo(
-                name=name, host=server.host, port=server.port, connections=server.connections,
-                workers=[s.info() for s in self.slots if s.server_name == name],
-            ))
-        return infos
+        now = time.time()
+        return [server.info(now) for server in self.servers.values()
+                if server.name in self.config.servers]
 
-    def worker_pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process and s.process.returncode is None]
+    def plan(self, spec: CampaignSpec, left: int) -> tuple[float | None, list[ServerPlan]]:
+        """Estimated seconds to send `left` more over the campaign's servers, and why."""
+        now = time.time()
+        names = spec.servers or list(self.config.servers)
+        servers = [self.servers[n] for n in names if n in self.servers]
+        plans = []
+        for server in servers:
+            observed = server.pacer.recent_rate(now)
+            state, reason, _ = server.pacer.state(now)
+            plans.append(ServerPlan(server=server.name, rate=server.pacer.capacity(now, observed),
+                                    state=state, reason=reason))
+        total = sum(p.rate for p in plans)
+        if left == 0:
+            return 0.0, plans
+        if not total:
+            return None, plans
+        estimates = []
+        for server, plan in zip(servers, plans):
+            if plan.rate:
+                share = round(left * plan.rate / total)
+                estimates.append(server.pacer.seconds_for(share, now, server.pacer.recent_rate(now)))
+        known = [e for e in estimates if e is not None]
+        return (max(known) if known else None), plans
+
+    def status_line(self) -> str:
+        running = sum(1 for r in self.campaigns.values() if r.state == "running")
+        parked = sum(1 for s in self.servers.values() if s.pacer.state(time.time())[0] == "parked")
+        return (f"{running} campaign{'s' if running != 1 else ''} running, "
+                f"{self.sent_total:,} sent, {parked} server{'s' if parked != 1 else ''} parked")

@@ -6,6 +6,11 @@ by stage (MAIL, RCPT, DATA, body, then the final "."), because only then does it
 know whether a broken connection happened before the "." (the relay discarded the
 message: requeue) or after it (the relay may have it: uncertain). The final "." is
 written only after the supervisor confirms the journal holds `data-sent`.
+
+The session is closed by us when it has carried `messages_per_connection`
+messages (or the relay's LIMITS MAILMAX), when it has been idle for
+`idle_timeout`, or when the supervisor says Hold; every end of a session is
+reported so the supervisor can learn from the drops.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import socket
 import sys
 import time
 from email.utils import parseaddr
+from typing import Callable
 
 import aiosmtplib
 import msgspec
@@ -33,26 +39,31 @@ from .workerproto import (
     DotAck,
     DotRequest,
     FromWorker,
+    Hold,
     Job,
+    Limits,
     Released,
     Result,
     Revoke,
+    SessionEnded,
     SessionState,
     Setup,
     Stop,
 )
 
 _PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
+_MAILMAX = re.compile(r"\bMAILMAX=(\d+)", re.IGNORECASE)
 _fields_decoder = msgspec.msgpack.Decoder(list[str])
 
 
 class SessionLost(Exception):
     """The SMTP session is unusable; `after_dot` says whether the "." went out."""
 
-    def __init__(self, reason: str, after_dot: bool, code: int | None = None) -> None:
+    def __init__(self, reason: str, after_dot: bool, stage: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.after_dot = after_dot
+        self.stage = stage
         self.code = code
 
 
@@ -61,6 +72,12 @@ def dot_stuff(message: bytes) -> bytes:
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return _PERIOD_AT_LINE_START.sub(b"..", message)
+
+
+def relay_mailmax(smtp: aiosmtplib.SMTP) -> int:
+    """RFC 9422 `LIMITS MAILMAX=n` from the EHLO reply, or 0."""
+    match = _MAILMAX.search(smtp.esmtp_extensions.get("limits", ""))
+    return int(match[1]) if match else 0
 
 
 def _die_with_parent() -> None:
@@ -86,13 +103,17 @@ class Worker:
         self.job_arrived = asyncio.Event()
         self.dot_acks: dict[tuple[int, int], asyncio.Future[bool]] = {}
         self.stopping = False
+        self.holding = False
+        self.limits = Limits(setup.server.messages_per_connection, setup.server.idle_timeout)
         self.smtp: aiosmtplib.SMTP | None = None
         self.needs_reset = False
         self.failures = 0  # consecutive sessions that failed to connect or answered nothing
+        self.session_messages = 0  # accepted on the current session
         self.session_replies = 0
+        self.session_cap = 0
         self.unproductive: str | None = None  # why the last session ended before any reply
         self._decoder = wire.Decoder(AnyToWorker)
-        self._last_state: tuple[str, str] = ("", "")
+        self._last_state: tuple[str, str, bool] = ("", "", False)
 
     # -------------------------------------------------------- supervisor link
 
@@ -109,6 +130,7 @@ class Worker:
 
     def handle(self, message: AnyToWorker) -> None:
         if isinstance(message, Job):
+            self.holding = False
             self.jobs.append(message)
             self.job_arrived.set()
         elif isinstance(message, DotAck):
@@ -119,6 +141,13 @@ class Worker:
             self.add_campaign(message)
         elif isinstance(message, Revoke):
             self.release(lambda job: job.campaign == message.campaign)
+        elif isinstance(message, Limits):
+            self.limits = message
+            self.job_arrived.set()  # re-evaluate the idle wait with the new timeout
+        elif isinstance(message, Hold):
+            self.holding = True
+            self.release(lambda job: True)
+            self.job_arrived.set()
         elif isinstance(message, Stop):
             self.stopping = True
             self.release(lambda job: True)
@@ -133,8 +162,9 @@ class Worker:
         )
         self.senders[message.campaign] = parseaddr(spec.sender)[1]
 
-    def release(self, predicate) -> None:
-        kept, given_back = collections.deque(), []
+    def release(self, predicate: Callable[[Job], bool]) -> None:
+        kept: collections.deque[Job] = collections.deque()
+        given_back = []
         for job in self.jobs:
             (given_back if predicate(job) else kept).append(job)
         self.jobs = kept
@@ -142,9 +172,10 @@ class Worker:
             self.send(Released([(job.campaign, job.line) for job in given_back]))
 
     def state(self, state: str, detail: str = "", until: float | None = None) -> None:
-        if (state, detail) != self._last_state:
-            self._last_state = (state, detail)
-            self.send(SessionState(state, detail, until))
+        connected = self.smtp is not None
+        if (state, detail, connected) != self._last_state:
+            self._last_state = (state, detail, connected)
+            self.send(SessionState(state, detail, connected, until))
 
     # -------------------------------------------------------- main loop
 
@@ -153,9 +184,7 @@ class Worker:
         self.state("ready", "no session yet")
         while not self.stopping:
             if not self.jobs:
-                self.state("idle", "waiting for work")
-                self.job_arrived.clear()
-                await self.job_arrived.wait()
+                await self.wait_for_work()
                 continue
             if self.smtp is None:
                 if self.unproductive:
@@ -164,19 +193,32 @@ class Worker:
                     continue
                 if not await self.open_session():
                     continue
-            job = self.jobs.popleft()
-            self.send(await self.deliver(job))
-        await self.close_session()
+            await self.deliver(self.jobs.popleft())
+            if self.smtp is not None and self.session_cap and self.session_messages >= self.session_cap:
+                await self.close_session(f"rotated after {self.session_messages} messages")
+        await self.close_session("stopping")
         self.state("closed", "stopped")
         await self.writer.drain()
         reader_task.cancel()
+
+    async def wait_for_work(self) -> None:
+        """Idle: QUIT at once when held, or once idle for `idle_timeout`."""
+        if self.smtp is not None and self.holding:
+            await self.close_session("held by the supervisor")
+        self.state("idle", "waiting for work")
+        self.job_arrived.clear()
+        timeout = self.limits.idle_timeout if self.smtp is not None else None
+        try:
+            await asyncio.wait_for(self.job_arrived.wait(), timeout)
+        except asyncio.TimeoutError:
+            await self.close_session(f"idle for {self.limits.idle_timeout:g}s")
 
     async def open_session(self) -> bool:
         self.state("connecting", f"{self.server.host}:{self.server.port}")
         smtp = aiosmtplib.SMTP(
             hostname=self.server.host,
             port=self.server.port,
-            username=self.setup.server.username,
+            username=self.server.username,
             password=self.setup.password,
             timeout=self.server.timeout,
             use_tls=self.server.security == "tls",
@@ -189,11 +231,14 @@ class Worker:
             await greet(smtp)
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
+            self.send(SessionEnded(0, True, "connect", code_of(exc), describe(exc)))
             await self.back_off(describe(exc))
             return False
         self.smtp = smtp
         self.needs_reset = False
-        self.session_replies = 0
+        self.session_messages = self.session_replies = 0
+        caps = [n for n in (self.limits.messages_per_connection, relay_mailmax(smtp)) if n]
+        self.session_cap = min(caps) if caps else 0
         self.state("ready", f"connected to {self.server.host}:{self.server.port}")
         return True
 
@@ -207,7 +252,8 @@ class Worker:
         await asyncio.sleep(delay)
         self.state("ready", f"retrying after: {reason}")
 
-    async def close_session(self) -> None:
+    async def close_session(self, why: str) -> None:
+        """QUIT on our own initiative; not a drop."""
         smtp, self.smtp = self.smtp, None
         if smtp is None:
             return
@@ -217,30 +263,37 @@ class Worker:
         except (aiosmtplib.SMTPException, OSError):
             pass
         smtp.close()
+        self.send(SessionEnded(self.session_messages, False, "idle", None, why))
 
-    def drop_session(self) -> None:
+    def lose_session(self, lost: SessionLost) -> None:
         if self.smtp is not None:
             self.smtp.close()
         self.smtp = None
+        self.send(SessionEnded(self.session_messages, True, lost.stage, lost.code, lost.reason))
 
     # -------------------------------------------------------- one transaction
 
-    async def deliver(self, job: Job) -> Done:
+    async def deliver(self, job: Job) -> None:
+        """One recipient: render, run the transaction, report exactly one Done."""
         try:
             message = self.render(job)
         except RenderError as exc:
-            return Done(job.campaign, job.line, "failed", None, f"cannot render message: {exc}")
+            self.send(Done(job.campaign, job.line, "failed", None, f"cannot render message: {exc}"))
+            return
         try:
             code, reply = await self.transaction(job, message)
         except SessionLost as lost:
-            self.drop_session()
             if self.session_replies == 0:
                 self.unproductive = lost.reason
             result: Result = "uncertain" if lost.after_dot else "requeue"
-            return Done(job.campaign, job.line, result, lost.code, lost.reason)
+            self.send(Done(job.campaign, job.line, result, lost.code, lost.reason))
+            self.lose_session(lost)  # reported after the Done it explains
+            return
         self.session_replies += 1
         self.failures = 0
-        return Done(job.campaign, job.line, classify(code), code, reply)
+        if code == 250:
+            self.session_messages += 1
+        self.send(Done(job.campaign, job.line, classify(code), code, reply))
 
     def render(self, job: Job) -> bytes:
         fields = _fields_decoder.decode(job.fields)
@@ -253,44 +306,44 @@ class Worker:
         smtp = self.smtp
         assert smtp is not None
         self.state("sending", job.email)
+        stage = "mail"
         try:
             if self.needs_reset:
                 await smtp.rset()
                 self.needs_reset = False
-            for command in (
-                (b"MAIL", b"FROM:<" + self.senders[job.campaign].encode() + b">"),
-                (b"RCPT", b"TO:<" + job.email.encode() + b">"),
+            for stage, command in (
+                ("mail", (b"MAIL", b"FROM:<" + self.senders[job.campaign].encode() + b">")),
+                ("rcpt", (b"RCPT", b"TO:<" + job.email.encode() + b">")),
             ):
                 reply = await smtp.execute_command(*command)
                 if reply.code not in (250, 251):
-                    return self.refused(reply.code, reply.message)
+                    return self.refused(stage, reply.code, reply.message)
+            stage = "data"
             reply = await smtp.execute_command(b"DATA")
             if reply.code != 354:
-                return self.refused(reply.code, reply.message)
+                return self.refused(stage, reply.code, reply.message)
             ack = self.request_dot(job)
             assert smtp.protocol is not None
             smtp.protocol.write(dot_stuff(message))
             if not await ack:
-                raise SessionLost("journal could not record the transaction", after_dot=False)
+                raise SessionLost("journal could not record the transaction", False, stage)
             smtp.protocol.write(b".\r\n")
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SessionLost(describe(exc), after_dot=False, code=code_of(exc)) from None
+            raise SessionLost(describe(exc), False, stage, code_of(exc)) from None
         try:
             reply = await smtp.protocol.read_response(timeout=self.server.timeout)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SessionLost(
-                f"no reply after the final '.': {describe(exc)}", after_dot=True
-            ) from None
+            raise SessionLost(f"no reply after the final '.': {describe(exc)}", True, "dot") from None
         if reply.code == 421:
-            raise SessionLost(f"{reply.code} {reply.message}", after_dot=False, code=421)
+            raise SessionLost(f"{reply.code} {reply.message}", False, "dot", 421)
         if reply.code != 250:
             self.needs_reset = True
         return reply.code, reply.message
 
-    def refused(self, code: int, text: str) -> tuple[int, str]:
+    def refused(self, stage: str, code: int, text: str) -> tuple[int, str]:
         """A refusal before the '.': 421 ends the session, anything else needs RSET."""
         if code == 421:
-            raise SessionLost(f"{code} {text}", after_dot=False, code=code)
+            raise SessionLost(f"{code} {text}", False, stage, code)
         self.needs_reset = True
         return code, text
 
@@ -322,14 +375,13 @@ def classify(code: int) -> Result:
 
 
 def code_of(exc: BaseException) -> int | None:
-    return getattr(exc, "code", None) if isinstance(exc, aiosmtplib.SMTPResponseException) else None
+    return exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) else None
 
 
 def describe(exc: BaseException) -> str:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return f"{exc.code} {exc.message}"
-    text = str(exc) or type(exc).__name__
-    return text
+    return str(exc) or type(exc).__name__
 
 
 async def amain(fd: int) -> None:

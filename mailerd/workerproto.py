@@ -57,6 +57,17 @@ class Revoke(ToWorker):
     campaign: int
 
 
+class Limits(ToWorker):
+    """Session limits in force for this server (set, learned, or changed live)."""
+
+    messages_per_connection: int
+    idle_timeout: float
+
+
+class Hold(ToWorker):
+    """Give back every unstarted job and close the session once idle (parked or surplus)."""
+
+
 class Stop(ToWorker):
     """Finish the transaction in progress, give back the rest, QUIT and exit."""
 
@@ -66,9 +77,20 @@ class FromWorker(msgspec.Struct, tag_field="t", tag=True, array_like=True):
 
 
 class SessionState(FromWorker):
-    state: str  # connecting | ready | sending | backoff | closed
+    state: str  # connecting | ready | idle | sending | backoff | closed
     detail: str
+    connected: bool
     until: float | None = None
+
+
+class SessionEnded(FromWorker):
+    """A session is over: closed by us (rotation, idle, hold) or lost (`dropped`)."""
+
+    messages: int  # messages the relay accepted on it
+    dropped: bool
+    stage: str  # connect | mail | rcpt | data | dot | idle
+    code: int | None
+    reply: str
 
 
 class DotRequest(FromWorker):
@@ -88,5 +110,5 @@ class Released(FromWorker):
     jobs: list[tuple[int, int]]
 
 
-AnyToWorker = Setup | CampaignTemplate | Job | DotAck | Revoke | Stop
-AnyFromWorker = SessionState | DotRequest | Done | Released
+AnyToWorker = Setup | CampaignTemplate | Job | DotAck | Revoke | Limits | Hold | Stop
+AnyFromWorker = SessionState | SessionEnded | DotRequest | Done | Released

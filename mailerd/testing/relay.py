@@ -26,7 +26,7 @@ Command line (foreground, until SIGINT/SIGTERM)::
 
     python -m mailerd.testing.relay --port 2525 [--drop-after K]
         [--max-sessions C] [--swallow-every N] [--tempfail-first]
-        [--reject-domain D ...] [--quiet] ...
+        [--reject-domain D ...] [--quiet] [--record FILE] ...
 
 Limits: no STARTTLS/AUTH; body lines longer than 1000 octets (plus CRLF) get
 aiosmtpd's "500 Line too long" reply after the final dot, as RFC 5321
@@ -738,6 +738,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quota-after", type=int, default=0, metavar="Q")
     parser.add_argument("--quota-seconds", type=float, default=0.0, metavar="S")
     parser.add_argument("--quiet", action="store_true", help="no per-message or per-fault lines")
+    parser.add_argument("--record", metavar="FILE",
+                        help="append each recorded recipient to FILE, one address a line")
     return parser.parse_args(argv)
 
 
@@ -812,9 +814,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
         log.setLevel(logging.INFO)
+    record = open(args.record, "a", encoding="utf-8") if args.record else None
+
+    def on_message(entries: tuple[Received, ...]) -> None:
+        if record is not None:
+            record.write("".join(f"{entry.rcpt}\n" for entry in entries))
+            record.flush()
+        if not args.quiet:
+            _print_message(entries)
+
     try:
         relay = FakeRelay(
-            _faults_from_args(args), host=args.host, port=args.port, on_message=None if args.quiet else _print_message
+            _faults_from_args(args), host=args.host, port=args.port,
+            on_message=on_message if (record is not None or not args.quiet) else None,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

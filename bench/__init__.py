@@ -1,0 +1,12 @@
+"""mailerd benchmarks: `python -m bench [--quick] [--out FILE] [--markdown FILE]`.
+
+Scenarios (one module each):
+  throughput    mailerd end to end vs smtp-source, a prebuilt-message aiosmtplib
+                loop and the naive personalised loop, side by side
+  scale         a 1,000,000-recipient campaign: enqueue, journal size, report,
+                memory of daemon + workers, kill -9 recovery
+  journal_cost  journal share of CPU, and the latency the data-sent commit adds
+
+Every figure is a median of several runs made in the same invocation; only the
+ratios between contenders measured side by side are meaningful on a noisy machine.
+"""

@@ -1,0 +1,58 @@
+"""A running campaign's place in the dispatch: its buffer and its read cursor."""
+
+from __future__ import annotations
+
+import collections
+
+from .journal import Claimed
+from .protocol import CampaignSpec
+
+RATE_WINDOW = 60.0
+
+
+class CampaignRun:
+    def __init__(self, campaign: int, uid: str, spec: CampaignSpec, state: str) -> None:
+        self.id = campaign
+        self.uid = uid
+        self.spec = spec
+        self.state = state
+        self.servers = set(spec.servers) if spec.servers else None
+        self.buffer: collections.deque[Claimed] = collections.deque()
+        self.held: set[int] = set()  # lines buffered here or held by a worker
+        self.cursor = 0  # queued lines up to here have been claimed
+        self.exhausted = False  # the last claim found nothing more
+        self.refilling = False
+        self.sent_times: collections.deque[float] = collections.deque()
+
+    def uses(self, server: str) -> bool:
+        return self.servers is None or server in self.servers
+
+    def rescan(self) -> None:
+        """Something went back to `queued` behind the cursor: read from the start."""
+        self.cursor = 0
+        self.exhausted = False
+
+    def put_back(self, claimed: Claimed) -> None:
+        """A recipient a worker gave back: first in line again while running."""
+        if self.state == "running":
+            self.buffer.appendleft(claimed)
+        else:
+            self.held.discard(claimed.line)
+
+    def drop_buffer(self) -> None:
+        for claimed in self.buffer:
+            self.held.discard(claimed.line)
+        self.buffer.clear()
+
+    def note_sent(self, now: float) -> None:
+        self.sent_times.append(now)
+        while self.sent_times and self.sent_times[0] < now - RATE_WINDOW:
+            self.sent_times.popleft()
+
+    def rate(self, now: float) -> float:
+        """Messages per second over the last minute (0 until there are two)."""
+        while self.sent_times and self.sent_times[0] < now - RATE_WINDOW:
+            self.sent_times.popleft()
+        if len(self.sent_times) < 2:
+            return 0.0
+        return len(self.sent_times) / max(now - self.sent_times[0], 1.0)

@@ -1,0 +1,351 @@
+"""Pacing of one server account: what the user set, and what the relay taught us.
+
+A Pacer decides when the next transaction on a server may start (`next_start`),
+how many sessions may be open (`effective_connections`) and how many messages a
+session may carry (`messages_per_connection`). It is pure logic on a clock passed
+in, so it can be tested without a relay. The supervisor asks it before handing a
+recipient to a worker, which is the one place every server's traffic passes.
+
+Signals it learns from, and what each does:
+  too many sessions -> halve the effective connections (never below 1); +1 again
+                       after `clean_period` without that signal (never above `connections`)
+  session length    -> the same count of messages twice before a drop: rotate at it
+  rate              -> slow down to 70 % of the recent rate, pause briefly
+  quota             -> park until the quota window reopens, or an exponential cool-off
+What was learned is a msgspec Struct the journal stores per server.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import NamedTuple
+
+import msgspec
+
+from .classify import Cause, retry_hint, window_hint
+from .config import ServerConfig
+
+HOUR = 3600.0
+DAY = 86400.0
+RATE_BACKOFF = 0.7
+RATE_RECOVERY = 1.1
+RATE_PAUSE = 5.0  # seconds of silence after a rate refusal without a hint
+SAME_LENGTH_TO_LEARN = 2
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
+_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+        "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+class Rate(NamedTuple):
+    count: float
+    per: float  # seconds
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per
+
+
+def parse_rate(text: str) -> Rate:
+    match = _RATE.match(text)
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f'invalid rate {text!r}: use e.g. "20/s", "30/min", "500/h"')
+    return Rate(float(match[1]), float(_PER[match[2]]))
+
+
+class Learned(msgspec.Struct, kw_only=True):
+    """What the relay taught us about this account; stored in the journal."""
+
+    connections: int | None = None
+    messages_per_connection: int | None = None
+    rate: float | None = None  # messages per second
+    hourly_quota: int | None = None
+    daily_quota: int | None = None
+    parked_until: float | None = None
+    park_reason: str | None = None
+    cooloffs: int = 0  # consecutive quota parks without a known window
+
+
+class Decision(NamedTuple):
+    """A pacing decision, for the log: what changed, why, and the relay's words."""
+
+    action: str
+    cause: str
+    detail: str
+    reply: str | None = None
+
+
+class Pacer:
+    def __init__(self, name: str, server: ServerConfig, learned: Learned | None = None,
+                 sends: list[float] | None = None) -> None:
+        self.name = name
+        self.server = server
+        self.learned = learned or Learned()
+        self.starts: collections.deque[float] = collections.deque(sorted(sends or []))
+        self.group_count = 0
+        self.paused_until: float | None = None
+        self.pause_reason: str | None = None
+        self.last_sessions_signal = 0.0
+        self.last_rate_signal = 0.0
+        self.session_ends: collections.deque[int] = collections.deque(maxlen=SAME_LENGTH_TO_LEARN)
+        self.changed = False  # learned state needs saving
+
+    # ------------------------------------------------------------ settings
+
+    def configure(self, server: ServerConfig) -> None:
+        self.server = server
+
+    @property
+    def rate(self) -> Rate | None:
+        return parse_rate(self.server.rate) if self.server.rate else None
+
+    def effective_rate(self) -> float | None:
+        """Messages per second allowed now: the lower of the set and the learned rate."""
+        rates = [r for r in (self.rate and self.rate.per_second, self.learned.rate) if r]
+        return min(rates) if rates else None
+
+    def effective_connections(self) -> int:
+        learned = self.learned.connections
+        return max(1, min(self.server.connections, learned or self.server.connections))
+
+    def messages_per_connection(self) -> int:
+        limits = [n for n in (self.server.messages_per_connection,
+                              self.learned.messages_per_connection) if n]
+        return min(limits) if limits else 0
+
+    def quotas(self) -> list[tuple[int, float]]:
+        """(limit, window seconds) pairs in force."""
+        result = []
+        for configured, learned, window in (
+            (self.server.hourly_quota, self.learned.hourly_quota, HOUR),
+            (self.server.daily_quota, self.learned.daily_quota, DAY),
+        ):
+            limits = [n for n in (configured, learned) if n]
+            if limits:
+                result.append((min(limits), window))
+        return result
+
+    # ------------------------------------------------------------ the gate
+
+    def next_start(self, now: float) -> float:
+        """Earliest time the next transaction may start (<= now: at once)."""
+        self._forget_before(now - DAY)
+        times = [now]
+        if self.learned.parked_until:
+            times.append(self.learned.parked_until)
+        if self.paused_until:
+            times.append(self.paused_until)
+        rate = self.effective_rate()
+        if rate and self.starts:
+            times.append(self.starts[-1] + 1.0 / rate)
+        configured = self.rate
+        if configured and len(self.starts) >= configured.count:
+            times.append(self.starts[-int(configured.count)] + configured.per)
+        for limit, window in self.quotas():
+            inside = self._count_since(now - window)
+            if inside >= limit:
+                times.append(self.starts[len(self.starts) - inside] + window)
+        return max(times)
+
+    def take(self, now: float) -> Decision | None:
+        """Record one transaction start; returns a decision when a group pause begins."""
+        self.starts.append(now)
+        if self.server.group_size and self.server.group_interval:
+            self.group_count += 1
+            if self.group_count >= self.server.group_size:
+                self.group_count = 0
+                self.paused_until = now + self.server.group_interval
+                self.pause_reason = f"group of {self.server.group_size} sent"
+                return Decision("pause", "group", f"for {self.server.group_interval:g}s")
+        return None
+
+    def give_back(self) -> None:
+        """A start that did not reach the relay's '.': it does not count."""
+        if self.starts:
+            self.starts.pop()
+        if self.group_count:
+            self.group_count -= 1
+
+    def _count_since(self, since: float) -> int:
+        count = 0
+        for t in reversed(self.starts):
+            if t < since:
+                break
+            count += 1
+        return count
+
+    def _forget_before(self, since: float) -> None:
+        while self.starts and self.starts[0] < since:
+            self.starts.popleft()
+
+    def recent_rate(self, now: float, window: float = 60.0) -> float:
+        """Starts per second over the last `window` (or since the first start in it)."""
+        count = self._count_since(now - window)
+        if count < 2:
+            return 0.0
+        first = self.starts[len(self.starts) - count]
+        return count / max(now - first, 1.0)
+
+    # ------------------------------------------------------------ learning
+
+    def tick(self, now: float) -> list[Decision]:
+        """Time-based recovery: unpark, unpause, regain connections and rate."""
+        decisions = []
+        if self.learned.parked_until and now >= self.learned.parked_until:
+            self.learned.parked_until = None
+            self.learned.park_reason = None
+            self.changed = True
+            decisions.append(Decision("resume", "quota", "park ended"))
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = None
+            self.pause_reason = None
+        clean = self.server.clean_period
+        learned = self.learned.connections
+        if learned and now - self.last_sessions_signal >= clean:
+            self.learned.connections = learned + 1 if learned + 1 < self.server.connections else None
+            self.last_sessions_signal = now
+            self.changed = True
+            decisions.append(Decision("raise", "too many sessions",
+                                      f"connections {self.effective_connections()}"))
+        if self.learned.rate and now - self.last_rate_signal >= clean:
+            self.learned.rate *= RATE_RECOVERY
+            self.last_rate_signal = now
+            configured = self.rate
+            if configured and self.learned.rate >= configured.per_second:
+                self.learned.rate = None
+            self.changed = True
+            decisions.append(Decision("speed up", "rate", self._rate_text()))
+        return decisions
+
+    def on_refusal(self, cause: Cause, reply: str, now: float) -> Decision:
+        if cause is Cause.SESSIONS:
+            return self.on_too_many_sessions(reply, now)
+        if cause is Cause.RATE:
+            return self._slow_down(reply, now)
+        if cause is Cause.QUOTA:
+            return self._park(reply, now)
+        return self._learn_length_from_text(reply)
+
+    def on_too_many_sessions(self, reply: str, now: float) -> Decision:
+        current = self.effective_connections()
+        self.learned.connections = max(1, current // 2)
+        self.last_sessions_signal = now
+        self.changed = True
+        return Decision("lower", "too many sessions",
+                        f"connections {current} -> {self.effective_connections()}", reply)
+
+    def _slow_down(self, reply: str, now: float) -> Decision:
+        recent = self.recent_rate(now, 60.0) or self.effective_rate() or 1.0
+        current = self.effective_rate() or recent
+        self.learned.rate = max(min(current, recent) * RATE_BACKOFF, 1.0 / 60)
+        self.last_rate_signal = now
+        pause = retry_hint(reply) or RATE_PAUSE
+        self.paused_until = max(self.paused_until or 0, now + pause)
+        self.pause_reason = "rate refusal"
+        self.changed = True
+        return Decision("slow down", "rate", f"{self._rate_text()}, pause {pause:g}s", reply)
+
+    def _park(self, reply: str, now: float) -> Decision:
+        window = window_hint(reply)
+        until = None
+        if window:
+            sent = self._count_since(now - window)
+            if sent:
+                if window == DAY:
+                    self.learned.daily_quota = sent
+                else:
+                    self.learned.hourly_quota = sent
+                until = self.starts[len(self.starts) - sent] + window
+        if until is None or until <= now:
+            self.learned.cooloffs += 1
+            delay = min(self.server.quota_cooloff * 2 ** (self.learned.cooloffs - 1), DAY)
+            until = now + delay
+        self.learned.parked_until = until
+        self.learned.park_reason = reply
+        self.changed = True
+        return Decision("park", "quota", f"until {until:.0f} ({until - now:.0f}s)", reply)
+
+    def _learn_length_from_text(self, reply: str) -> Decision:
+        return Decision("note", "session length", "reply names a session limit", reply)
+
+    def on_session_end(self, messages: int, dropped: bool, reply: str, now: float,
+                       other_sessions_alive: bool) -> Decision | None:
+        """A session ended. Drops tell us about session length or session count."""
+        if not dropped:
+            self.learned.cooloffs = 0 if messages else self.learned.cooloffs
+            return None
+        if messages == 0:
+            if other_sessions_alive and self.effective_connections() > 1:
+                return self.on_too_many_sessions(reply or "new session dropped", now)
+            return None
+        self.session_ends.append(messages)
+        if len(self.session_ends) == SAME_LENGTH_TO_LEARN and len(set(self.session_ends)) == 1:
+            return self.learn_session_length(messages, reply)
+        return None
+
+    def learn_session_length(self, messages: int, reply: str) -> Decision | None:
+        current = self.messages_per_connection()
+        if current and current <= messages:
+            return None
+        self.learned.messages_per_connection = messages
+        self.changed = True
+        return Decision("learn", "session length", f"rotate sessions after {messages} messages",
+                        reply)
+
+    # ------------------------------------------------------------ reporting
+
+    def _rate_text(self) -> str:
+        rate = self.effective_rate()
+        return "no rate limit" if rate is None else f"rate {rate:.3g}/s"
+
+    def state(self, now: float) -> tuple[str, str, float | None]:
+        """(state, reason, until) for status: ok, slowed, paused or parked."""
+        if self.learned.parked_until and self.learned.parked_until > now:
+            return "parked", f"quota: {self.learned.park_reason}", self.learned.parked_until
+        if self.paused_until and self.paused_until > now:
+            return "paused", self.pause_reason or "", self.paused_until
+        for limit, window in self.quotas():
+            if self._count_since(now - window) >= limit:
+                return "parked", f"{limit} messages per {'day' if window == DAY else 'hour'} reached", \
+                    self.next_start(now)
+        reasons = []
+        if self.learned.connections:
+            reasons.append(f"connections lowered to {self.learned.connections} (too many sessions)")
+        if self.learned.rate:
+            reasons.append(f"rate lowered to {self.learned.rate:.3g}/s (rate refusals)")
+        if reasons:
+            return "slowed", "; ".join(reasons), None
+        return "ok", "", None
+
+    def window_counts(self, now: float) -> dict[str, int]:
+        return {
+            "minute": self._count_since(now - 60),
+            "hour": self._count_since(now - HOUR),
+            "day": self._count_since(now - DAY),
+        }
+
+    def capacity(self, now: float, observed: float) -> float:
+        """Messages per second this server can be expected to carry from now on."""
+        rate = self.effective_rate()
+        estimates = [r for r in (rate, observed or None) if r]
+        per_second = min(estimates) if estimates else 0.0
+        size, interval = self.server.group_size, self.server.group_interval
+        if per_second and size and interval:
+            per_second = size / (size / per_second + interval)
+        return per_second
+
+    def seconds_for(self, count: int, now: float, observed: float) -> float | None:
+        """Estimated seconds to send `count` more messages through this server."""
+        per_second = self.capacity(now, observed)
+        if count <= 0:
+            return 0.0
+        if not per_second:
+            return None
+        wait = max(0.0, self.next_start(now) - now)
+        seconds = wait + count / per_second
+        for limit, window in self.quotas():
+            windows_needed = math.ceil(count / limit) - 1
+            seconds = max(seconds, wait + windows_needed * window + min(count, limit) / per_second)
+        return seconds
