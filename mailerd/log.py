@@ -36,7 +36,7 @@ def readable(record: logging.LogRecord) -> str:
     fields: dict[str, Any] = getattr(record, "fields", {})
     head, sep, tail = record.getMessage().partition("\n")
     parts = [head] + [f"{key}={_quote(value)}" for key, value in fields.items()
-                      if value is not None]
+                      if value is not None and not is_secret(key)]
     return " ".join(parts) + sep + tail
 
 

@@ -237,6 +237,8 @@ class Pacer:
                         f"connections {current} -> {self.effective_connections()}", reply)
 
     def _slow_down(self, reply: str, now: float) -> Decision:
+        if self.paused_until and self.paused_until > now and self.pause_reason == "rate refusal":
+            return Decision("note", "rate", "already slowed down", reply)
         recent = self.recent_rate(now, 60.0) or self.effective_rate() or 1.0
         current = self.effective_rate() or recent
         self.learned.rate = max(min(current, recent) * RATE_BACKOFF, 1.0 / 60)
@@ -248,6 +250,8 @@ class Pacer:
         return Decision("slow down", "rate", f"{self._rate_text()}, pause {pause:g}s", reply)
 
     def _park(self, reply: str, now: float) -> Decision:
+        if self.learned.parked_until and self.learned.parked_until > now:
+            return Decision("note", "quota", "already parked", reply)
         window = window_hint(reply)
         until = None
         if window:

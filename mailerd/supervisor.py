@@ -389,7 +389,8 @@ class Supervisor:
         self._decided(server, server.pacer.on_refusal(cause, reply, now))
 
     def _decided(self, server: ServerRun, decision: Decision) -> None:
-        event("pacing", server=server.name, action=decision.action, cause=decision.cause,
+        level = logging.DEBUG if decision.action == "note" else logging.INFO
+        event("pacing", level, server=server.name, action=decision.action, cause=decision.cause,
               detail=decision.detail, smtp_reply=decision.reply)
         self._apply_pacing(server)
 

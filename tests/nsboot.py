@@ -5,9 +5,10 @@ without touching the host:
 
 * /run, /tmp, /var/tmp and /dev are private tmpfs mounts (Debian's tmpfiles.d
   has `D /tmp`, and a shared /tmp would be emptied); journald is volatile.
-* /etc is an overlay whose upper layer is a host directory, so the test can
-  install units, users (systemd-sysusers), /etc/mailerd ... and the host's /etc
-  never changes.
+* /etc and /var/lib are overlays whose upper layers are host directories, so the
+  test can install units, users (systemd-sysusers), /etc/mailerd ..., and
+  StateDirectory= lands in the overlay: the host's /etc and /var/lib never change.
+* `mounts` puts host directories at given places inside (e.g. /opt).
 * The network namespace has only `lo`: nothing inside can reach the network.
 * cgroups: the boot gets its own cgroup2 subtree (a cgroup namespace rooted at
   /sys/fs/cgroup/unified/<name>), so systemd runs in unified mode and never
@@ -90,14 +91,20 @@ class BootError(Exception):
 class SystemdNamespace:
     """One booted systemd; `run` executes a command inside all its namespaces."""
 
-    def __init__(self, workdir: Path, host_dir: Path, *, binds: Sequence[Path] = ()) -> None:
+    def __init__(self, workdir: Path, host_dir: Path, *, binds: Sequence[Path] = (),
+                 mounts: dict[str, Path] | None = None) -> None:
         self.workdir = workdir
         self.host_dir = host_dir  # bind-mounted at /run/host inside
         self.binds = [Path(p) for p in binds]  # host paths that must stay visible at the same place
-        self.upper = workdir / "etc-upper"
-        self.overlay_work = workdir / "etc-work"
-        self.upper.mkdir(parents=True, exist_ok=True)
-        self.overlay_work.mkdir(parents=True, exist_ok=True)
+        self.mounts = dict(mounts or {})  # inside path (must exist) -> host directory
+        self.overlays = {}
+        for inside in ("/etc", "/var/lib"):
+            name = inside.strip("/").replace("/", "-")
+            upper, work = workdir / f"{name}-upper", workdir / f"{name}-work"
+            upper.mkdir(parents=True, exist_ok=True)
+            work.mkdir(parents=True, exist_ok=True)
+            self.overlays[inside] = (upper, work)
+        self.upper = self.overlays["/etc"][0]
         self.log_path = workdir / "systemd-console.log"
         self.name = f"mailerd-test-{uuid.uuid4().hex[:12]}"
         cg_parent = _cgroup2_root() / _own_cgroup2_path().lstrip("/")
@@ -147,7 +154,7 @@ class SystemdNamespace:
             if not link.is_symlink():
                 link.symlink_to("/dev/null")
         self.etc("systemd/journald.conf.d/test.conf").write_text(
-            "[Journal]\nStorage=volatile\nRateLimitBurst=0\nForwardToSyslog=no\n"
+            "[Journal]\nStorage=volatile\nForwardToSyslog=no\n"
             "ForwardToConsole=no\nForwardToWall=no\n")
         self.etc("systemd/system.conf.d/test.conf").write_text(
             "[Manager]\nShowStatus=no\nDefaultTimeoutStartSec=20s\nDefaultTimeoutStopSec=10s\n"
@@ -176,9 +183,14 @@ class SystemdNamespace:
             if _under(path, ("/tmp", "/var/tmp", "/run", "/dev", "/mnt")):
                 lines += [f"mkdir /mnt/{i}", f"mount --rbind {q(str(path))} /mnt/{i}"]
                 moved.append((f"/mnt/{i}", path))
+        placed = []
+        for i, (inside, path) in enumerate(self.mounts.items()):
+            lines += [f"mkdir /mnt/m{i}", f"mount --rbind {q(str(path))} /mnt/m{i}"]
+            placed.append((f"/mnt/m{i}", inside))
+        for inside, (upper, work) in self.overlays.items():
+            lines.append(f"mount -t overlay overlay -o lowerdir={inside},upperdir={q(str(upper))},"
+                         f"workdir={q(str(work))} {inside}")
         lines += [
-            f"mount -t overlay overlay -o lowerdir=/etc,upperdir={q(str(self.upper))},"
-            f"workdir={q(str(self.overlay_work))} /etc",
             "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp",
             "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp",
             "mount -t tmpfs -o mode=0755,nosuid,nodev run /run",
@@ -206,6 +218,8 @@ class SystemdNamespace:
         ]
         for stage, path in moved:
             lines += [f"mkdir -p {q(str(path))}", f"mount --rbind {stage} {q(str(path))}"]
+        for stage, inside in placed:
+            lines += [f"mount --rbind {stage} {q(inside)}"]
         lines += [
             "umount -R /mnt 2>/dev/null || umount -l /mnt",
             "ip link set lo up 2>/dev/null || true",
