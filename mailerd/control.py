@@ -45,6 +45,11 @@ IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
 REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answer
 
 
+def _freeze(seconds: float) -> None:
+    """DebugFreeze: the event loop hangs here (faulthandler's traceback names this)."""
+    time.sleep(seconds)
+
+
 def peer_credentials(sock: socket.socket) -> Peer:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return Peer(*struct.unpack("3i", creds))
@@ -73,7 +78,9 @@ class ControlServer:
             )
         finally:
             os.umask(old_umask)
-        if self.access.gid is not None:
+        if self.access.gid is not None and os.stat(self.path).st_gid != self.access.gid:
+            # not needed when the group is the daemon's own (Group= in the unit), which
+            # matters there: the unit's SystemCallFilter=~@privileged forbids chown
             os.chown(self.path, -1, self.access.gid)
         os.chmod(self.path, self.mode)
 
@@ -182,7 +189,7 @@ class ControlServer:
         event("debug_freeze", logging.WARNING, seconds=seconds, peer_uid=session.peer.uid,
               peer_pid=session.peer.pid)
         # after this reply is written: block the whole event loop, as a hang would
-        asyncio.get_running_loop().call_soon(time.sleep, seconds)
+        asyncio.get_running_loop().call_soon(_freeze, seconds)
         return Ok(message=f"freezing the event loop for {seconds:g} s")
 
     @staticmethod

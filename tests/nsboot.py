@@ -223,7 +223,11 @@ class SystemdNamespace:
         lines += [
             "umount -R /mnt 2>/dev/null || umount -l /mnt",
             "ip link set lo up 2>/dev/null || true",
-            f"exec {SYSTEMD} --unit={TARGET} --log-target=console --log-level=notice "
+            # as on a normal boot (systemd skips this when it sees a container): units'
+            # private mounts, such as /run/credentials/*, propagate back. The peer groups
+            # are new ones, within this namespace only: nothing reaches the host.
+            "mount --make-rshared /",
+            f"exec {SYSTEMD} --unit={TARGET} --log-target=journal --log-level=info "
             "--show-status=no",
         ]
         return "\n".join(lines)

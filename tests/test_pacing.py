@@ -186,3 +186,27 @@ def test_plan_estimates_from_the_rate(tmp_path, relay_factory, daemon_factory):
 
 
 
+
+
+def messages_per_session(relay) -> list[int]:
+    counts: dict[int, int] = {}
+    for received in relay.messages():
+        counts[received.session] = counts.get(received.session, 0) + 1
+    return list(counts.values())
+
+
+def test_messages_per_connection_and_relay_limits_mailmax(tmp_path, relay_factory, daemon_factory):
+    capped = relay_factory(Faults(limits_mailmax=5))
+    configured = relay_factory(Faults(limits_mailmax=50))
+    daemon = daemon_factory({
+        "capped": relay_server(capped, connections=1),
+        "configured": relay_server(configured, connections=1, messages_per_connection=3),
+    }).start()
+    first, recipients = make_campaign(tmp_path / "a", 30, servers=["capped"])
+    second, recipients2 = make_campaign(tmp_path / "b", 30, servers=["configured"])
+    daemon.wait_done(daemon.enqueue(first, recipients))
+    daemon.wait_done(daemon.enqueue(second, recipients2))
+    assert max(messages_per_session(capped)) == 5 and sum(messages_per_session(capped)) == 30
+    assert max(messages_per_session(configured)) == 3 and sum(messages_per_session(configured)) == 30
+    assert capped.drops == configured.drops == 0
+    assert server_status(daemon, "capped").drops == 0

@@ -148,6 +148,7 @@ class Faults(msgspec.Struct, kw_only=True):
     quota_after: int = 0
     quota_seconds: float = 0.0
     quota_reply: str = "421 4.7.0 Daily user sending quota exceeded"
+    limits_mailmax: int = 0  # advertise RFC 9422 "LIMITS MAILMAX=n" in the EHLO reply
 
 
 class Received(NamedTuple):
@@ -483,6 +484,16 @@ class _Handler:
 
     def __init__(self, state: _State) -> None:
         self.state = state
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        mailmax = self.state.faults.limits_mailmax
+        if mailmax:
+            responses.insert(-1, f"250-LIMITS MAILMAX={mailmax}")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
