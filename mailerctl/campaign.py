@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import tomllib
 from pathlib import Path
 from typing import Iterator
 
 import msgspec
 
-from mailerd.protocol import CampaignSpec, Row
+from mailerd.protocol import AttachmentInfo, CampaignSpec, DkimKey, ListUnsubscribe, Row
+from mailerd.render import content_type_for
+from mailerd.signing import KeyError_, Signer
 
 
 class InputError(Exception):
     """A campaign or list file is unusable; the message names the file and the problem."""
+
+
+class DkimFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    domain: str
+    selector: str
+    key_file: str  # relative to the campaign file
 
 
 class CampaignFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -28,9 +37,19 @@ class CampaignFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     text: str | None = None
     html: str | None = None
     servers: list[str] | None = None
+    reply_to: str | None = None
+    attachments: list[str] = []  # paths relative to the campaign file
+    headers: dict[str, str] = {}
+    list_unsubscribe: ListUnsubscribe | None = None
+    dkim: DkimFile | None = None
 
 
 def load_campaign(path: str | Path, columns: list[str]) -> CampaignSpec:
+    return load_campaign_files(path, columns)[0]
+
+
+def load_campaign_files(path: str | Path, columns: list[str]) -> tuple[CampaignSpec, list[Path]]:
+    """The spec (bodies and DKIM key read in) and the attachments' paths, checked readable."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -42,7 +61,8 @@ def load_campaign(path: str | Path, columns: list[str]) -> CampaignSpec:
         campaign = msgspec.convert(raw, CampaignFile)
     except msgspec.ValidationError as exc:
         raise InputError(f"{path}: {_describe(exc)}") from None
-    return CampaignSpec(
+    files = [_attachment(path, i, relative) for i, relative in enumerate(campaign.attachments)]
+    spec = CampaignSpec(
         name=campaign.name,
         sender=campaign.sender,
         subject=campaign.subject,
@@ -50,7 +70,65 @@ def load_campaign(path: str | Path, columns: list[str]) -> CampaignSpec:
         html=_read_body(path, "html", campaign.html),
         servers=campaign.servers,
         columns=columns,
+        reply_to=campaign.reply_to,
+        headers=campaign.headers,
+        list_unsubscribe=campaign.list_unsubscribe,
+        dkim=_read_dkim(path, campaign.dkim),
+        attachments=[info for info, _ in files],
     )
+    return spec, [file for _, file in files]
+
+
+def _attachment(campaign_path: Path, index: int, relative: str) -> tuple[AttachmentInfo, Path]:
+    path = campaign_path.parent / relative
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            handle.read(1)
+    except OSError as exc:
+        raise InputError(f"{campaign_path}: attachments[{index}] = {relative!r}: cannot read "
+                         f"{path}: {exc.strerror}") from None
+    if not path.is_file():
+        raise InputError(f"{campaign_path}: attachments[{index}] = {relative!r}: {path} is not a file")
+    info = AttachmentInfo(name=path.name, content_type=content_type_for(path.name), size=size)
+    return info, path
+
+
+def _read_dkim(campaign_path: Path, dkim: DkimFile | None) -> DkimKey | None:
+    if dkim is None:
+        return None
+    path = campaign_path.parent / dkim.key_file
+    try:
+        text = path.read_text(encoding="ascii")
+    except OSError as exc:
+        raise InputError(f"{campaign_path}: dkim.key_file = {dkim.key_file!r}: cannot read {path}: "
+                         f"{exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{campaign_path}: dkim.key_file = {dkim.key_file!r}: {path} is not a "
+                         "text key file") from None
+    try:
+        Signer(dkim.domain, dkim.selector, text)
+    except KeyError_ as exc:
+        raise InputError(f"{campaign_path}: dkim: {exc}") from None
+    return DkimKey(domain=dkim.domain, selector=dkim.selector, key=text)
+
+
+ATTACHMENT_CHUNK = 4 * 1024 * 1024  # bytes per EnqueueAttachment frame (< wire.MAX_FRAME)
+
+
+def attachment_chunks(path: Path) -> Iterator[tuple[bytes, bool]]:
+    """(chunk, last) pieces of an attachment file, read as they are sent."""
+    try:
+        with open(path, "rb") as handle:
+            chunk = handle.read(ATTACHMENT_CHUNK)
+            while True:
+                following = handle.read(ATTACHMENT_CHUNK)
+                yield chunk, not following
+                if not following:
+                    return
+                chunk = following
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read attachment: {exc.strerror}") from None
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

@@ -15,6 +15,7 @@ from mailerd.protocol import (
     CampaignPlan,
     Plan,
     SetPacing,
+    Settle,
     Cancel,
     CampaignList,
     CampaignReport,
@@ -83,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections, group_size, group_interval, messages_per_connection, rate, "
                         "hourly_quota, daily_quota, idle_timeout, clean_period, quota_cooloff; "
                         "learned=forget drops what was learned")
+
+    p = sub.add_parser("settle", help="decide about uncertain recipients after checking "
+                       "the relay's log")
+    p.add_argument("id", type=int)
+    p.add_argument("--as", dest="as_", choices=("sent", "resend"), required=True,
+                   help="sent: the relay has it; resend: send it again")
+    p.add_argument("emails", nargs="*", metavar="EMAIL",
+                   help="only these (default: every uncertain recipient)")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("plan", help="estimate when a campaign will finish")
     p.add_argument("id", type=int)
@@ -183,6 +193,8 @@ cmd_pause = _campaign_command(lambda a: Pause(campaign=a.id))
 cmd_cancel = _campaign_command(lambda a: Cancel(campaign=a.id))
 cmd_resume = _campaign_command(lambda a: Resume(
     campaign=a.id, include_uncertain=a.include_uncertain, retry_failed=a.retry_failed))
+cmd_settle = _campaign_command(lambda a: Settle(
+    campaign=a.id, as_sent=a.as_ == "sent", emails=a.emails))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

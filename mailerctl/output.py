@@ -65,7 +65,7 @@ def report_json(report: CampaignReport) -> dict[str, Any]:
             {
                 "email": r.email, "line": r.line, "state": r.state, "attempts": r.attempts,
                 "code": r.code, "reply": r.reply, "updated": iso(r.updated),
-                "server": r.server, "dot_sent": iso(r.dot_at),
+                "server": r.server, "dot_sent": iso(r.dot_at), "message_id": r.message_id,
             }
             for r in report.recipients
         ]
@@ -81,7 +81,14 @@ def report_text(report: CampaignReport) -> str:
     lines.append(table(("total", *COUNT_ORDER), [[report.total, *counts_row(report.counts)]]))
     if report.state == "running":
         lines.append(f"rate {report.rate:.1f}/s  eta {duration(report.eta)}")
-    if report.recipients is not None:
+    if report.recipients is not None and report.recipients and \
+            all(r.state == "uncertain" for r in report.recipients):
+        lines.append("")
+        lines.append(table(
+            ("line", "email", "server", "dot sent", "message-id", "reply"),
+            [[r.line, r.email, r.server, iso(r.dot_at), r.message_id, _one_line(r.reply)]
+             for r in report.recipients]))
+    elif report.recipients is not None:
         lines.append("")
         lines.append(table(
             ("line", "email", "state", "attempts", "code", "updated", "reply"),
@@ -157,6 +164,8 @@ def plan_text(plan: CampaignPlan) -> str:
 def status_text(status: DaemonStatus) -> str:
     lines = [f"mailerd {status.version}  pid {status.pid}  up {duration(status.uptime)}  "
              f"state {status.state_dir}", ""]
+    if status.journal_error:
+        lines[1:1] = [f"NOT SENDING: {status.journal_error}", ""]
     for server in status.servers:
         lines += server_text(server)
         lines.append(table(

@@ -4,6 +4,17 @@ Common ASCII addresses are accepted by a regular expression whose language is a
 strict subset of what ``email_validator.validate_email(raw,
 check_deliverability=False)`` accepts; everything else (including rejections)
 is decided by email_validator itself, so the fast path never changes a verdict.
+
+Two keys compare addresses:
+
+- the duplicate key (`AddressCheck.key`): the local part as written (RFC 5321
+  2.4: only the receiving host may treat it case-insensitively) and the domain
+  casefolded, both as email_validator normalises them (NFC, IDNA U-labels).
+  `USER@example.com` and `user@EXAMPLE.com` are duplicates; `USER@example.com`
+  and `user@example.com` are not.
+- the suppression key (`suppression_key`): the whole normalised address
+  casefolded.  Suppression errs on the side of not mailing someone who asked not
+  to be mailed, and practically every mailbox provider ignores case anyway.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from typing import NamedTuple
 
 import email_validator
 
-__all__ = ["AddressCheck", "check_address"]
+__all__ = ["AddressCheck", "check_address", "suppression_key"]
 
 _LOCAL_PART_MAX = 64
 _ADDRESS_MAX = 254
@@ -38,7 +49,7 @@ _SPECIAL_USE_TLDS = frozenset(
 class AddressCheck(NamedTuple):
     ok: bool
     address: str  # stripped, as given
-    key: str  # dedupe key: the (normalised) address casefolded; "" when not ok
+    key: str  # duplicate key: local part as is, domain casefolded (normalised); "" when not ok
     reason: str  # "" when ok
 
 
@@ -47,8 +58,18 @@ def check_address(raw: str) -> AddressCheck:
     if not address:
         return AddressCheck(False, address, "", "empty email")
     if _is_common_address(address):
-        return AddressCheck(True, address, address.casefold(), "")
+        local, _, domain = address.rpartition("@")
+        return AddressCheck(True, address, f"{local}@{domain.lower()}", "")
     return _check_with_validator(address)
+
+
+def suppression_key(raw: str) -> str | None:
+    """The whole normalised address casefolded; None if it is not an address."""
+    address = raw.strip()
+    if _is_common_address(address):
+        return address.casefold()
+    check = _check_with_validator(address)
+    return check.key.casefold() if check.ok else None
 
 
 def _is_common_address(address: str) -> bool:
@@ -70,5 +91,5 @@ def _check_with_validator(address: str) -> AddressCheck:
         return AddressCheck(False, address, "", str(exc))
     # The normalised form folds IDNA/Unicode variants of the same mailbox
     # together; for the ASCII addresses of the fast path it equals the input
-    # up to case, so both paths produce the same key.
-    return AddressCheck(True, address, validated.normalized.casefold(), "")
+    # up to the domain's case, so both paths produce the same key.
+    return AddressCheck(True, address, f"{validated.local_part}@{validated.domain.casefold()}", "")

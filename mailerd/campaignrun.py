@@ -23,6 +23,7 @@ class CampaignRun:
         self.exhausted = False  # the last claim found nothing more
         self.refilling = False
         self.sent_times: collections.deque[float] = collections.deque()
+        self.attachments: list[bytes] | None = None  # loaded before the first claim
 
     def uses(self, server: str) -> bool:
         return self.servers is None or server in self.servers

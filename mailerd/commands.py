@@ -14,7 +14,9 @@ from .config import Config, ConfigError
 from .enqueue import SpecError, check_spec, store_chunk
 from .journal import Journal
 from .log import event
+from .render import message_id_for
 from .protocol import (
+    Settle,
     CampaignPlan,
     Plan,
     SetPacing,
@@ -33,6 +35,16 @@ from .protocol import (
     Resume,
     Cancel,
 )
+from .protocol import (
+    EnqueueAttachment,
+    ExportRecipients,
+    RecipientPage,
+    SuppressAdd,
+    SuppressList,
+    SuppressRemove,
+    TestSend,
+)
+from . import suppression, testsend
 from .supervisor import Supervisor
 
 class Peer(NamedTuple):
@@ -48,16 +60,28 @@ class ClientSession:
         self.peer = peer
         self.loading: int | None = None
         self.columns: list[str] = []
+        self.spec = None  # the campaign being loaded
+        self.attachment_chunks: dict[int, tuple[int, int, bool]] = {}  # index -> (chunks, bytes, last)
 
 
 class Commands:
     def __init__(self, config: Config, journal: Journal, committer: Committer,
                  supervisor: Supervisor) -> None:
-        self.config = config
         self.journal = journal
+        self.config = config
         self.committer = committer
         self.supervisor = supervisor
         self.started = time.time()
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """Also at SIGHUP (daemon.reload): the journal's bounce rule follows [suppression]."""
+        self._config = config
+        self.journal.bounce_rule = suppression.bounce_rule(config.suppression)
 
     # ------------------------------------------------------------ enqueue
 
@@ -71,6 +95,7 @@ class Commands:
         uid = secrets.token_hex(8)
         campaign = await self.committer.run(self.journal.begin_campaign, uid, request.spec)
         session.loading, session.columns = campaign, request.spec.columns
+        session.spec, session.attachment_chunks = request.spec, {}
         self._log_change(session, "enqueue_started", campaign, name=request.spec.name)
         return Enqueued(campaign=campaign)
 
@@ -84,6 +109,11 @@ class Commands:
     async def enqueue_commit(self, session: ClientSession, request: EnqueueCommit) -> Reply:
         if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
+        for index, info in enumerate(session.spec.attachments if session.spec else []):
+            _, size, last = session.attachment_chunks.get(index, (0, 0, False))
+            if not last or size != info.size:
+                return Error(message=f"attachments[{index}] ({info.name!r}): {size} of "
+                                     f"{info.size} bytes arrived; the campaign was not committed")
         total = await self.committer.run(self.journal.commit_campaign, request.campaign)
         session.loading = None
         row = await self.committer.run(self.journal.campaign, request.campaign)
@@ -91,6 +121,64 @@ class Commands:
         self.supervisor.add_campaign(row.id, row.uid, row.spec)
         self._log_change(session, "campaign_enqueued", row.id, name=row.name, total=total)
         return await self._report(row.id)
+
+    async def enqueue_attachment(self, session: ClientSession, request: EnqueueAttachment) -> Reply:
+        """Attachment bytes, in order, stored once per campaign (journal table attachments)."""
+        if session.loading != request.campaign or session.spec is None:
+            return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
+        infos = session.spec.attachments
+        if not 0 <= request.index < len(infos):
+            return Error(message=f"attachments[{request.index}]: the campaign has {len(infos)}")
+        chunks, size, last = session.attachment_chunks.get(request.index, (0, 0, False))
+        size += len(request.chunk)
+        if last or size > infos[request.index].size:
+            return Error(message=f"attachments[{request.index}]: more bytes than announced")
+        await self.committer.run(self.journal.add_attachment_chunk, request.campaign,
+                                 request.index, chunks, request.chunk)
+        session.attachment_chunks[request.index] = (chunks + 1, size, request.last)
+        return Ok()
+
+    async def suppress_add(self, session: ClientSession, request: SuppressAdd) -> Reply:
+        reply = await suppression.add(self, request)
+        event("suppression_added", peer_uid=session.peer.uid, peer_pid=session.peer.pid,
+              reason=request.reason, addresses=len(request.emails),
+              added=getattr(reply, "added", None))
+        return reply
+
+    async def suppress_remove(self, session: ClientSession, request: SuppressRemove) -> Reply:
+        reply = await suppression.remove(self, request)
+        event("suppression_removed", peer_uid=session.peer.uid, peer_pid=session.peer.pid,
+              addresses=len(request.emails), removed=getattr(reply, "removed", None))
+        return reply
+
+    async def suppress_list(self, request: SuppressList) -> Reply:
+        return await suppression.listing(self, request)
+
+    async def test_send(self, session: ClientSession, request: TestSend) -> Reply:
+        reply = await testsend.test_send(self, request)
+        event("test_send", peer_uid=session.peer.uid, peer_pid=session.peer.pid,
+              smtp_code=getattr(reply, "code", None), error=getattr(reply, "message", None))
+        return reply
+
+    async def export_recipients(self, request: ExportRecipients) -> Reply:
+        campaign = request.campaign
+        if campaign is None:
+            rows = await self.committer.run(self.journal.campaigns)
+            if not rows:
+                return Error(message="there are no campaigns yet")
+            campaign = rows[-1].id
+        row = await self._campaign(campaign)
+        if isinstance(row, Error):
+            return row
+        if request.state is not None and request.state not in _REPORTABLE:
+            return Error(message=f"unknown state {request.state!r}; use one of {', '.join(_REPORTABLE)}")
+        limit = max(1, min(request.limit, 20_000))
+        recipients = await self.committer.run(
+            self.journal.recipients, campaign, request.state, limit, request.after_line)
+        for recipient in recipients:
+            recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)
+        next_line = recipients[-1].line if len(recipients) == limit else None
+        return RecipientPage(campaign=campaign, recipients=recipients, next_line=next_line)
 
     async def abandon(self, session: ClientSession) -> None:
         """The client went away mid-enqueue: nothing of that campaign is kept."""
@@ -172,7 +260,30 @@ class Commands:
             state_dir=str(self.config.state_dir.resolve()),
             campaigns=[await self._report(row.id) for row in rows],
             servers=self.supervisor.server_info(),
+            journal_error=self.supervisor.storage_error,
         )
+
+    async def settle(self, session: ClientSession, request: Settle) -> Reply:
+        row = await self._campaign(request.campaign)
+        if isinstance(row, Error):
+            return row
+        who = f"uid={session.peer.uid} pid={session.peer.pid}"
+
+        def settle_in_journal() -> int:
+            changed = self.journal.settle(row.id, request.as_sent, request.emails or None, who)
+            if changed and not request.as_sent and row.state == "done":
+                self.journal.set_campaign_state(row.id, "running")
+            return changed
+
+        changed = await self.committer.run(settle_in_journal)
+        if changed and not request.as_sent and row.state in ("done", "running"):
+            self.supervisor.resume_campaign(row.id, row.uid, row.spec)
+        self._log_change(session, "uncertain_settled", row.id, settled=changed,
+                         settled_as="sent" if request.as_sent else "resend")
+        if request.emails and changed < len(request.emails):
+            return Error(message=f"settled {changed} of {len(request.emails)}: the others are "
+                                 "not uncertain in this campaign")
+        return await self._report(row.id)
 
     async def set_pacing(self, session: ClientSession, request: SetPacing) -> Reply:
         if not request.settings:
@@ -205,6 +316,10 @@ class Commands:
             self.journal.report, campaign, state, limit, with_recipients
         )
         assert report is not None
+        if report.recipients:
+            row = await self.committer.run(self.journal.campaign, campaign)
+            for recipient in report.recipients:
+                recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)
         report.rate = self.supervisor.rate(campaign)
         left = report.counts.queued + report.counts.sending + report.counts.deferred
         if report.state == "running" and report.rate > 0:
@@ -222,7 +337,8 @@ class Commands:
               peer_pid=session.peer.pid, **fields)
 
 
-_REPORTABLE = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid")
+_REPORTABLE = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid",
+               "suppressed")
 
 
 def _who(peer: Peer, request: Resume) -> str:

@@ -82,6 +82,11 @@ class ServerConfig(Section):
     connections: int = 1
     timeout: Duration = Duration(60)
     helo_name: str | None = None
+    # DKIM for everything sent through this server (a campaign's own `dkim` wins);
+    # the key file is read once at start and never logged
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_key_file: str | None = None  # $CREDENTIALS_DIRECTORY is expanded
     # pacing (all live-changeable with `mailerctl set` or SIGHUP)
     group_size: int = 0  # after this many messages through this account ...
     group_interval: Duration = Duration(0)  # ... all its sessions pause this long
@@ -100,11 +105,24 @@ PACING_KEYS = (
 )
 
 
+DEFAULT_BOUNCE_PATTERNS = [
+    r"no such (user|mailbox|recipient)", r"user unknown", r"unknown (user|recipient|mailbox)",
+    r"does not exist", r"mailbox unavailable", r"mailbox not found", r"invalid recipient",
+    r"\b5\.1\.(1|2|3|6|10)\b",
+]
+
+
+class SuppressionConfig(Section):
+    auto_bounce: bool = True  # a 5xx matching bounce_patterns suppresses the address ("bounced")
+    bounce_patterns: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_BOUNCE_PATTERNS))
+
+
 class Config(msgspec.Struct, kw_only=True):
     daemon: DaemonConfig
     delivery: DeliveryConfig
     servers: dict[str, ServerConfig]
     patterns: PatternConfig = msgspec.field(default_factory=PatternConfig)
+    suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     path: str | None = None
 
     @property
@@ -153,7 +171,7 @@ def _name_key(message: str, prefix: str) -> str:
     return f"key {full}: {text}"
 
 
-_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns"}
+_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression"}
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -180,6 +198,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         daemon=_section(raw.get("daemon", {}), "daemon", DaemonConfig, where),
         delivery=_section(raw.get("delivery", {}), "delivery", DeliveryConfig, where),
         patterns=_section(raw.get("patterns", {}), "patterns", PatternConfig, where),
+        suppression=_section(raw.get("suppression", {}), "suppression", SuppressionConfig, where),
         servers=servers,
         path=str(path) if path else None,
     )
@@ -209,12 +228,21 @@ def _check_values(config: Config, where: str) -> None:
             problems.append(f"servers.{name}.port must be between 1 and 65535")
         if server.password_file and not server.username:
             problems.append(f"servers.{name}.password_file needs servers.{name}.username")
+        dkim_keys = (server.dkim_domain, server.dkim_selector, server.dkim_key_file)
+        if any(dkim_keys) and not all(dkim_keys):
+            problems.append(f"servers.{name}: dkim_domain, dkim_selector and dkim_key_file "
+                            "go together")
         if server.timeout <= 0:
             problems.append(f"servers.{name}.timeout must be positive")
     if config.delivery.max_attempts < 1:
         problems.append("delivery.max_attempts must be at least 1")
     if config.delivery.retry_max < config.delivery.retry_initial:
         problems.append("delivery.retry_max must not be less than delivery.retry_initial")
+    for i, pattern in enumerate(config.suppression.bounce_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"suppression.bounce_patterns[{i}]: {exc}")
     if problems:
         raise ConfigError(f"{where}: {problems[0]}")
 

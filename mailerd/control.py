@@ -21,6 +21,14 @@ from .access import AccessPolicy
 from .commands import ClientSession, Commands, Peer
 from .log import event
 from .protocol import (
+    EnqueueAttachment,
+    ExportRecipients,
+    SuppressAdd,
+    SuppressList,
+    SuppressRemove,
+    TestSend,
+)
+from .protocol import (
     PROTOCOL_VERSION,
     AnyRequest,
     Cancel,
@@ -38,6 +46,7 @@ from .protocol import (
     Plan,
     Resume,
     SetPacing,
+    Settle,
     Status,
 )
 
@@ -177,6 +186,20 @@ class ControlServer:
                 return await commands.set_pacing(session, request)
             case Plan():
                 return await commands.plan(request)
+            case Settle():
+                return await commands.settle(session, request)
+            case EnqueueAttachment():
+                return await commands.enqueue_attachment(session, request)
+            case SuppressAdd():
+                return await commands.suppress_add(session, request)
+            case SuppressRemove():
+                return await commands.suppress_remove(session, request)
+            case SuppressList():
+                return await commands.suppress_list(request)
+            case TestSend():
+                return await commands.test_send(session, request)
+            case ExportRecipients():
+                return await commands.export_recipients(request)
             case DebugFreeze():
                 return self._debug_freeze(session, request)
         return Error(message=f"unsupported request {type(request).__name__}")

@@ -13,9 +13,14 @@ import msgspec
 
 from .addresses import check_address
 from .config import Config
-from .journal import Journal, NewRecipient
+from .journal import Journal, NewRecipient, suppressed_reply
 from .protocol import CampaignSpec, Row, RowsAccepted
-from .render import TemplateError, template_variables
+from .render import (RenderError, Renderer, TemplateError, header_name_problem,
+                     list_unsubscribe_value, template_variables)
+from .signing import KeyError_, Signer
+
+MAX_ATTACHMENT_BYTES = 40 * 1024 * 1024  # all of a campaign's attachments together
+BUILTIN_VARIABLES = {"email", "token"}
 
 _encode = msgspec.msgpack.encode
 
@@ -44,10 +49,11 @@ def check_spec(spec: CampaignSpec, config: Config) -> None:
     _check_sender(spec.sender)
     if spec.text is None and spec.html is None:
         raise SpecError("text/html: the campaign needs a text or an html body")
-    known = set(merge_fields(spec.columns)) | {"email"}
-    for field, source in (("subject", spec.subject), ("text", spec.text), ("html", spec.html)):
+    known = set(merge_fields(spec.columns)) | BUILTIN_VARIABLES
+    for field, source in _templates(spec):
         if source is not None:
             _check_template(field, source, known)
+    check_message_parts(spec)
     for server in spec.servers or []:
         if server not in config.servers:
             raise SpecError(
@@ -56,6 +62,69 @@ def check_spec(spec: CampaignSpec, config: Config) -> None:
             )
     if not config.servers:
         raise SpecError("servers: the daemon has no [servers.*] configured")
+
+
+def _templates(spec: CampaignSpec) -> list[tuple[str, str | None]]:
+    templates = [("subject", spec.subject), ("text", spec.text), ("html", spec.html)]
+    templates += [(f"headers.{name}", value) for name, value in spec.headers.items()]
+    if spec.list_unsubscribe is not None:
+        templates += [("list_unsubscribe.mailto", spec.list_unsubscribe.mailto),
+                      ("list_unsubscribe.url", spec.list_unsubscribe.url)]
+    return templates
+
+
+def check_message_parts(spec: CampaignSpec) -> None:
+    """Everything but the list: reply_to, headers, list_unsubscribe, dkim, attachments.
+    Also run by mailerctl (preview, test-send) so errors show before any connection."""
+    if spec.reply_to is not None:
+        address = parseaddr(spec.reply_to)[1]
+        if not address or not check_address(address).ok or any(c in spec.reply_to for c in "\r\n"):
+            raise SpecError(f"reply_to: {spec.reply_to!r} is not a valid address")
+    for name, value in spec.headers.items():
+        problem = header_name_problem(name)
+        if problem is not None:
+            raise SpecError(f"headers: {problem}")
+        if any(c in value for c in "\r\n\x00"):
+            raise SpecError(f"headers.{name}: must be a single line")
+    unsubscribe = spec.list_unsubscribe
+    if unsubscribe is not None:
+        if not unsubscribe.mailto and not unsubscribe.url:
+            raise SpecError("list_unsubscribe: give mailto, url or both")
+        if unsubscribe.url and not unsubscribe.url.lower().startswith("https://"):
+            raise SpecError("list_unsubscribe.url: must be an https:// URL (RFC 8058 one-click)")
+        if unsubscribe.mailto and "{" not in unsubscribe.mailto:
+            address = unsubscribe.mailto.removeprefix("mailto:").partition("?")[0]
+            if not check_address(address).ok:
+                raise SpecError(f"list_unsubscribe.mailto: {unsubscribe.mailto!r} is not a valid address")
+        try:
+            list_unsubscribe_value(
+                unsubscribe.mailto if unsubscribe.mailto and "{" not in unsubscribe.mailto else None,
+                unsubscribe.url if unsubscribe.url and "{" not in unsubscribe.url else None)
+        except RenderError as exc:
+            raise SpecError(str(exc)) from None
+    if spec.dkim is not None:
+        try:
+            Signer(spec.dkim.domain, spec.dkim.selector, spec.dkim.key)
+        except KeyError_ as exc:
+            raise SpecError(f"dkim: {exc}") from None
+    total = 0
+    for i, attachment in enumerate(spec.attachments):
+        where = f"attachments[{i}] ({attachment.name!r})"
+        if not attachment.name.strip() or any(c in attachment.name for c in "\r\n\x00/"):
+            raise SpecError(f"{where}: not a usable file name")
+        maintype, _, subtype = attachment.content_type.partition("/")
+        if not maintype or not subtype or maintype == "multipart":
+            raise SpecError(f"{where}: content type {attachment.content_type!r} is not usable")
+        if attachment.size < 0:
+            raise SpecError(f"{where}: negative size")
+        total += attachment.size
+    if total > MAX_ATTACHMENT_BYTES:
+        raise SpecError(f"attachments: {total} bytes in all, more than the "
+                        f"{MAX_ATTACHMENT_BYTES // (1024 * 1024)} MiB a campaign may carry")
+    try:
+        Renderer.from_spec(spec, "check")
+    except (TemplateError, RenderError) as exc:
+        raise SpecError(str(exc)) from None
 
 
 def _check_sender(sender: str) -> None:
@@ -89,6 +158,8 @@ def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[
     earlier = journal.known_keys(campaign, first_line_of)
     if earlier:
         prepared = [_mark_earlier_duplicate(journal, campaign, r, earlier) for r in prepared]
+    if journal.has_suppressions():
+        prepared = _mark_suppressed(journal, prepared)
     journal.add_recipients(campaign, prepared)
     invalid = sum(1 for r in prepared if r.state == "invalid")
     return RowsAccepted(rows=len(prepared), invalid=invalid)
@@ -116,6 +187,19 @@ def _mark_earlier_duplicate(
         return row
     first = journal.line_of_key(campaign, row.key)
     return _invalid(row.line, row.email, f"duplicate of line {first}")
+
+
+def _mark_suppressed(journal: Journal, rows: list[NewRecipient]) -> list[NewRecipient]:
+    """Addresses on the suppression list are kept as `suppressed`, never sent."""
+    keys = {r.line: r.key.casefold() for r in rows if r.key is not None and r.state == "queued"}
+    found = journal.suppressed(set(keys.values()))
+    if not found:
+        return rows
+    return [
+        r._replace(state="suppressed", reply=suppressed_reply(found[keys[r.line]]))
+        if r.line in keys and keys[r.line] in found else r
+        for r in rows
+    ]
 
 
 def _invalid(line: int, email: str, reason: str) -> NewRecipient:

@@ -16,6 +16,7 @@ transaction) and `data-sent` becomes `uncertain` (the relay may have the message
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Iterable, NamedTuple
 
 import msgspec
 
+from .addresses import suppression_key
 from .protocol import (
     COUNTED_STATES,
     CampaignReport,
@@ -31,7 +33,25 @@ from .protocol import (
     RecipientInfo,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Version 2 (issue 6): attachments stored once per campaign, the global suppression list.
+_SCHEMA_V2 = """
+CREATE TABLE attachments (
+    campaign INTEGER NOT NULL,
+    idx      INTEGER NOT NULL,
+    seq      INTEGER NOT NULL,
+    data     BLOB NOT NULL,
+    PRIMARY KEY (campaign, idx, seq)
+);
+CREATE TABLE suppressions (
+    key    TEXT PRIMARY KEY,
+    email  TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT,
+    added  REAL NOT NULL
+) WITHOUT ROWID;
+"""
 
 _SCHEMA = """
 CREATE TABLE campaigns (
@@ -88,6 +108,10 @@ UNCERTAIN_AFTER_RESTART = (
 
 # States a campaign still has work in (it is not `done` while any remain).
 PENDING_STATES = ("queued", "sending", "data-sent", "deferred")
+
+
+def suppressed_reply(reason: str) -> str:
+    return f"not sent: the address is on the suppression list ({reason})"
 
 
 class JournalError(Exception):
@@ -150,6 +174,9 @@ class Journal:
         self.path = path
         self._synchronous = synchronous.upper()
         self.db: sqlite3.Connection | None = None
+        # [suppression]: a permanent failure whose reply matches this suppresses the
+        # address (reason "bounced"); None: auto_bounce is off (set by commands.py)
+        self.bounce_rule: re.Pattern[str] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -185,7 +212,12 @@ class Journal:
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if tables:
                 raise JournalError(f"{self.path} is an SQLite file but not a mailerd journal")
-            db.executescript(f"BEGIN;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            db.executescript(
+                f"BEGIN;{_SCHEMA}{_SCHEMA_V2}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            return
+        if version == 1:
+            db.executescript(f"BEGIN;{_SCHEMA_V2}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+            self._check_integrity()
             return
         raise JournalError(
             f"{self.path} has journal schema version {version}; this mailerd knows "
@@ -288,6 +320,7 @@ class Journal:
     def _delete_campaign(self, campaign: int) -> None:
         self._db.execute("DELETE FROM recipients WHERE campaign=?", (campaign,))
         self._db.execute("DELETE FROM campaigns WHERE id=?", (campaign,))
+        self._db.execute("DELETE FROM attachments WHERE campaign=?", (campaign,))
 
     # ------------------------------------------------------------ campaigns
 
@@ -368,6 +401,7 @@ class Journal:
             (campaign, now, limit + len(skip)),
         ).fetchall()
         claimed = [Claimed(campaign, *row) for row in rows if row[0] not in skip]
+        claimed = self._drop_suppressed(campaign, claimed, time.time())
         if len(claimed) > limit:
             claimed = claimed[:limit]
             cursor = min(cursor, claimed[-1].line)
@@ -389,15 +423,48 @@ class Journal:
         )
 
     def mark_data_sent(self, items: list[tuple[int, int, str]]) -> None:
-        """(campaign, line, server): the final '.' may go out now; counts as a send."""
+        """(campaign, line, server): the final '.' may go out now; counts as a send.
+
+        `queued` is accepted too: the hand-out's `sending` write may still be
+        waiting for a retry. Any other state means the recipient must not be sent,
+        and the error makes the worker abandon the transaction before its '.'.
+        """
         now = time.time()
-        self._db.executemany(
-            "UPDATE recipients SET state='data-sent', dot_at=?, updated=? "
-            "WHERE campaign=? AND line=? AND state='sending'",
-            [(now, now, campaign, line) for campaign, line, _ in items],
-        )
+        for campaign, line, _ in items:
+            changed = self._db.execute(
+                "UPDATE recipients SET state='data-sent', dot_at=?, updated=? "
+                "WHERE campaign=? AND line=? AND state IN ('sending', 'queued')",
+                (now, now, campaign, line),
+            ).rowcount
+            if changed != 1:
+                raise JournalError(f"campaign {campaign} line {line} is not in a sendable state")
         self._db.executemany("INSERT INTO sends (server, t) VALUES (?, ?)",
                              [(server, now) for _, _, server in items])
+
+    def probe_write(self) -> None:
+        """A write that changes nothing, to learn whether the journal takes writes again."""
+        self._db.execute("INSERT INTO audit (t, action, detail) VALUES (?, 'probe', '')",
+                         (time.time(),))
+        self._db.execute("DELETE FROM audit WHERE action='probe'")
+
+    def settle(self, campaign: int, as_sent: bool, emails: list[str] | None, who: str) -> int:
+        """The user checked the relay's log: uncertain recipients become sent, or go out again."""
+        now = time.time()
+        note = f"settled as {'sent' if as_sent else 'resend'} by {who}"
+        selection = "campaign=? AND state='uncertain'"
+        params: list[object] = [campaign]
+        if emails:
+            selection += f" AND lower(email) IN ({','.join('?' * len(emails))})"
+            params += [e.strip().lower() for e in emails]
+        if as_sent:
+            sql = f"UPDATE recipients SET state='sent', reply=?, updated=? WHERE {selection}"
+        else:
+            sql = (f"UPDATE recipients SET state='queued', reply=?, next_at=NULL, updated=? "
+                   f"WHERE {selection}")
+        changed = self._db.execute(sql, (note, now, *params)).rowcount
+        self.audit(campaign, "settle", f"{note}: {changed} recipients "
+                   f"({', '.join(emails) if emails else 'all uncertain'})")
+        return changed
 
     def sends_since(self, server: str, since: float) -> list[float]:
         return [row[0] for row in self._db.execute(
@@ -431,6 +498,8 @@ class Journal:
                 for o in outcomes
             ],
         )
+        if self.bounce_rule is not None:
+            self._suppress_bounces(outcomes, now)
 
     def requeue(self, items: list[tuple[int, int]], reply: str | None = None) -> None:
         """Back to the queue without counting an attempt: the relay does not have the message.
@@ -464,6 +533,98 @@ class Journal:
             ).rowcount
         return uncertain, requeued
 
+    # ------------------------------------------------------------ attachments, suppression
+
+    def add_attachment_chunk(self, campaign: int, index: int, seq: int, chunk: bytes) -> None:
+        self._db.execute("INSERT INTO attachments (campaign, idx, seq, data) VALUES (?, ?, ?, ?)",
+                         (campaign, index, seq, chunk))
+
+    def attachment_sizes(self, campaign: int) -> dict[int, tuple[int, int]]:
+        """index -> (chunks, bytes) stored so far."""
+        return {idx: (n, size) for idx, n, size in self._db.execute(
+            "SELECT idx, count(*), sum(length(data)) FROM attachments WHERE campaign=? "
+            "GROUP BY idx", (campaign,))}
+
+    def attachments(self, campaign: int) -> list[bytes]:
+        """The campaign's attachments' bytes, in spec order."""
+        parts: dict[int, list[bytes]] = {}
+        for idx, data in self._db.execute(
+                "SELECT idx, data FROM attachments WHERE campaign=? ORDER BY idx, seq", (campaign,)):
+            parts.setdefault(idx, []).append(data)
+        return [b"".join(parts[i]) for i in sorted(parts)]
+
+    def has_suppressions(self) -> bool:
+        return self._db.execute("SELECT EXISTS (SELECT 1 FROM suppressions)").fetchone()[0] == 1
+
+    def suppressed(self, keys: Iterable[str]) -> dict[str, str]:
+        """key -> reason, for those of `keys` on the suppression list."""
+        keys = list(keys)
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            found.update(self._db.execute(
+                f"SELECT key, reason FROM suppressions WHERE key IN ({','.join('?' * len(chunk))})",
+                chunk))
+        return found
+
+    def add_suppressions(self, entries: list[tuple[str, str, str, str | None]]) -> int:
+        """(key, email, reason, detail); an address already listed keeps its entry."""
+        now = time.time()
+        before = self._db.total_changes
+        self._db.executemany(
+            "INSERT OR IGNORE INTO suppressions (key, email, reason, detail, added) "
+            "VALUES (?, ?, ?, ?, ?)", [(*entry, now) for entry in entries])
+        return self._db.total_changes - before
+
+    def remove_suppressions(self, keys: list[str]) -> int:
+        before = self._db.total_changes
+        self._db.executemany("DELETE FROM suppressions WHERE key=?", [(k,) for k in keys])
+        return self._db.total_changes - before
+
+    def list_suppressions(self, after: str, limit: int) -> tuple[list[tuple], int]:
+        rows = self._db.execute(
+            "SELECT email, key, reason, added, detail FROM suppressions WHERE key>? "
+            "ORDER BY key LIMIT ?", (after, limit)).fetchall()
+        total = self._db.execute("SELECT count(*) FROM suppressions").fetchone()[0]
+        return rows, total
+
+    def mark_suppressed(self, items: list[tuple[int, int, str]]) -> int:
+        """(campaign, line, reason): not sent, because the address is suppressed. Only
+        recipients still waiting (queued, deferred) change."""
+        now = time.time()
+        before = self._db.total_changes
+        self._db.executemany(
+            "UPDATE recipients SET state='suppressed', reply=?, next_at=NULL, updated=? "
+            "WHERE campaign=? AND line=? AND state IN ('queued', 'deferred')",
+            [(suppressed_reply(reason), now, campaign, line) for campaign, line, reason in items])
+        return self._db.total_changes - before
+
+    def _drop_suppressed(self, campaign: int, claimed: list[Claimed], now: float) -> list[Claimed]:
+        """Claimed recipients whose address was suppressed after enqueue become
+        `suppressed` instead of being handed out."""
+        if not claimed or not self.has_suppressions():
+            return claimed
+        keys = {c.line: suppression_key(c.email) for c in claimed}
+        found = self.suppressed(k for k in keys.values() if k)
+        if not found:
+            return claimed
+        self.mark_suppressed([(campaign, line, found[k]) for line, k in keys.items() if k in found])
+        return [c for c in claimed if keys[c.line] not in found]
+
+    def _suppress_bounces(self, outcomes: list[Outcome], now: float) -> None:
+        rule = self.bounce_rule
+        assert rule is not None
+        for o in outcomes:
+            if o.state != "failed" or o.code is None or not 500 <= o.code < 600:
+                continue
+            if not rule.search(o.reply or ""):
+                continue
+            row = self._db.execute("SELECT email FROM recipients WHERE campaign=? AND line=?",
+                                   (o.campaign, o.line)).fetchone()
+            key = suppression_key(row[0]) if row else None
+            if key:
+                self.add_suppressions([(key, row[0], "bounced", f"{o.code} {o.reply}"[:500])])
+
     # ------------------------------------------------------------ reports
 
     def counts(self, campaign: int) -> Counts:
@@ -482,7 +643,7 @@ class Journal:
         ).fetchone()[0]
 
     def recipients(
-        self, campaign: int, state: str | None, limit: int | None
+        self, campaign: int, state: str | None, limit: int | None, after_line: int = 0
     ) -> list[RecipientInfo]:
         sql = (
             "SELECT email, line, state, attempts, code, reply, updated, server, dot_at "
@@ -494,6 +655,9 @@ class Journal:
         elif state:
             sql += " AND state=?"
             params.append(state)
+        if after_line:
+            sql += " AND line>?"
+            params.append(after_line)
         sql += " ORDER BY line"
         if limit is not None:
             sql += " LIMIT ?"

@@ -16,12 +16,40 @@ import msgspec
 PROTOCOL_VERSION = 1
 
 RecipientState = Literal[
-    "queued", "sending", "data-sent", "sent", "deferred", "failed", "uncertain", "invalid"
+    "queued", "sending", "data-sent", "sent", "deferred", "failed", "uncertain", "invalid",
+    "suppressed",
 ]
 CampaignState = Literal["loading", "running", "paused", "done", "cancelled"]
 COUNTED_STATES: tuple[str, ...] = (
-    "queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid",
+    "queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid", "suppressed",
 )
+SUPPRESSION_REASONS: tuple[str, ...] = ("unsubscribed", "bounced", "manual")
+
+
+class ListUnsubscribe(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """List-Unsubscribe targets (templates: `{{ token }}`, `{{ email }}`, columns)."""
+
+    mailto: str | None = None
+    url: str | None = None  # https://...; also gives List-Unsubscribe-Post (RFC 8058)
+
+
+class DkimKey(msgspec.Struct, kw_only=True):
+    """A campaign's DKIM signing key, read from its key_file by mailerctl."""
+
+    domain: str
+    selector: str
+    key: str  # PEM (RSA or Ed25519) or a base64 Ed25519 seed; never logged
+
+    def __repr__(self) -> str:
+        return f"DkimKey(domain={self.domain!r}, selector={self.selector!r}, key=<hidden>)"
+
+
+class AttachmentInfo(msgspec.Struct, kw_only=True):
+    """An attachment's description; its bytes follow as EnqueueAttachment chunks."""
+
+    name: str
+    content_type: str
+    size: int
 
 
 class CampaignSpec(msgspec.Struct, kw_only=True):
@@ -34,6 +62,11 @@ class CampaignSpec(msgspec.Struct, kw_only=True):
     html: str | None = None
     servers: list[str] | None = None
     columns: list[str] = []  # the CSV header, in file order
+    reply_to: str | None = None
+    headers: dict[str, str] = {}  # extra headers; values are templates
+    list_unsubscribe: ListUnsubscribe | None = None
+    dkim: DkimKey | None = None
+    attachments: list[AttachmentInfo] = []
 
 
 class Row(msgspec.Struct, array_like=True):
@@ -98,6 +131,14 @@ class Plan(Request):
     campaign: int
 
 
+class Settle(Request):
+    """Uncertain recipients, after checking the relay's log: mark sent, or send again."""
+
+    campaign: int
+    as_sent: bool
+    emails: list[str] = []
+
+
 class DebugFreeze(Request):
     """Debugging only ([daemon] debug_commands = true): block the event loop on purpose,
     so that the watchdog can be seen to restart a hung daemon."""
@@ -105,9 +146,54 @@ class DebugFreeze(Request):
     seconds: float
 
 
+class EnqueueAttachment(Request):
+    """Bytes of spec.attachments[index], in order, between EnqueueBegin and EnqueueCommit
+    (chunks keep frames under wire.MAX_FRAME). Stored once per campaign."""
+
+    campaign: int
+    index: int
+    chunk: bytes
+    last: bool = False
+
+
+class SuppressAdd(Request):
+    emails: list[str]
+    reason: str = "manual"  # one of SUPPRESSION_REASONS
+    detail: str | None = None
+
+
+class SuppressRemove(Request):
+    emails: list[str]
+
+
+class SuppressList(Request):
+    after: str = ""  # paging: entries whose key sorts after this
+    limit: int = 1000
+
+
+class TestSend(Request):
+    """Render one message from `spec` for `to` and send it through the first server,
+    outside any campaign (nothing is journaled)."""
+
+    spec: CampaignSpec
+    to: str
+    fields: dict[str, str] = {}
+    attachments: list[bytes] = []  # the bytes of spec.attachments, in order
+
+
+class ExportRecipients(Request):
+    """One page of a campaign's recipients, in line order (for `report --csv`)."""
+
+    campaign: int | None = None
+    state: str | None = None
+    after_line: int = 0
+    limit: int = 5000
+
+
 AnyRequest = (
     EnqueueBegin | EnqueueRows | EnqueueCommit | Pause | Resume | Cancel | Status | Report
     | ListCampaigns | SetPacing | Plan | DebugFreeze
+    | EnqueueAttachment | SuppressAdd | SuppressRemove | SuppressList | TestSend | ExportRecipients
 )
 
 # ---------------------------------------------------------------- replies
@@ -142,6 +228,7 @@ class Counts(msgspec.Struct, kw_only=True):
     failed: int = 0
     uncertain: int = 0
     invalid: int = 0
+    suppressed: int = 0
 
 
 class RecipientInfo(msgspec.Struct, kw_only=True):
@@ -154,6 +241,7 @@ class RecipientInfo(msgspec.Struct, kw_only=True):
     updated: float
     server: str | None = None
     dot_at: float | None = None
+    message_id: str | None = None
 
 
 class CampaignReport(Reply):
@@ -225,9 +313,43 @@ class DaemonStatus(Reply):
     state_dir: str
     campaigns: list[CampaignReport]
     servers: list[ServerInfo]
+    journal_error: str | None = None  # set while the journal cannot be written: nothing is sent
+
+
+class SuppressResult(Reply):
+    added: int = 0  # new entries (an address already listed keeps its first reason)
+    removed: int = 0
+    invalid: int = 0  # not addresses; nothing was recorded for them
+    examples: list[str] = []  # a few of the invalid ones, with the reason
+
+
+class SuppressionEntry(msgspec.Struct, kw_only=True):
+    email: str
+    key: str
+    reason: str
+    added: float
+    detail: str | None = None
+
+
+class SuppressionPage(Reply):
+    entries: list[SuppressionEntry]
+    total: int
+
+
+class TestSent(Reply):
+    code: int | None
+    reply: str
+    message_id: str
+    server: str
+
+
+class RecipientPage(Reply):
+    campaign: int
+    recipients: list[RecipientInfo]
+    next_line: int | None  # pass as after_line for the next page; None: that was all
 
 
 AnyReply = (
     Error | Ok | Enqueued | RowsAccepted | CampaignReport | CampaignList | DaemonStatus
-    | CampaignPlan
+    | CampaignPlan | SuppressResult | SuppressionPage | TestSent | RecipientPage
 )

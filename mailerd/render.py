@@ -5,6 +5,17 @@ the ``email`` package itself; per recipient only the personalised headers and th
 encoded bodies are substituted.  The output is byte-for-byte what
 ``EmailMessage(policy=POLICY)`` + ``as_bytes()`` produce for the same values
 (see tests/test_render.py::reference), at a fraction of the cost.
+
+A message is, in this order: From, To, Subject, Date, Message-ID, Reply-To,
+the campaign's own headers, List-Unsubscribe(-Post), then the MIME headers and
+the bodies: text and/or html (multipart/alternative when both), inside a
+multipart/mixed with the attachments when there are any.  Attachments are
+base64-encoded once per campaign and spliced in per recipient.
+
+Merge values can never add or split a header: every header value is checked for
+CR, LF and the other controls (RenderError naming the field) and then folded by
+the email package's policy, which RFC 2047-encodes non-ASCII text; with
+``smtputf8=True`` the SMTPUTF8 policy writes it as UTF-8 (RFC 6532) instead.
 """
 
 from __future__ import annotations
@@ -17,25 +28,41 @@ import email.utils
 import functools
 import hashlib
 import math
+import mimetypes
 import re
 from datetime import datetime, timezone
+from email.headerregistry import UnstructuredHeader
 from email.message import EmailMessage
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from . import tokens
+
 __all__ = [
     "POLICY",
+    "POLICY_SMTPUTF8",
+    "Attachment",
     "RenderError",
     "Renderer",
     "TemplateError",
+    "content_type_for",
     "format_date",
+    "header_name_problem",
+    "message_id_for",
+    "needs_smtputf8",
     "template_variables",
 ]
 
-POLICY = email.policy.SMTP.clone(cte_type="7bit")
+# refold_source="none": a header stored with set_raw (only List-Unsubscribe, see
+# _fold_list_unsubscribe) is written as it is; every other header is an object the
+# policy folds.  The default would RFC 2047-encode a long URL, which breaks it.
+POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
+# For a message to or from an internationalised address, sent with SMTPUTF8:
+# headers are UTF-8 (RFC 6532) instead of RFC 2047 encoded words.
+POLICY_SMTPUTF8 = POLICY.clone(utf8=True)
 
 _CRLF = "\r\n"
 _MAX_LINE = POLICY.max_line_length
@@ -124,8 +151,13 @@ def _compile_template(env: SandboxedEnvironment, field: str, source: str) -> jin
 
 
 def _render_template(field: str, template: jinja2.Template, context: dict[str, Any]) -> str:
+    """template.render(context) without its per-call copy of the globals: `context`
+    already holds them (see _base_context), and is shared, read-only, by the
+    templates of one message."""
     try:
-        return template.render(context)
+        return template.environment.concat(  # type: ignore[attr-defined]
+            template.root_render_func(template.new_context(context, shared=True))
+        )
     except jinja2.UndefinedError as exc:
         raise RenderError(f"{field}: {exc.message}") from exc
     except Exception as exc:  # sandbox violations, filters failing on the data, ...
@@ -180,6 +212,11 @@ def _fold_date(value: str) -> bytes:
     return POLICY.fold_binary("Date", header)
 
 
+def message_id_for(campaign_uid: str, line: int, sender: str) -> str:
+    """The Message-ID every copy of this recipient's message carries, resends included."""
+    return f"<{campaign_uid}.{line}@{_sender_domain(sender)}>"
+
+
 def _sender_domain(sender: str) -> str:
     addresses = POLICY.header_factory("From", sender).addresses
     if len(addresses) != 1 or not addresses[0].domain:
@@ -189,11 +226,70 @@ def _sender_domain(sender: str) -> str:
     return domain if domain.isascii() else domain.encode("idna").decode("ascii")
 
 
+def message_id_for(campaign_uid: str, line: int, sender: str) -> str:
+    """The Message-ID of the campaign's message to the recipient on `line`: the same
+    for every attempt and every resend, so receivers and relay logs can deduplicate."""
+    return f"<{campaign_uid}.{line}@{_sender_domain(sender)}>"
+
+
 def default_boundary(campaign_uid: str) -> str:
     """A deterministic boundary in the email package's own format."""
     digest = hashlib.sha256(campaign_uid.encode("utf-8")).digest()
     number = int.from_bytes(digest[:8], "big") % 10**19
     return f"{'=' * 15}{number:019d}=="
+
+
+# Headers a campaign may not set itself: mailerd writes them, or they would
+# address the message to someone else.
+_RESERVED_HEADERS = frozenset({
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "sender",
+    "mime-version", "content-type", "content-transfer-encoding", "content-disposition",
+    "content-id", "content-description", "list-unsubscribe", "list-unsubscribe-post",
+    "dkim-signature", "return-path", "received", "in-reply-to", "references",
+})
+_HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why a campaign may not set a header of this name, or None if it may."""
+    if not _HEADER_NAME.fullmatch(name):
+        return f"{name!r} is not a valid header name (printable ASCII, no ':' or spaces)"
+    lowered = name.lower()
+    if lowered in _RESERVED_HEADERS or lowered.startswith("resent-"):
+        return f"{name!r} is set by mailerd itself and cannot be given in headers"
+    if not issubclass(POLICY.header_factory[lowered], UnstructuredHeader):
+        return f"{name!r} is a structured header (addresses, dates, ...) and cannot be set"
+    return None
+
+
+_MIME_TYPES = mimetypes.MimeTypes()  # built-in table only: the same on every machine
+_COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2",
+               "xz": "application/x-xz", "compress": "application/x-compress",
+               "br": "application/x-brotli"}
+
+
+def content_type_for(filename: str) -> str:
+    """MIME type of an attachment, by its extension; application/octet-stream if unknown."""
+    guessed, encoding = _MIME_TYPES.guess_type(filename.lower(), strict=False)
+    if encoding is not None:
+        return _COMPRESSED.get(encoding, "application/octet-stream")
+    return guessed or "application/octet-stream"
+
+
+def needs_smtputf8(*addresses: str) -> bool:
+    """An internationalised address (RFC 6531) can only be sent with SMTPUTF8."""
+    return not all(address.isascii() for address in addresses)
+
+
+class Attachment(NamedTuple):
+    name: str  # file name shown to the recipient
+    content_type: str  # "maintype/subtype"
+    data: bytes
+
+
+def _attachment_wire(data: bytes) -> bytes:
+    """What the generator writes for set_bytes_content(data, cte="base64")."""
+    return _to_wire(email.contentmanager._encode_base64(data, _MAX_LINE))
 
 
 # -------------------------------------------------------------------------- bodies
@@ -311,15 +407,36 @@ def build_with_email_package(
     msgid: str,
     boundary: str,
 ) -> bytes:
-    """The slow reference construction; used when the fast path can't be trusted."""
-    message = EmailMessage(policy=POLICY)
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = subject
-    message["Date"] = date
-    message["Message-ID"] = msgid
-    _set_bodies(message, text, html, boundary)
-    return message.as_bytes()
+    """The slow reference construction of a plain message (kept for callers and tests)."""
+    headers = [("From", sender), ("To", to), ("Subject", subject), ("Date", date),
+               ("Message-ID", msgid)]
+    return _build_message(headers, text, html, boundary, boundary, (), POLICY)
+
+
+def _build_message(
+    headers: Iterable[tuple[str, str]],
+    text: str | None,
+    html: str | None,
+    boundary: str,
+    alt_boundary: str,
+    attachments: Iterable[Attachment],
+    policy: email.policy.EmailPolicy,
+) -> bytes:
+    """The whole message by the email package: the reference, and the rare slow path."""
+    message = EmailMessage(policy=policy)
+    for name, value in headers:
+        try:
+            if name in _RAW_HEADERS:
+                message.set_raw(name, value)
+            else:
+                message[name] = value
+        except (ValueError, TypeError) as exc:
+            raise RenderError(f"{name.lower()}: {exc}") from exc
+    _set_bodies(message, text, html, boundary, alt_boundary, tuple(attachments))
+    try:
+        return message.as_bytes()
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise RenderError(f"message: {exc}") from exc
 
 
 def _set_bodies(
@@ -327,38 +444,62 @@ def _set_bodies(
     text: str | None,
     html: str | None,
     boundary: str,
+    alt_boundary: str,
+    attachments: tuple[Attachment, ...] = (),
     text_cte: str | None = None,
     html_cte: str | None = None,
 ) -> None:
     if text is not None and html is not None:
         message.set_content(text, cte=text_cte)
         message.add_alternative(html, subtype="html", cte=html_cte)
-        message.set_boundary(boundary)
+        message.set_boundary(alt_boundary if attachments else boundary)
     elif text is not None:
         message.set_content(text, cte=text_cte)
     elif html is not None:
         message.set_content(html, subtype="html", cte=html_cte)
+    for attachment in attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(attachment.data, maintype=maintype, subtype=subtype,
+                               filename=attachment.name)
+    if attachments:
+        message.set_boundary(boundary)
+
+
+def _attachment_sentinel(index: int) -> bytes:
+    return f"mailerd-skeleton-attachment-{index}-c4a1".encode("ascii")
 
 
 def _serialise_skeleton(
-    has_text: bool, has_html: bool, text_cte: str | None, html_cte: str | None, boundary: str
+    has_text: bool,
+    has_html: bool,
+    text_cte: str | None,
+    html_cte: str | None,
+    boundary: str,
+    alt_boundary: str,
+    attachments: tuple[Attachment, ...],
 ) -> tuple[bytes, ...]:
     """The body-independent bytes around the bodies, as the email package writes them.
 
-    Returns (before_first_body, between_bodies, after_last_body) for multipart and
-    (before_body, after_body) for a single part.  The skeleton has no From..Message-ID
-    headers; those come first in the reference and are prepended per recipient.
+    Returns the pieces between the variable parts, which are, in order: the text
+    body (if any), the html body (if any), then each attachment's encoded payload
+    (constant, but kept out of the skeleton so that each combination of CTEs does
+    not hold its own copy).  The skeleton has no From..List-Unsubscribe headers;
+    those come first in the reference and are prepended per recipient.
     """
     skeleton = EmailMessage(policy=POLICY)
     text = _TEXT_SENTINEL if has_text else None
     html = _HTML_SENTINEL if has_html else None
-    _set_bodies(skeleton, text, html, boundary, text_cte, html_cte)
+    stand_ins = tuple(
+        a._replace(data=_attachment_sentinel(i)) for i, a in enumerate(attachments)
+    )
+    _set_bodies(skeleton, text, html, boundary, alt_boundary, stand_ins, text_cte, html_cte)
     raw = skeleton.as_bytes()
     markers = []
     if text is not None and text_cte is not None:
         markers.append(_forced_wire(text, text_cte))
     if html is not None and html_cte is not None:
         markers.append(_forced_wire(html, html_cte))
+    markers += [_attachment_wire(a.data) for a in stand_ins]
     pieces: list[bytes] = []
     rest = raw
     for marker in markers:
@@ -391,6 +532,58 @@ class _PartCache:
         return encoded
 
 
+class _HeaderTemplate:
+    """A personalised header: its template and the last value's folded line."""
+
+    __slots__ = ("name", "field", "template", "last")
+
+    def __init__(self, env: SandboxedEnvironment, name: str, field: str, source: str) -> None:
+        self.name = name
+        self.field = field
+        self.template = _compile_template(env, field, source)
+        self.last: tuple[str, bytes] = ("", b"")
+
+    def value(self, context: dict[str, Any]) -> str:
+        return _render_template(self.field, self.template, context)
+
+    def line(self, value: str) -> bytes:
+        last_value, last_line = self.last
+        if value == last_value and last_line:
+            return last_line
+        folded = _fold_unstructured(self.field, self.name, value)
+        self.last = (value, folded)
+        return folded
+
+
+_RAW_HEADERS = frozenset({"List-Unsubscribe"})
+_NOT_IN_URI = re.compile(r"[^!-~]|[<>]")
+
+
+def list_unsubscribe_value(mailto: str | None, url: str | None) -> str:
+    """`<mailto:...>, <https://...>` (RFC 2369) from the rendered parts, folded
+    between the two (never inside a URI: the email package would RFC 2047-encode a
+    long one, which no client decodes there).  RenderError for a URI with spaces,
+    controls, angle brackets or non-ASCII: percent-encode merge values (|urlencode)."""
+    targets = []
+    if mailto:
+        targets.append(mailto if mailto.lower().startswith("mailto:") else f"mailto:{mailto}")
+    if url:
+        targets.append(url)
+    for target in targets:
+        bad = _NOT_IN_URI.search(target)
+        if bad is not None:
+            raise RenderError(
+                f"list_unsubscribe: {bad.group()!r} is not allowed in {target!r} "
+                "(percent-encode merge values with |urlencode)")
+    value = ", ".join(f"<{t}>" for t in targets)
+    if _fits_one_line("List-Unsubscribe", value):
+        return value
+    return f",{_CRLF} ".join(f"<{t}>" for t in targets)
+
+
+ONE_CLICK = "List-Unsubscribe=One-Click"  # RFC 8058
+
+
 class Renderer:
     def __init__(
         self,
@@ -402,10 +595,17 @@ class Renderer:
         columns: list[str],
         campaign_uid: str,
         boundary: str | None = None,
+        reply_to: str | None = None,
+        headers: dict[str, str] | None = None,
+        list_unsubscribe_mailto: str | None = None,
+        list_unsubscribe_url: str | None = None,
+        attachments: Iterable[Attachment] = (),
+        unsubscribe_key: bytes = b"",
     ) -> None:
         if text is None and html is None:
             raise TemplateError("text/html: at least one of text and html is required")
         env = _new_environment()
+        self._globals: dict[str, Any] = dict(env.globals)
         self._subject_template = _compile_template(env, "subject", subject)
         self._text_template = None if text is None else _compile_template(env, "text", text)
         self._html_template = None if html is None else _compile_template(env, "html", html)
@@ -414,8 +614,34 @@ class Renderer:
         self._sender = sender
         self._from_line = _fold_address("sender", "From", sender)
         self._domain = _sender_domain(sender)
+        self._reply_to = reply_to
+        self._reply_to_line = b"" if reply_to is None else _fold_address("reply_to", "Reply-To", reply_to)
+        self._headers: list[_HeaderTemplate] = []
+        for name, source in (headers or {}).items():
+            problem = header_name_problem(name)
+            if problem is not None:
+                raise TemplateError(f"headers: {problem}")
+            self._headers.append(_HeaderTemplate(env, name, f"headers.{name}", source))
+        self._unsubscribe_mailto = None if not list_unsubscribe_mailto else _compile_template(
+            env, "list_unsubscribe.mailto", list_unsubscribe_mailto)
+        self._unsubscribe_url = None if not list_unsubscribe_url else _compile_template(
+            env, "list_unsubscribe.url", list_unsubscribe_url)
+        self._one_click_line = (
+            f"List-Unsubscribe-Post: {ONE_CLICK}{_CRLF}".encode("ascii")
+            if list_unsubscribe_url else b"")
+        sources = [subject, text or "", html or "", *(headers or {}).values(),
+                   list_unsubscribe_mailto or "", list_unsubscribe_url or ""]
+        self._uses_token = any("token" in template_variables(s) for s in sources if s)
+        self._unsubscribe_key = unsubscribe_key
+        self._attachments = tuple(attachments)
+        self._attachment_wires = tuple(_attachment_wire(a.data) for a in self._attachments)
         self._boundary = boundary if boundary is not None else default_boundary(campaign_uid)
         self._boundary_bytes = self._boundary.encode("ascii")
+        # with attachments and both bodies there are two multiparts: mixed outside,
+        # alternative inside
+        self._alt_boundary = default_boundary(campaign_uid + "/alternative")
+        self._alt_boundary_bytes = self._alt_boundary.encode("ascii")
+        self._multipart = (text is not None and html is not None) or bool(self._attachments)
         self._message_id_is_plain = self._message_id_folds_to_itself()
         self._skeletons: dict[tuple[str | None, str | None], tuple[bytes, ...]] = {}
         self._text_cache = _PartCache("text")
@@ -423,50 +649,144 @@ class Renderer:
         self._last_subject: tuple[str, bytes] = ("", b"")
         self._last_date: tuple[str, bytes] = ("", b"")
 
+    @classmethod
+    def from_spec(cls, spec: Any, campaign_uid: str, attachments: Iterable[Attachment] = (),
+                  unsubscribe_key: bytes = b"") -> "Renderer":
+        """The renderer of a protocol.CampaignSpec (the one thing the daemon, the
+        workers and `mailerctl preview` all build messages from)."""
+        unsubscribe = spec.list_unsubscribe
+        return cls(
+            sender=spec.sender, subject=spec.subject, text=spec.text, html=spec.html,
+            columns=[c for c in spec.columns if c.strip().lower() != "email"],
+            campaign_uid=campaign_uid, reply_to=spec.reply_to, headers=dict(spec.headers),
+            list_unsubscribe_mailto=unsubscribe.mailto if unsubscribe else None,
+            list_unsubscribe_url=unsubscribe.url if unsubscribe else None,
+            attachments=attachments, unsubscribe_key=unsubscribe_key,
+        )
+
     @property
     def boundary(self) -> str:
         return self._boundary
 
+    @property
+    def alt_boundary(self) -> str:
+        return self._alt_boundary
+
+    @property
+    def sender_domain(self) -> str:
+        return self._domain
+
     def message_id(self, line: int) -> str:
         return f"<{self._campaign_uid}.{line}@{self._domain}>"
 
-    def render(self, *, line: int, email: str, fields: list[str], date: str) -> bytes:
-        context: dict[str, Any] = dict(zip(self._columns, fields))
-        context["email"] = email
+    def token(self, email: str) -> str:
+        return tokens.make(self._unsubscribe_key, self._campaign_uid, email)
+
+    def render(self, *, line: int, email: str, fields: list[str], date: str,
+               smtputf8: bool = False) -> bytes:
+        context = self._context(email, fields)
         subject = _render_template("subject", self._subject_template, context)
         text = self._render_optional("text", self._text_template, context)
         html = self._render_optional("html", self._html_template, context)
+        extra = [(h, h.value(context)) for h in self._headers]
+        unsubscribe = self._list_unsubscribe(context)
+        if smtputf8:
+            return self._render_with_email_package(
+                POLICY_SMTPUTF8, email, subject, text, html, date, line, extra, unsubscribe,
+                self._boundary, self._alt_boundary)
         headers = b"".join((
             self._from_line,
             _fold_address("to", "To", email),
             self._subject_line(subject),
             self._date_line(date),
             self._message_id_line(line),
+            self._reply_to_line,
+            *[h.line(value) for h, value in extra],
+            self._unsubscribe_line(unsubscribe),
+            self._one_click_line,
         ))
         text_body = None if text is None else self._text_cache.encode(text)
         html_body = None if html is None else self._html_cache.encode(html)
-        if text_body is not None and html_body is not None:
-            if self._boundary_bytes in text_body.wire or self._boundary_bytes in html_body.wire:
-                # The reference would happily emit a body line equal to the delimiter
-                # and so produce a broken message; here (and only here) we build the
-                # message with the email package and a boundary absent from the bodies.
-                return self._render_with_other_boundary(
-                    email, subject, text, html, date, line, text_body, html_body
-                )
-            before, between, after = self._skeleton(text_body.cte, html_body.cte)
-            return b"".join((headers, before, text_body.wire, between, html_body.wire, after))
-        body = text_body if text_body is not None else html_body
-        assert body is not None
-        text_cte = body.cte if text_body is not None else None
-        html_cte = body.cte if html_body is not None else None
-        before, after = self._skeleton(text_cte, html_cte)
-        return b"".join((headers, before, body.wire, after))
+        if self._multipart and self._collides(text_body, html_body):
+            # The reference would happily emit a body line equal to the delimiter
+            # and so produce a broken message; here (and only here) we build the
+            # message with the email package and boundaries absent from the bodies.
+            bodies = b"\n".join(b.wire for b in (text_body, html_body) if b is not None)
+            return self._render_with_email_package(
+                POLICY, email, subject, text, html, date, line, extra, unsubscribe,
+                self._boundary_absent_from(self._boundary, bodies),
+                self._boundary_absent_from(self._alt_boundary, bodies))
+        pieces = self._skeleton(
+            None if text_body is None else text_body.cte,
+            None if html_body is None else html_body.cte,
+        )
+        if not self._attachments:
+            if text_body is not None and html_body is not None:
+                before, between, after = pieces
+                return b"".join((headers, before, text_body.wire, between, html_body.wire, after))
+            body = text_body if text_body is not None else html_body
+            assert body is not None
+            before, after = pieces
+            return b"".join((headers, before, body.wire, after))
+        parts = [b.wire for b in (text_body, html_body) if b is not None]
+        parts += self._attachment_wires
+        out = [headers, pieces[0]]
+        for part, piece in zip(parts, pieces[1:]):
+            out += (part, piece)
+        return b"".join(out)
+
+    def header_values(self, *, email: str, fields: list[str], date: str, line: int) -> list[tuple[str, str]]:
+        """The message's own headers in order, unfolded (for tests and preview)."""
+        context = self._context(email, fields)
+        subject = _render_template("subject", self._subject_template, context)
+        extra = [(h, h.value(context)) for h in self._headers]
+        return self._header_list(email, subject, date, line, extra, self._list_unsubscribe(context))
+
+    def _context(self, email: str, fields: list[str]) -> dict[str, Any]:
+        context = self._globals.copy()
+        context.update(zip(self._columns, fields))
+        context["email"] = email
+        if self._uses_token:
+            context["token"] = self.token(email)
+        return context
 
     @staticmethod
     def _render_optional(
         field: str, template: jinja2.Template | None, context: dict[str, Any]
     ) -> str | None:
         return None if template is None else _render_template(field, template, context)
+
+    def _list_unsubscribe(self, context: dict[str, Any]) -> str | None:
+        if self._unsubscribe_mailto is None and self._unsubscribe_url is None:
+            return None
+        mailto = self._render_optional("list_unsubscribe.mailto", self._unsubscribe_mailto, context)
+        url = self._render_optional("list_unsubscribe.url", self._unsubscribe_url, context)
+        return list_unsubscribe_value(mailto, url)
+
+    @staticmethod
+    def _unsubscribe_line(value: str | None) -> bytes:
+        return b"" if value is None else f"List-Unsubscribe: {value}{_CRLF}".encode("ascii")
+
+    def _header_list(self, email: str, subject: str, date: str, line: int,
+                     extra: list[tuple[_HeaderTemplate, str]],
+                     unsubscribe: str | None) -> list[tuple[str, str]]:
+        headers = [("From", self._sender), ("To", email), ("Subject", subject), ("Date", date),
+                   ("Message-ID", self.message_id(line))]
+        if self._reply_to is not None:
+            headers.append(("Reply-To", self._reply_to))
+        headers += [(h.name, value) for h, value in extra]
+        if unsubscribe is not None:
+            headers.append(("List-Unsubscribe", unsubscribe))
+            if self._one_click_line:
+                headers.append(("List-Unsubscribe-Post", ONE_CLICK))
+        return headers
+
+    def _collides(self, text_body: EncodedBody | None, html_body: EncodedBody | None) -> bool:
+        for body in (text_body, html_body):
+            if body is not None and (self._boundary_bytes in body.wire
+                                     or self._alt_boundary_bytes in body.wire):
+                return True
+        return False
 
     def _subject_line(self, subject: str) -> bytes:
         last_subject, last_line = self._last_subject
@@ -510,38 +830,44 @@ class Renderer:
                 text_cte,
                 html_cte,
                 self._boundary,
+                self._alt_boundary,
+                self._attachments,
             )
             self._skeletons[key] = skeleton
         return skeleton
 
-    def _render_with_other_boundary(
+    def _render_with_email_package(
         self,
+        policy: email.policy.EmailPolicy,
         email: str,
         subject: str,
-        text: str,
-        html: str,
+        text: str | None,
+        html: str | None,
         date: str,
         line: int,
-        text_body: EncodedBody,
-        html_body: EncodedBody,
+        extra: list[tuple[_HeaderTemplate, str]],
+        unsubscribe: str | None,
+        boundary: str,
+        alt_boundary: str,
     ) -> bytes:
-        boundary = self._boundary_absent_from(text_body.wire + b"\n" + html_body.wire)
-        return build_with_email_package(
-            sender=self._sender,
-            to=email,
-            subject=subject,
-            text=text,
-            html=html,
-            date=date,
-            msgid=self.message_id(line),
-            boundary=boundary,
-        )
+        headers = self._header_list(email, subject, date, line, extra, unsubscribe)
+        fields = ["sender", "to", "subject", "date", "message_id"]
+        if self._reply_to is not None:
+            fields.append("reply_to")
+        fields += [h.field for h, _ in extra]
+        for field, (name, value) in zip(fields, headers):
+            _check_header_value(field, value)
+        return _build_message(headers, text, html, boundary, alt_boundary, self._attachments,
+                              policy)
 
-    def _boundary_absent_from(self, bodies: bytes) -> str:
+    @staticmethod
+    def _boundary_absent_from(base: str, bodies: bytes) -> str:
         # Same scheme as email.generator.Generator._make_boundary.
+        if base.encode("ascii") not in bodies:
+            return base
         counter = 0
         while True:
-            candidate = f"{self._boundary}.{counter}"
+            candidate = f"{base}.{counter}"
             if candidate.encode("ascii") not in bodies:
                 return candidate
             counter += 1

@@ -12,6 +12,7 @@ always tells the truth a restart needs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import sys
@@ -22,9 +23,10 @@ import msgspec
 from . import wire
 from .campaignrun import CampaignRun
 from .classify import Cause, Classifier
-from .committer import Committer
+from .committer import Committer, JournalWriteError
 from .config import Config, ConfigError, ServerConfig, apply_setting, read_password
 from .journal import Claimed, Journal, Outcome
+from .identity import Identity, template_messages
 from .log import event
 from .pacing import DAY, Decision, Learned, Pacer
 from .protocol import CampaignSpec, ServerInfo, ServerPlan
@@ -66,10 +68,13 @@ class Supervisor:
         self.classifier = Classifier(config.patterns)
         self.campaigns: dict[int, CampaignRun] = {}
         self.servers: dict[str, ServerRun] = {}
+        self.identity = Identity(config)  # unsubscribe key, servers' DKIM keys (issue 6)
         self.passwords = {
             name: read_password(name, server) for name, server in config.servers.items()
         }
         self.stopping = False
+        self.storage_error: str | None = None
+        self.pending_writes: collections.deque[tuple[object, tuple[object, ...]]] = collections.deque()
         self.sent_total = 0
         self._dispatch_scheduled = False
         self._wake_handle: asyncio.TimerHandle | None = None
@@ -254,7 +259,9 @@ class Supervisor:
         slot.started_at = time.monotonic()
         slot.campaigns_known.clear()
         slot.send(Setup(slot.server_name, slot.slot, server.config, self.config.delivery,
-                        self.passwords[slot.server_name], self.config.daemon.log_level))
+                        self.passwords[slot.server_name], self.config.daemon.log_level,
+                        self.identity.unsubscribe_key,
+                        self.identity.server_dkim(slot.server_name, server.config)))
         slot.send(self._limits(server))
         event("worker_started", server=slot.server_name, slot=slot.slot, pid=process.pid)
         self._spawn_task(self._serve_worker(slot, reader, process))
@@ -304,9 +311,13 @@ class Supervisor:
         held, slot.jobs = slot.jobs, {}
         if not held:
             return
-        uncertain, requeued = await self.committer.run(
-            self.journal.settle_lost_worker, list(held)
-        )
+        try:
+            uncertain, requeued = await self.committer.run(
+                self.journal.settle_lost_worker, list(held))
+        except JournalWriteError as exc:
+            self._storage_failed(str(exc))
+            self.pending_writes.append((self.journal.settle_lost_worker, (list(held),)))
+            return
         for campaign, line in held:
             run = self.campaigns.get(campaign)
             if run is not None:
@@ -418,7 +429,7 @@ class Supervisor:
     def _record(self, slot: WorkerSlot, run: CampaignRun | None, claimed: Claimed | None,
                 done: Done) -> None:
         outcome = self._outcome(claimed, done)
-        self._watch(self.committer.run(self.journal.record_outcomes, [outcome]))
+        self._write(self.journal.record_outcomes, [outcome])
         if run is not None:
             run.held.discard(done.line)
             if outcome.state == "sent":
@@ -446,7 +457,7 @@ class Supervisor:
         """The relay does not have it: back to the queue at once, no attempt counted."""
         reply = f"{done.code} {done.reply}" if done.code and not done.reply.startswith(str(done.code)) \
             else done.reply
-        self._watch(self.committer.run(self.journal.requeue, [(done.campaign, done.line)], reply))
+        self._write(self.journal.requeue, [(done.campaign, done.line)], reply)
         if run is not None and claimed is not None:
             run.put_back(claimed)
 
@@ -456,14 +467,42 @@ class Supervisor:
             run = self.campaigns.get(campaign)
             if run is not None and claimed is not None:
                 run.put_back(claimed)
-        self._watch(self.committer.run(self.journal.requeue, list(jobs)))
+        self._write(self.journal.requeue, list(jobs))
         self.kick()
 
-    def _watch(self, future: asyncio.Future[object]) -> None:
+    def _write(self, fn, *args) -> None:
+        """A journal write nobody waits for; kept for retry if storage fails."""
+        future = self.committer.run(fn, *args)
+
         def check(done: asyncio.Future[object]) -> None:
-            if not done.cancelled() and done.exception() is not None:
-                event("journal_error", logging.ERROR, error=str(done.exception()))
+            error = None if done.cancelled() else done.exception()
+            if isinstance(error, JournalWriteError):
+                self._storage_failed(str(error))
+                self.pending_writes.append((fn, args))
+            elif error is not None:
+                event("journal_error", logging.ERROR, error=str(error))
         future.add_done_callback(check)
+
+    def _storage_failed(self, error: str) -> None:
+        if self.storage_error is None:
+            event("journal_unwritable", logging.ERROR, error=error,
+                  action="sending stopped until the journal can be written again")
+        self.storage_error = error
+
+    async def _retry_writes(self) -> None:
+        """Once a second while storage is failing: replay the writes that failed, in order."""
+        try:
+            await self.committer.run(self.journal.probe_write)
+            while self.pending_writes:
+                fn, args = self.pending_writes[0]
+                await self.committer.run(fn, *args)
+                self.pending_writes.popleft()
+        except JournalWriteError as exc:
+            self.storage_error = str(exc)
+            return
+        event("journal_writable", pending_replayed=True)
+        self.storage_error = None
+        self.kick()
 
     # ------------------------------------------------------------ pacing
 
@@ -483,7 +522,7 @@ class Supervisor:
         if server.pacer.changed:
             server.pacer.changed = False
             learned = msgspec.msgpack.encode(server.pacer.learned)
-            self._watch(self.committer.run(self.journal.save_learned, server.name, learned))
+            self._write(self.journal.save_learned, server.name, learned)
         self.kick()
 
     # ------------------------------------------------------------ dispatch
@@ -509,12 +548,14 @@ class Supervisor:
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
+        if self.storage_error is not None:
+            return  # never send what the journal cannot record
         now = time.time()
         assigned: list[tuple[int, int, str]] = []
         for server in self.servers.values():
             self._feed(server, now, assigned)
         if assigned:
-            self._watch(self.committer.run(self.journal.mark_sending, assigned))
+            self._write(self.journal.mark_sending, assigned)
         for run in self.campaigns.values():
             if run.state == "running" and len(run.buffer) < BUFFER_LOW:
                 self._refill(run)
@@ -558,7 +599,8 @@ class Supervisor:
     def _assign(self, slot: WorkerSlot, claimed: Claimed) -> None:
         if claimed.campaign not in slot.campaigns_known:
             run = self.campaigns[claimed.campaign]
-            slot.send(CampaignTemplate(run.id, run.uid, run.spec))
+            for message in template_messages(run.id, run.uid, run.spec, run.attachments):
+                slot.send(message)  # attachments (in chunks), then CampaignTemplate
             slot.campaigns_known.add(claimed.campaign)
         slot.jobs[(claimed.campaign, claimed.line)] = claimed
         slot.send(Job(claimed.campaign, claimed.line, claimed.email, msgspec.Raw(claimed.fields)))
@@ -571,6 +613,8 @@ class Supervisor:
 
     async def _claim(self, run: CampaignRun) -> None:
         try:
+            if run.attachments is None:  # before anything of it can reach a worker
+                run.attachments = await self.committer.run(self.journal.attachments, run.id)
             result = await self.committer.run(
                 self.journal.claim, run.id, run.cursor, CLAIM_BATCH, time.time(), set(run.held)
             )
@@ -597,6 +641,10 @@ class Supervisor:
 
     async def tick(self) -> None:
         """Once a second: pacing recovery, due retries, finished campaigns."""
+        if self.storage_error is not None:
+            await self._retry_writes()
+            if self.storage_error is not None:
+                return
         now = time.time()
         for server in self.servers.values():
             decisions = server.pacer.tick(now)

@@ -31,9 +31,11 @@ import aiosmtplib
 import msgspec
 
 from . import wire
-from .render import Renderer, RenderError, format_date
+from .render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
+from .signing import KeyError_, Signer
 from .workerproto import (
     AnyToWorker,
+    CampaignAttachment,
     CampaignTemplate,
     Done,
     DotAck,
@@ -100,6 +102,9 @@ class Worker:
         self.jobs: collections.deque[Job] = collections.deque()
         self.renderers: dict[int, Renderer] = {}
         self.senders: dict[int, str] = {}
+        self.signers: dict[int, Signer | None] = {}
+        self.unusable: dict[int, str] = {}  # campaign -> why its messages cannot be made
+        self.attachment_parts: dict[int, dict[int, list[bytes]]] = {}
         self.job_arrived = asyncio.Event()
         self.dot_acks: dict[tuple[int, int], asyncio.Future[bool]] = {}
         self.stopping = False
@@ -137,6 +142,9 @@ class Worker:
             future = self.dot_acks.pop((message.campaign, message.line), None)
             if future is not None and not future.done():
                 future.set_result(message.ok)
+        elif isinstance(message, CampaignAttachment):
+            parts = self.attachment_parts.setdefault(message.campaign, {})
+            parts.setdefault(message.index, []).append(message.chunk)
         elif isinstance(message, CampaignTemplate):
             self.add_campaign(message)
         elif isinstance(message, Revoke):
@@ -155,11 +163,18 @@ class Worker:
 
     def add_campaign(self, message: CampaignTemplate) -> None:
         spec = message.spec
-        self.renderers[message.campaign] = Renderer(
-            sender=spec.sender, subject=spec.subject, text=spec.text, html=spec.html,
-            columns=[c for c in spec.columns if c.lower() != "email"],
-            campaign_uid=message.uid,
-        )
+        parts = self.attachment_parts.pop(message.campaign, {})
+        attachments = [Attachment(info.name, info.content_type, b"".join(parts.get(i, [])))
+                       for i, info in enumerate(spec.attachments)]
+        self.unusable.pop(message.campaign, None)
+        try:
+            self.renderers[message.campaign] = Renderer.from_spec(
+                spec, message.uid, attachments, self.setup.unsubscribe_key)
+            dkim = spec.dkim or self.setup.dkim  # the campaign's key wins over the server's
+            self.signers[message.campaign] = None if dkim is None else Signer(
+                dkim.domain, dkim.selector, dkim.key, tuple(spec.headers))
+        except (TemplateError, RenderError, KeyError_) as exc:  # checked at enqueue: not expected
+            self.unusable[message.campaign] = str(exc)
         self.senders[message.campaign] = parseaddr(spec.sender)[1]
 
     def release(self, predicate: Callable[[Job], bool]) -> None:
@@ -275,13 +290,19 @@ class Worker:
 
     async def deliver(self, job: Job) -> None:
         """One recipient: render, run the transaction, report exactly one Done."""
+        smtputf8 = needs_smtputf8(self.senders[job.campaign], job.email)
+        if smtputf8 and self.smtp is not None and not self.smtp.supports_extension("smtputf8"):
+            address = job.email if not job.email.isascii() else self.senders[job.campaign]
+            self.send(Done(job.campaign, job.line, "failed", None,
+                           f"relay does not offer SMTPUTF8, required for <{address}>"))
+            return
         try:
-            message = self.render(job)
-        except RenderError as exc:
+            message = self.render(job, smtputf8)
+        except (RenderError, KeyError_) as exc:
             self.send(Done(job.campaign, job.line, "failed", None, f"cannot render message: {exc}"))
             return
         try:
-            code, reply = await self.transaction(job, message)
+            code, reply = await self.transaction(job, message, smtputf8)
         except SessionLost as lost:
             if self.session_replies == 0:
                 self.unproductive = lost.reason
@@ -295,13 +316,18 @@ class Worker:
             self.session_messages += 1
         self.send(Done(job.campaign, job.line, classify(code), code, reply))
 
-    def render(self, job: Job) -> bytes:
+    def render(self, job: Job, smtputf8: bool = False) -> bytes:
+        if job.campaign in self.unusable:
+            raise RenderError(self.unusable[job.campaign])
         fields = _fields_decoder.decode(job.fields)
-        return self.renderers[job.campaign].render(
-            line=job.line, email=job.email, fields=fields, date=format_date(time.time())
+        message = self.renderers[job.campaign].render(
+            line=job.line, email=job.email, fields=fields, date=format_date(time.time()),
+            smtputf8=smtputf8,
         )
+        signer = self.signers.get(job.campaign)
+        return message if signer is None else signer.sign(message)
 
-    async def transaction(self, job: Job, message: bytes) -> tuple[int, str]:
+    async def transaction(self, job: Job, message: bytes, smtputf8: bool = False) -> tuple[int, str]:
         """Run MAIL..DATA..'.'; return the deciding reply, or raise SessionLost."""
         smtp = self.smtp
         assert smtp is not None
@@ -312,7 +338,8 @@ class Worker:
                 await smtp.rset()
                 self.needs_reset = False
             for stage, command in (
-                ("mail", (b"MAIL", b"FROM:<" + self.senders[job.campaign].encode() + b">")),
+                ("mail", (b"MAIL", b"FROM:<" + self.senders[job.campaign].encode() + b">"
+                          + (b" SMTPUTF8" if smtputf8 else b""))),
                 ("rcpt", (b"RCPT", b"TO:<" + job.email.encode() + b">")),
             ):
                 reply = await smtp.execute_command(*command)

@@ -14,7 +14,7 @@ from typing import Literal
 import msgspec
 
 from .config import DeliveryConfig, ServerConfig
-from .protocol import CampaignSpec
+from .protocol import CampaignSpec, DkimKey
 
 Result = Literal["sent", "deferred", "failed", "uncertain", "requeue"]
 
@@ -30,6 +30,17 @@ class Setup(ToWorker):
     delivery: DeliveryConfig
     password: str | None
     log_level: str
+    unsubscribe_key: bytes = b""  # state dir's unsubscribe.key: {{ token }} (tokens.py)
+    dkim: DkimKey | None = None  # this server's DKIM key, if it has one
+
+
+class CampaignAttachment(ToWorker):
+    """Bytes of spec.attachments[index], in chunks, sent before its CampaignTemplate."""
+
+    campaign: int
+    index: int
+    chunk: bytes
+    last: bool
 
 
 class CampaignTemplate(ToWorker):
@@ -110,5 +121,5 @@ class Released(FromWorker):
     jobs: list[tuple[int, int]]
 
 
-AnyToWorker = Setup | CampaignTemplate | Job | DotAck | Revoke | Limits | Hold | Stop
+AnyToWorker = Setup | CampaignAttachment | CampaignTemplate | Job | DotAck | Revoke | Limits | Hold | Stop
 AnyFromWorker = SessionState | SessionEnded | DotRequest | Done | Released

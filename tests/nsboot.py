@@ -236,14 +236,28 @@ class SystemdNamespace:
         LOCK.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        outer = (
-            f"set -eu; mkdir {_shell_quote(str(self.cgroup))}; "
-            f"echo $$ > {_shell_quote(str(self.cgroup / 'cgroup.procs'))}; "
-            "exec unshare --cgroup --pid --fork --mount --uts --ipc --net "
-            "--propagation private --mount-proc -- sh -c \"$INNER\""
-        )
+        cg, parent = _shell_quote(str(self.cgroup)), _shell_quote(str(self.cgroup.parent))
+        # The shell stays outside as a guardian: if the test process dies without a
+        # poweroff, it SIGKILLs the namespace's PID 1 (which takes everything inside
+        # with it) and removes the cgroup subtree.
+        outer = f"""
+set -eu
+mkdir {cg}
+echo $$ > {cg}/cgroup.procs
+unshare --cgroup --pid --fork --mount --uts --ipc --net --propagation private --mount-proc \\
+    -- sh -c "$INNER" &
+U=$!
+echo $$ > {parent}/cgroup.procs
+alive() {{ s=$(cut -d' ' -f3 /proc/$U/stat 2>/dev/null) && [ "$s" != Z ]; }}
+while alive && kill -0 "$TEST_PID" 2>/dev/null; do sleep 0.1; done
+if alive; then
+    for c in $(cat /proc/$U/task/$U/children); do kill -KILL "$c" || true; done
+fi
+wait $U || true
+find {cg} -depth -type d -exec rmdir {{}} + 2>/dev/null || true
+"""
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "container": "mailerd-test",
-               "INNER": self._inner_script(), "LANG": "C.UTF-8"}
+               "INNER": self._inner_script(), "LANG": "C.UTF-8", "TEST_PID": str(os.getpid())}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(["sh", "-c", outer], stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=log, env=env, start_new_session=True)
@@ -267,19 +281,14 @@ class SystemdNamespace:
         self.state = state
 
     def _child_pid(self) -> int | None:
+        """The host pid of systemd: the child of unshare, itself the guardian's child."""
         assert self.proc is not None
-        try:
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        except OSError:
-            return None
-        if not children:
-            return None
-        pid = int(children[0])
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            return None
-        return pid if comm == "systemd" else None
+        for unshare in _children(self.proc.pid):
+            if _comm(unshare) == "unshare":
+                for pid in _children(unshare):
+                    if _comm(pid) == "systemd":
+                        return pid
+        return None
 
     def _check_alive(self) -> None:
         assert self.proc is not None
@@ -356,6 +365,20 @@ class SystemdNamespace:
                     if time.monotonic() > deadline:
                         break
                     time.sleep(0.05)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _under(path: Path, roots: Sequence[str]) -> bool:

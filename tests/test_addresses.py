@@ -5,7 +5,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailerd.addresses import AddressCheck, _is_common_address, check_address
+from mailerd.addresses import AddressCheck, _is_common_address, check_address, suppression_key
 
 ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
 SPECIAL_TLDS = ["local", "localhost", "invalid", "onion", "arpa", "test", "LOCAL", "Test"]
@@ -106,7 +106,8 @@ def test_verdict_always_equals_email_validator(address: str) -> None:
 ])
 def test_common_addresses_take_the_fast_path(address: str) -> None:
     assert _is_common_address(address)
-    assert check_address(address) == AddressCheck(True, address, address.casefold(), "")
+    local, _, domain = address.rpartition("@")
+    assert check_address(address) == AddressCheck(True, address, f"{local}@{domain.casefold()}", "")
 
 
 @pytest.mark.parametrize("address", [
@@ -138,12 +139,28 @@ def test_invalid_addresses_carry_the_reason(raw: str, reason: str) -> None:
     assert check.key == ""
 
 
-def test_address_is_stripped_and_key_casefolded() -> None:
-    assert check_address("  Bob@Example.COM\n") == AddressCheck(True, "Bob@Example.COM", "bob@example.com", "")
+def test_address_is_stripped_and_duplicate_key_casefolds_the_domain_only() -> None:
+    assert check_address("  Bob@Example.COM\n") == AddressCheck(True, "Bob@Example.COM", "Bob@example.com", "")
+    assert check_address("USER1@example.com").key == check_address("USER1@EXAMPLE.com").key
+    assert check_address("USER1@example.com").key != check_address("user1@example.com").key
 
 
 def test_key_of_internationalised_address_is_normalised() -> None:
     plain = check_address("a@xn--bcher-kva.example")
-    unicode = check_address("A@BÜCHER.example")
+    unicode = check_address("a@BÜCHER.example")
     assert plain.ok and unicode.ok
     assert plain.key == unicode.key == "a@bücher.example"
+    assert check_address("A@BÜCHER.example").key == "A@bücher.example"
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("Bob@Example.COM", "bob@example.com"), ("A@BÜCHER.example", "a@xn--bcher-kva.example"),
+    (" x@y.org ", "X@Y.ORG"),
+])
+def test_suppression_key_casefolds_the_whole_address(a: str, b: str) -> None:
+    assert suppression_key(a) == suppression_key(b) is not None
+    assert suppression_key(a) == check_address(a).key.casefold()
+
+
+def test_suppression_key_of_a_non_address_is_none() -> None:
+    assert suppression_key("not an address") is None

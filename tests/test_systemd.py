@@ -118,13 +118,14 @@ def system(tmp_path):
     ns.etc("sysusers.d/mailerd.conf").write_text((PACKAGING / "mailerd.sysusers.conf").read_text())
     ns.etc("tmpfiles.d/mailerd.conf").write_text((PACKAGING / "mailerd.tmpfiles.conf").read_text())
     ns.etc("mailerd/mailerd.toml").write_text(CONFIG)
-    ns.boot()
     try:
+        ns.boot()
         yield ns
     finally:
         try:  # shown by pytest only when the test failed
-            print(ns.run(["journalctl", "--no-pager", "-n", "150", "-o", "short-monotonic"],
-                         check=False, timeout=20).stdout)
+            if ns.pid is not None:
+                print(ns.run(["journalctl", "--no-pager", "-n", "150", "-o", "short-monotonic"],
+                             check=False, timeout=20).stdout)
         finally:
             ns.shutdown()
 
@@ -208,7 +209,9 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
     # ---- reload (SIGHUP) keeps the same process
     pid = ns.show("mailerd", "MainPID")
     ns.systemctl("reload", "mailerd")
-    time.sleep(0.3)  # nothing to wait on: the point is that nothing happens
+    wait_until(lambda: "config_reloaded" in ns.run(
+        ["journalctl", "--no-pager", "-o", "cat", "-u", "mailerd", "MAILERD_EVENT=config_reloaded"]
+    ).stdout, 10, "the daemon to reload its config")
     assert ns.show("mailerd", "MainPID") == pid and ns.show("mailerd", "ActiveState") == "active"
 
     # ---- a hung event loop: the watchdog kills it and Restart= brings it back

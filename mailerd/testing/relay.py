@@ -149,6 +149,7 @@ class Faults(msgspec.Struct, kw_only=True):
     quota_seconds: float = 0.0
     quota_reply: str = "421 4.7.0 Daily user sending quota exceeded"
     limits_mailmax: int = 0  # advertise RFC 9422 "LIMITS MAILMAX=n" in the EHLO reply
+    tempfail_every: int = 0  # every N-th RCPT (relay-wide count) gets the 451 tempfail reply
 
 
 class Received(NamedTuple):
@@ -222,6 +223,7 @@ class _Epoch:
     data_commands: int = 0
     complete_messages: int = 0
     tempfail_seen: set[str] = field(default_factory=set)
+    rcpt_commands: int = 0
     quota_count: int = 0
     quota_blocked_until: float | None = None
 
@@ -311,6 +313,10 @@ class _State:
                 if key not in self.epoch.tempfail_seen:
                     self.epoch.tempfail_seen.add(key)
                     return TEMPFAIL_REPLY.format(addr=address)
+            self.epoch.rcpt_commands += 1
+            every = self.faults.tempfail_every
+            if every and self.epoch.rcpt_commands % every == 0:
+                return TEMPFAIL_REPLY.format(addr=address)
             return None
 
     def data_started(self) -> bool:

@@ -1,0 +1,65 @@
+"""What the daemon hands its workers besides the campaign: the unsubscribe key and
+the servers' DKIM keys, each read once (at start, or when a server first appears)
+and never logged; and the attachments of a campaign, sent in chunks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from . import tokens
+from .config import Config, ConfigError, ServerConfig
+from .protocol import DkimKey
+from .signing import KeyError_, Signer
+from .workerproto import CampaignAttachment, CampaignTemplate, ToWorker
+
+CHUNK = 4 * 1024 * 1024  # well under wire.MAX_FRAME
+
+
+def read_server_dkim(name: str, server: ServerConfig) -> DkimKey | None:
+    if not server.dkim_key_file:
+        return None
+    assert server.dkim_domain and server.dkim_selector
+    path = os.path.expandvars(server.dkim_key_file)
+    try:
+        text = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not a text key file"
+        raise ConfigError(f"servers.{name}.dkim_key_file: cannot read {path}: {why}") from None
+    key = DkimKey(domain=server.dkim_domain, selector=server.dkim_selector, key=text)
+    try:
+        Signer(key.domain, key.selector, key.key)
+    except KeyError_ as exc:
+        raise ConfigError(f"servers.{name}.dkim_key_file: {path}: {exc}") from None
+    return key
+
+
+class Identity:
+    def __init__(self, config: Config) -> None:
+        try:
+            self.unsubscribe_key = tokens.load_or_create_key(config.state_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot use {config.state_dir / tokens.KEY_FILE}: {exc}") from None
+        self._dkim: dict[tuple[str, str | None], DkimKey | None] = {}
+        for name, server in config.servers.items():
+            self.server_dkim(name, server)
+
+    def server_dkim(self, name: str, server: ServerConfig) -> DkimKey | None:
+        """The server's key, read the first time this server (with this key file) is seen."""
+        cache_key = (name, server.dkim_key_file)
+        if cache_key not in self._dkim:
+            self._dkim[cache_key] = read_server_dkim(name, server)
+        return self._dkim[cache_key]
+
+
+def template_messages(campaign: int, uid: str, spec, attachments: list[bytes] | None
+                      ) -> Iterator[ToWorker]:
+    """A campaign for a worker: its attachments' bytes in chunks, then the template."""
+    for index, data in enumerate(attachments or ()):
+        if not data:
+            yield CampaignAttachment(campaign, index, b"", True)
+        for start in range(0, len(data), CHUNK):
+            yield CampaignAttachment(campaign, index, data[start:start + CHUNK],
+                                     start + CHUNK >= len(data))
+    yield CampaignTemplate(campaign, uid, spec)
