@@ -34,12 +34,13 @@ from mailerd.protocol import (
 )
 
 from . import output
-from .campaign import InputError, RecipientList, load_campaign
+from .campaign import InputError, RecipientList, load_campaign_files
+from . import messages
 from .client import Client, Refused, Unreachable, socket_path
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CHUNK_ROWS = 2000
-STATES = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid")
+STATES = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid", "suppressed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int, nargs="?")
     p.add_argument("--state", choices=STATES)
     p.add_argument("--limit", type=int)
+    p.add_argument("--csv", action="store_true",
+                   help="every recipient (or those in --state) as CSV: email, state, attempts, "
+                        "code, reply, sent_at, line, message_id")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("list", help="all campaigns")
@@ -98,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=int)
     p.add_argument("--json", action="store_true")
 
+    messages.add_preview_parser(sub)
+    messages.add_test_send_parser(sub)
+    messages.add_suppress_parser(sub)
+
     # hidden: only a daemon with [daemon] debug_commands = true honours it
     p = sub.add_parser("debug-freeze")
     p.add_argument("seconds", type=float)
@@ -109,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "settle" and not any(e.startswith("-") for e in extra):
+        args.emails += extra  # addresses given after --as
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = COMMANDS[args.command](args)
     except InputError as exc:
@@ -136,10 +149,11 @@ def connect(args: argparse.Namespace) -> Client:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     recipients = RecipientList(args.recipients)
     try:
-        spec = load_campaign(args.campaign_file, recipients.columns)
+        spec, files = load_campaign_files(args.campaign_file, recipients.columns)
         with connect(args) as client:
             started = client.call(EnqueueBegin(spec=spec))
             assert isinstance(started, Enqueued)
+            messages.send_attachments(client, started.campaign, files)
             progress = output.EnqueueProgress(recipients.size) if sys.stderr.isatty() else None
             invalid = _stream_rows(client, started.campaign, recipients, progress)
             report = client.call(EnqueueCommit(campaign=started.campaign))
@@ -198,6 +212,9 @@ cmd_settle = _campaign_command(lambda a: Settle(
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.csv:
+        with connect(args) as client:
+            return messages.report_csv(client, args.id, args.state)
     with connect(args) as client:
         report = client.call(Report(campaign=args.id, state=args.state, limit=args.limit))
     _show_report(report, args.json)
@@ -296,5 +313,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "watch": cmd_watch,
     "set": cmd_set,
     "plan": cmd_plan,
+    "settle": cmd_settle,
     "debug-freeze": cmd_debug_freeze,
+    "preview": messages.cmd_preview,
+    "test-send": lambda args: messages.cmd_test_send(args, connect),
+    "suppress": lambda args: messages.cmd_suppress(args, connect),
 }

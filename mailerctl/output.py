@@ -13,7 +13,8 @@ import msgspec
 
 from mailerd.protocol import CampaignPlan, CampaignReport, Counts, DaemonStatus, ServerInfo
 
-COUNT_ORDER = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid")
+COUNT_ORDER = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid",
+               "suppressed")
 
 
 def iso(ts: float | None) -> str | None:
@@ -216,11 +217,12 @@ class WatchView:
 
     def line(self, report: CampaignReport) -> str:
         c = report.counts
-        finished = c.sent + c.failed + c.uncertain + c.invalid
+        finished = c.sent + c.failed + c.uncertain + c.invalid + c.suppressed
         pct = 100 * finished / report.total if report.total else 100.0
         return (f"[{bar(finished, report.total, 24)}] {pct:5.1f}%  sent {c.sent}  "
                 f"queued {c.queued}  sending {c.sending}  deferred {c.deferred}  "
                 f"failed {c.failed}  uncertain {c.uncertain}  invalid {c.invalid}  "
+                f"suppressed {c.suppressed}  "
                 f"{report.rate:.1f}/s  eta {duration(report.eta)}  {report.state}")
 
     def show(self, report: CampaignReport) -> None:

@@ -116,7 +116,7 @@ class Commands:
                                      f"{info.size} bytes arrived; the campaign was not committed")
         total = await self.committer.run(self.journal.commit_campaign, request.campaign)
         session.loading = None
-        row = await self.committer.run(self.journal.campaign, request.campaign)
+        row = await self.committer.read(self.journal.campaign, request.campaign)
         assert row is not None
         self.supervisor.add_campaign(row.id, row.uid, row.spec)
         self._log_change(session, "campaign_enqueued", row.id, name=row.name, total=total)
@@ -163,7 +163,7 @@ class Commands:
     async def export_recipients(self, request: ExportRecipients) -> Reply:
         campaign = request.campaign
         if campaign is None:
-            rows = await self.committer.run(self.journal.campaigns)
+            rows = await self.committer.read(self.journal.campaigns)
             if not rows:
                 return Error(message="there are no campaigns yet")
             campaign = rows[-1].id
@@ -236,7 +236,7 @@ class Commands:
     async def report(self, request: Report) -> Reply:
         campaign = request.campaign
         if campaign is None:
-            rows = await self.committer.run(self.journal.campaigns)
+            rows = await self.committer.read(self.journal.campaigns)
             if not rows:
                 return Error(message="there are no campaigns yet")
             campaign = rows[-1].id
@@ -250,11 +250,11 @@ class Commands:
         )
 
     async def list_campaigns(self) -> Reply:
-        rows = await self.committer.run(self.journal.campaigns)
+        rows = await self.committer.read(self.journal.campaigns)
         return CampaignList(campaigns=[await self._report(row.id) for row in rows])
 
     async def status(self) -> Reply:
-        rows = await self.committer.run(self.journal.campaigns, ("running", "paused"))
+        rows = await self.committer.read(self.journal.campaigns, ("running", "paused"))
         return DaemonStatus(
             version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
             state_dir=str(self.config.state_dir.resolve()),
@@ -302,7 +302,7 @@ class Commands:
         row = await self._campaign(request.campaign)
         if isinstance(row, Error):
             return row
-        counts = await self.committer.run(self.journal.counts, row.id)
+        counts = await self.committer.read(self.journal.counts, row.id)
         left = counts.queued + counts.sending + counts.deferred
         if row.state in ("cancelled",):
             left = 0
@@ -312,12 +312,12 @@ class Commands:
 
     async def _report(self, campaign: int, state: str | None = None, limit: int | None = None,
                       with_recipients: bool = False) -> CampaignReport:
-        report = await self.committer.run(
+        report = await self.committer.read(
             self.journal.report, campaign, state, limit, with_recipients
         )
         assert report is not None
         if report.recipients:
-            row = await self.committer.run(self.journal.campaign, campaign)
+            row = await self.committer.read(self.journal.campaign, campaign)
             for recipient in report.recipients:
                 recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)
         report.rate = self.supervisor.rate(campaign)
@@ -327,7 +327,7 @@ class Commands:
         return report
 
     async def _campaign(self, campaign: int):
-        row = await self.committer.run(self.journal.campaign, campaign)
+        row = await self.committer.read(self.journal.campaign, campaign)
         if row is None or row.state == "loading":
             return Error(message=f"no campaign with id {campaign}")
         return row

@@ -27,6 +27,7 @@ class _Op(NamedTuple):
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    read_only: bool = False
 
 
 _STOP = object()
@@ -59,6 +60,14 @@ class Committer:
         self._queue.put(_Op(fn, args, future))
         return future
 
+    def read(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue a read: run outside any write transaction, so it works even while
+        writes fail (a full disk must not stop `status` or `report`)."""
+        assert self._loop is not None, "committer not started"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Op(fn, args, future, read_only=True))
+        return future
+
     # ---------------------------------------------------------- journal thread
 
     def _serve(self) -> None:
@@ -72,11 +81,31 @@ class Committer:
                 except queue.Empty:
                     break
             stop = any(op is _STOP for op in batch)
-            ops = [op for op in batch if op is not _STOP]
-            if ops:
-                self._commit_batch(ops)
+            self._run_in_order([op for op in batch if op is not _STOP])
             if stop:
                 return
+
+    def _run_in_order(self, ops: list[_Op]) -> None:
+        """Consecutive writes share one transaction; a read runs between them, in order."""
+        writes: list[_Op] = []
+        for op in ops:
+            if not op.read_only:
+                writes.append(op)
+                continue
+            if writes:
+                self._commit_batch(writes)
+                writes = []
+            self._run_read(op)
+        if writes:
+            self._commit_batch(writes)
+
+    def _run_read(self, op: _Op) -> None:
+        try:
+            result: tuple[_Op, bool, Any] = (op, True, op.fn(*op.args))
+        except Exception as exc:
+            result = (op, False, exc)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_resolve, [result])
 
     def _commit_batch(self, ops: list[_Op]) -> None:
         db = self.journal.db

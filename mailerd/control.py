@@ -51,6 +51,7 @@ from .protocol import (
 )
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
+BACKLOG = 1024  # many clients may connect at once (watchers, scripts)
 REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answer
 
 
@@ -66,10 +67,11 @@ def peer_credentials(sock: socket.socket) -> Peer:
 
 class ControlServer:
     def __init__(self, commands: Commands, path: Path, mode: int, group: str | None = None,
-                 debug_commands: bool = False) -> None:
+                 debug_commands: bool = False, inherited: socket.socket | None = None) -> None:
         self.commands = commands
         self.path = path
         self.mode = mode
+        self.inherited = inherited  # a listening socket from systemd (activation.py)
         self.access = AccessPolicy(group)
         self.debug_commands = debug_commands
         self.server: asyncio.AbstractServer | None = None
@@ -77,13 +79,18 @@ class ControlServer:
         self._decoder = wire.Decoder(AnyRequest)
 
     async def start(self) -> None:
+        if self.inherited is not None:  # systemd owns the file, its mode and group
+            self.path = Path(self.inherited.getsockname() or self.path)
+            self.server = await asyncio.start_unix_server(
+                self._serve, sock=self.inherited, limit=wire.MAX_FRAME)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
             self.path.unlink()  # we hold the state lock, so no live daemon owns it
         old_umask = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=wire.MAX_FRAME
+                self._serve, path=str(self.path), limit=wire.MAX_FRAME, backlog=BACKLOG
             )
         finally:
             os.umask(old_umask)
@@ -98,6 +105,8 @@ class ControlServer:
             self.server.close()
         for task in list(self.clients):
             task.cancel()
+        if self.inherited is not None:
+            return  # the socket unit keeps it, and queues clients until we are back
         try:
             self.path.unlink()
         except FileNotFoundError:

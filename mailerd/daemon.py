@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, notify
+from . import __version__, activation, notify
 from .commands import Commands
 from .committer import Committer
 from .config import Config, ConfigError, load_config
@@ -73,6 +73,7 @@ class Daemon:
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,
             group=config.daemon.socket_group, debug_commands=config.daemon.debug_commands,
+            inherited=activation.control_socket(),
         )
         self.stop_requested = asyncio.Event()
         self.notifier: asyncio.Task[None] | None = None
@@ -90,7 +91,8 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         await self.supervisor.start()
-        event("daemon_ready", pid=os.getpid(), socket=str(self.config.socket_path),
+        event("daemon_ready", pid=os.getpid(), socket=str(self.control.path),
+              socket_activated=self.control.inherited is not None,
               servers=",".join(self.config.servers), version=__version__)
         notify.ready(self.supervisor.status_line())
         self.notifier = asyncio.create_task(notify.keep_informed(self.supervisor.status_line))

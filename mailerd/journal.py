@@ -17,6 +17,7 @@ transaction) and `data-sent` becomes `uncertain` (the relay may have the message
 from __future__ import annotations
 
 import re
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -185,9 +186,37 @@ class Journal:
         self._prepare_schema()
         return self.recover()
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.path.exists() and not self.path.is_file():
+    def _preflight(self) -> None:
+        """Read-only checks of an existing journal, so a bad one is left exactly as it was."""
+        if not self.path.exists():
+            return
+        if not self.path.is_file():
             raise JournalError(f"{self.path} is not a file")
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            raise JournalError(f"cannot open journal {self.path}: permission denied "
+                               f"(the daemon's user must be able to read and write it)")
+        try:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=0)
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if version == 0 and tables:
+                    raise JournalError(f"{self.path} is an SQLite file but not a mailerd journal")
+                if version > SCHEMA_VERSION:
+                    raise JournalError(
+                        f"{self.path} has journal schema version {version}; this mailerd knows "
+                        f"version {SCHEMA_VERSION} (newer journals cannot be opened by older releases)")
+                if version:
+                    result = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+                    if result != "ok":
+                        raise JournalError(f"journal {self.path} is corrupt: {result}")
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        self._preflight()
         try:
             db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0

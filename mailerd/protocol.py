@@ -192,7 +192,7 @@ class ExportRecipients(Request):
 
 AnyRequest = (
     EnqueueBegin | EnqueueRows | EnqueueCommit | Pause | Resume | Cancel | Status | Report
-    | ListCampaigns | SetPacing | Plan | DebugFreeze
+    | ListCampaigns | SetPacing | Plan | Settle | DebugFreeze
     | EnqueueAttachment | SuppressAdd | SuppressRemove | SuppressList | TestSend | ExportRecipients
 )
 

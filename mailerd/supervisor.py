@@ -134,11 +134,11 @@ class Supervisor:
     # ------------------------------------------------------------ servers
 
     async def _add_server(self, name: str, config: ServerConfig) -> None:
-        learned_blob, overrides_blob = await self.committer.run(self.journal.server_state, name)
+        learned_blob, overrides_blob = await self.committer.read(self.journal.server_state, name)
         learned = _learned_decoder.decode(learned_blob) if learned_blob else Learned()
         overrides = _overrides_decoder.decode(overrides_blob) if overrides_blob else {}
         config = self._with_overrides(name, config, overrides)
-        sends = await self.committer.run(self.journal.sends_since, name, time.time() - DAY)
+        sends = await self.committer.read(self.journal.sends_since, name, time.time() - DAY)
         server = ServerRun(name, config, Pacer(name, config, learned, sends))
         server.overrides = overrides
         self.servers[name] = server
@@ -615,7 +615,7 @@ class Supervisor:
         try:
             if run.attachments is None:  # before anything of it can reach a worker
                 run.attachments = await self.committer.run(self.journal.attachments, run.id)
-            result = await self.committer.run(
+            result = await self.committer.read(
                 self.journal.claim, run.id, run.cursor, CLAIM_BATCH, time.time(), set(run.held)
             )
         except Exception as exc:  # journal trouble: try again at the next tick
@@ -662,7 +662,7 @@ class Supervisor:
         self.kick()
 
     async def _finish_if_done(self, run: CampaignRun) -> None:
-        if await self.committer.run(self.journal.has_pending, run.id):
+        if await self.committer.read(self.journal.has_pending, run.id):
             return
         if run.buffer or run.held or run.state != "running":
             return

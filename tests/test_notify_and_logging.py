@@ -404,3 +404,35 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory)
         text = b""
     assert b" info sent " not in text, "events went to stderr as well as to the journal"
     stream_ours.close()
+
+
+# ------------------------------------------------------------------ socket activation
+
+
+def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tmp_path):
+    """As mailerd.socket does: a listening socket as fd 3 with LISTEN_PID/LISTEN_FDS."""
+    path = tmp_path / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    fd = listener.fileno()
+    workdir = tmp_path / "d"
+    workdir.mkdir()
+    daemon = EnvDaemon(workdir, {})
+    daemon.socket = str(path)  # where clients go; the config names another path
+    log_file = open(daemon.log_path, "ab")
+    daemon.proc = subprocess.Popen(
+        ["sh", "-c", f'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&{fd} {fd}<&-', "sh",
+         sys.executable, "-m", "mailerd", "--config", str(daemon.config)],
+        cwd=workdir, stdout=log_file, stderr=log_file, pass_fds=(fd,), start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    log_file.close()
+    try:
+        assert wait_until(daemon._answers, 20, "the daemon to answer on the inherited socket")
+        assert "socket_activated=True" in daemon.log()
+        assert not (workdir / "control.sock").exists(), "it made a socket of its own"
+        assert daemon.terminate() == 0
+        assert path.is_socket(), "the socket belongs to the service manager: it stays"
+    finally:
+        daemon.cleanup()
+        listener.close()

@@ -392,3 +392,245 @@ def test_format_date_is_rfc5322_utc_and_cached_per_second() -> None:
     assert format_date(0) == "Thu, 01 Jan 1970 00:00:00 +0000"
     assert format_date(1_700_000_000.1) == format_date(1_700_000_000.9) == "Tue, 14 Nov 2023 22:13:20 +0000"
     assert format_date(1_700_000_001.0) == "Tue, 14 Nov 2023 22:13:21 +0000"
+
+
+# ------------------------------------------- issue 6: attachments, headers, unsubscribe
+
+from mailerd import tokens  # noqa: E402
+from mailerd.render import (  # noqa: E402
+    POLICY_SMTPUTF8,
+    Attachment,
+    content_type_for,
+    header_name_problem,
+    list_unsubscribe_value,
+)
+
+KEY = b"k" * 32
+
+
+def reference_full(sender, to, subject, text, html, date, msgid, boundary, alt_boundary, *,
+                   reply_to=None, headers=(), list_unsubscribe=None, one_click=False,
+                   attachments=(), policy=POLICY):
+    """The email package's message for the full structure, header by header."""
+    m = EmailMessage(policy=policy)
+    m["From"] = sender; m["To"] = to; m["Subject"] = subject; m["Date"] = date; m["Message-ID"] = msgid
+    if reply_to is not None:
+        m["Reply-To"] = reply_to
+    for name, value in headers:
+        m[name] = value
+    if list_unsubscribe is not None:
+        m.set_raw("List-Unsubscribe", list_unsubscribe)  # folded between URIs, never inside
+        if one_click:
+            m["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    if text is not None and html is not None:
+        m.set_content(text); m.add_alternative(html, subtype="html")
+        m.set_boundary(alt_boundary if attachments else boundary)
+    elif text is not None:
+        m.set_content(text)
+    else:
+        m.set_content(html, subtype="html")
+    for a in attachments:
+        maintype, subtype = a.content_type.split("/")
+        m.add_attachment(a.data, maintype=maintype, subtype=subtype, filename=a.name)
+    if attachments:
+        m.set_boundary(boundary)
+    return m.as_bytes()
+
+
+attachment_names = st.sampled_from(["report.pdf", "data.csv", "photo.JPG", "notes.txt", "archive.tar.gz",
+                                    "Übersicht März.pdf", "no-extension", "日本語.docx", "a b.html"])
+attachments_strategy = st.lists(
+    st.builds(lambda name, data: Attachment(name, content_type_for(name), data),
+              attachment_names, st.binary(max_size=400)),
+    max_size=3,
+)
+reply_tos = st.sampled_from([None, "help@example.org", "Zoë Support <help@example.org>",
+                             '"Help, Desk" <help@example.org>'])
+header_values = st.one_of(st.text(alphabet=BODY_CHARS, max_size=100), special_subjects)
+
+
+def full_renderer(layout, attachments, reply_to, with_unsubscribe):
+    return Renderer(
+        sender=SENDER, subject="{{ subject }}",
+        text="{{ text }}" if layout in ("text", "both") else None,
+        html="{{ html }}" if layout in ("html", "both") else None,
+        columns=COLUMNS + ["campaign"], campaign_uid="c0ffee42",
+        reply_to=reply_to, headers={"X-Campaign": "{{ campaign }}", "X-Mailer-Note": "constant"},
+        list_unsubscribe_mailto="unsubscribe@example.org" if with_unsubscribe else None,
+        list_unsubscribe_url="https://example.org/u/{{ token }}" if with_unsubscribe else None,
+        attachments=attachments, unsubscribe_key=KEY,
+    )
+
+
+def expected_full(renderer, layout, attachments, reply_to, with_unsubscribe, line, to, subject,
+                  text, html, campaign, boundary=None, alt_boundary=None, policy=POLICY):
+    token = tokens.make(KEY, "c0ffee42", to)
+    unsubscribe = None
+    if with_unsubscribe:
+        unsubscribe = list_unsubscribe_value("unsubscribe@example.org", f"https://example.org/u/{token}")
+    return reference_full(
+        SENDER, to, subject,
+        text if layout in ("text", "both") else None,
+        html if layout in ("html", "both") else None,
+        DATE, renderer.message_id(line), boundary or renderer.boundary,
+        alt_boundary or renderer.alt_boundary,
+        reply_to=reply_to, headers=[("X-Campaign", campaign), ("X-Mailer-Note", "constant")],
+        list_unsubscribe=unsubscribe, one_click=with_unsubscribe, attachments=attachments,
+        policy=policy,
+    )
+
+
+@HYPOTHESIS
+@given(layouts, attachments_strategy, reply_tos, st.booleans(), st.data())
+def test_full_structure_is_byte_identical_to_email_package(layout, attachments, reply_to,
+                                                           with_unsubscribe, data) -> None:
+    renderer = full_renderer(layout, attachments, reply_to, with_unsubscribe)
+    for line in range(1, 3):
+        text, html = data.draw(bodies), data.draw(bodies)
+        assume(renderer.boundary not in text + html and renderer.alt_boundary not in text + html)
+        to, subject, campaign = data.draw(plain_addresses), data.draw(subjects), data.draw(header_values)
+        out = renderer.render(line=line, email=to, fields=[subject, text, html, campaign], date=DATE)
+        assert out == expected_full(renderer, layout, attachments, reply_to, with_unsubscribe, line,
+                                    to, subject, text, html, campaign)
+
+
+def test_text_html_and_two_attachments_make_mixed_with_alternative_inside() -> None:
+    pdf = Attachment("report.pdf", "application/pdf", bytes(range(256)) * 40)
+    csv_ = Attachment("données.csv", "text/csv", "a;b\né;ü\n".encode())
+    renderer = full_renderer("both", [pdf, csv_], "Zoë <help@example.org>", True)
+    out = renderer.render(line=5, email="ann@example.com",
+                          fields=["Grüße, Ann", "Hallo Ann\n", "<p>Hallo Ann</p>\n", "nov"], date=DATE)
+    assert out == expected_full(renderer, "both", [pdf, csv_], "Zoë <help@example.org>", True, 5,
+                                "ann@example.com", "Grüße, Ann", "Hallo Ann\n", "<p>Hallo Ann</p>\n", "nov")
+    message = BytesParser(policy=email.policy.default).parsebytes(out)
+    assert message.get_content_type() == "multipart/mixed"
+    alternative, *files = message.iter_parts()
+    assert alternative.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in alternative.iter_parts()] == ["text/plain", "text/html"]
+    assert [(f.get_filename(), f.get_content_type(), f.get_content()) for f in files] == [
+        ("report.pdf", "application/pdf", pdf.data), ("données.csv", "text/csv", csv_.data)]
+    assert message["Subject"] == "Grüße, Ann" and b"=?utf-8?" in out.split(b"\r\n\r\n")[0]
+    assert message["Reply-To"] == "Zoë <help@example.org>"
+
+
+def test_body_colliding_with_either_boundary_still_parses() -> None:
+    att = [Attachment("a.bin", "application/octet-stream", b"\x00\x01")]
+    renderer = full_renderer("both", att, None, False)
+    text = f"--{renderer.boundary}\n--{renderer.alt_boundary}\n"
+    out = renderer.render(line=1, email="a@b.com", fields=["s", text, "<p>h</p>", "c"], date=DATE)
+    message = BytesParser(policy=email.policy.default).parsebytes(out)
+    alternative, attached = message.iter_parts()
+    assert alternative.get_body(("plain",)).get_content().replace("\r\n", "\n") == text
+    assert attached.get_content() == b"\x00\x01"
+
+
+def test_list_unsubscribe_token_and_one_click() -> None:
+    renderer = full_renderer("text", [], None, True)
+    long_local = "someone.with.a.rather.long.address.for.folding" + "@example.com"
+    for to in ("ann@example.com", long_local):
+        out = renderer.render(line=1, email=to, fields=["s", "t", "", "c"], date=DATE)
+        message = BytesParser(policy=email.policy.default).parsebytes(out)
+        token = tokens.make(KEY, "c0ffee42", to)
+        assert tokens.verify(KEY, "c0ffee42", to, token)
+        assert tokens.verify(KEY, "c0ffee42", to.upper(), token)  # the address's case does not matter
+        assert not tokens.verify(KEY, "c0ffee43", to, token)
+        assert not tokens.verify(b"x" * 32, "c0ffee42", to, token)
+        value = " ".join(str(message["List-Unsubscribe"]).split())
+        assert value == f"<mailto:unsubscribe@example.org>, <https://example.org/u/{token}>"
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_long_unsubscribe_url_is_never_encoded_or_split() -> None:
+    url = "https://example.org/unsubscribe/" + "x" * 120 + "/{{ token }}"
+    renderer = Renderer(sender=SENDER, subject="s", text="t", html=None, columns=[], campaign_uid="u",
+                        list_unsubscribe_mailto="unsubscribe@example.org", list_unsubscribe_url=url,
+                        unsubscribe_key=KEY)
+    out = renderer.render(line=1, email="a@b.com", fields=[], date=DATE)
+    token = tokens.make(KEY, "u", "a@b.com")
+    assert f"<https://example.org/unsubscribe/{'x' * 120}/{token}>".encode() in out
+    assert b"=?" not in out.split(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("value", ["a b", "x\r\nBcc: v@x", "é", "<x>"])
+def test_unsubscribe_merge_value_that_would_break_the_uri_is_refused(value) -> None:
+    renderer = Renderer(sender=SENDER, subject="s", text="t", html=None, columns=["v"], campaign_uid="u",
+                        list_unsubscribe_url="https://example.org/u?v={{ v }}")
+    with pytest.raises(RenderError, match="^list_unsubscribe"):
+        renderer.render(line=1, email="a@b.com", fields=[value], date=DATE)
+    ok = Renderer(sender=SENDER, subject="s", text="t", html=None, columns=["v"], campaign_uid="u",
+                  list_unsubscribe_url="https://example.org/u?v={{ v|urlencode }}")
+    assert b"List-Unsubscribe: <https://example.org/u?v=" in ok.render(
+        line=1, email="a@b.com", fields=[value], date=DATE)
+
+
+@HYPOTHESIS
+@given(unsafe_subjects)
+def test_merge_values_in_custom_headers_never_create_headers(value: str) -> None:
+    renderer = full_renderer("text", [], None, False)
+    try:
+        out = renderer.render(line=1, email="a@b.com", fields=["s", "t", "", value], date=DATE)
+    except RenderError as exc:
+        assert str(exc).startswith("headers.X-Campaign:")
+        return
+    names = header_names(out)
+    assert names == ["From", "To", "Subject", "Date", "Message-ID", "X-Campaign", "X-Mailer-Note",
+                     "Content-Type", "Content-Transfer-Encoding", "MIME-Version"]
+
+
+def test_conditionals_and_filters_work() -> None:
+    renderer = Renderer(
+        sender=SENDER, subject="{% if vip == 'yes' %}VIP: {% endif %}Hi {{ first | default('friend', true) }}",
+        text="{{ first | upper }}{% for i in range(2) %}.{% endfor %}\n", html=None,
+        columns=["first", "vip"], campaign_uid="u")
+    out = renderer.render(line=1, email="a@b.com", fields=["", "yes"], date=DATE)
+    assert b"Subject: VIP: Hi friend\r\n" in out
+    out = renderer.render(line=2, email="a@b.com", fields=["ann", "no"], date=DATE)
+    assert b"Subject: Hi ann\r\n" in out and out.endswith(b"ANN..\r\n")
+
+
+def test_smtputf8_rendering_writes_utf8_headers() -> None:
+    att = [Attachment("données.pdf", "application/pdf", b"%PDF")]
+    renderer = full_renderer("both", att, "Zoë <help@example.org>", True)
+    to = "zoë@bücher.example"
+    out = renderer.render(line=3, email=to, fields=["Grüße", "t\n", "<p>h</p>", "c"], date=DATE,
+                          smtputf8=True)
+    assert out == expected_full(renderer, "both", att, "Zoë <help@example.org>", True, 3, to, "Grüße",
+                                "t\n", "<p>h</p>", "c", policy=POLICY_SMTPUTF8)
+    head = out.split(b"\r\n\r\n")[0]
+    assert "To: zoë@bücher.example".encode() in head and "Subject: Grüße".encode() in head
+    message = BytesParser(policy=email.policy.default).parsebytes(out)
+    assert message["To"].addresses[0].addr_spec == to
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("X-Campaign", None), ("Precedence", None), ("X Bad", "not a valid header name"),
+    ("Bcc", "set by mailerd"), ("to", "set by mailerd"), ("Resent-From", "set by mailerd"),
+    ("Content-Type", "set by mailerd"), ("Errors-To", None), ("Cc", "set by mailerd"),
+])
+def test_header_names(name, problem) -> None:
+    found = header_name_problem(name)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_content_type_by_extension() -> None:
+    assert content_type_for("a.PDF") == "application/pdf"
+    assert content_type_for("a.csv") == "text/csv"
+    assert content_type_for("a.tar.gz") == "application/gzip"
+    assert content_type_for("noext") == "application/octet-stream"
+
+
+def test_render_speed_of_a_2kb_text_and_html_message() -> None:
+    import time as time_
+    text = "Dear {{ first }},\n" + "A line of constant text for the newsletter body.\n" * 18
+    html = "<p>Dear {{ first }},</p>\n" + "<p>A line of constant html for the newsletter.</p>\n" * 16
+    renderer = Renderer(sender=SENDER, subject="Hello {{ first }}", text=text, html=html,
+                        columns=["first"], campaign_uid="u",
+                        list_unsubscribe_url="https://example.org/u/{{ token }}", unsubscribe_key=KEY)
+    assert len(renderer.render(line=0, email="u@example.com", fields=["x"], date=DATE)) > 2000
+    best = 1.0
+    for _ in range(5):
+        start = time_.perf_counter()
+        for i in range(500):
+            renderer.render(line=i, email=f"user{i}@example.com", fields=[f"N{i}"], date=DATE)
+        best = min(best, (time_.perf_counter() - start) / 500)
+    assert best < 150e-6, f"{best * 1e6:.0f} us per message"

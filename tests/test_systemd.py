@@ -114,6 +114,7 @@ def system(tmp_path):
                                  mounts={"/opt": opt})
     # install, as the README's "Install as a service" says
     ns.etc("systemd/system/mailerd.service").write_text((PACKAGING / "mailerd.service").read_text())
+    ns.etc("systemd/system/mailerd.socket").write_text((PACKAGING / "mailerd.socket").read_text())
     ns.etc("systemd/system/mailerd.service.d/test.conf").write_text(dropin())
     ns.etc("sysusers.d/mailerd.conf").write_text((PACKAGING / "mailerd.sysusers.conf").read_text())
     ns.etc("tmpfiles.d/mailerd.conf").write_text((PACKAGING / "mailerd.tmpfiles.conf").read_text())
@@ -155,8 +156,13 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
     assert ns.run(["id", "-un", "mailerd"]).stdout.strip() == "mailerd"
     ns.run(["sh", "-c", f"umask 077; printf '%s\\n' '{SECRET}' > /etc/mailerd/credentials/auth"])
     assert ns.run(["stat", "-c", "%a %U", "/etc/mailerd/credentials"]).stdout.split() == ["700", "root"]
-    verify = ns.run(["systemd-analyze", "verify", "/etc/systemd/system/mailerd.service"], check=False)
+    verify = ns.run(["systemd-analyze", "verify", "/etc/systemd/system/mailerd.service",
+                     "/etc/systemd/system/mailerd.socket"], check=False)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    (host / "example.toml").write_text((PACKAGING / "mailerd.toml").read_text())
+    example = ns.run(["/opt/mailerd/bin/mailerd", "--config", "/run/host/example.toml",
+                      "--check-config"], env={"PYTHONPATH": str(ROOT)}, check=False)
+    assert example.returncode == 0, example.stderr  # the shipped example, once "mailerd" exists
 
     # ---- the relay, inside the same network namespace
     ns.run(["systemd-run", "--unit=relay", "--collect", f"--setenv=PYTHONPATH={ROOT}",
@@ -166,7 +172,8 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
                                                "--no-pager"], check=False).stdout,
                20, "the relay to listen")
 
-    # ---- start: returns once READY=1 was sent
+    # ---- start (socket activation): returns once READY=1 was sent
+    ns.systemctl("enable", "--now", "mailerd.socket")
     ns.systemctl("start", "mailerd")
     assert ns.show("mailerd", "ActiveState") == "active"
     status = ns.show("mailerd", "StatusText")
@@ -187,6 +194,8 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
     ns.systemctl("kill", "-s", "KILL", "mailerd")
     at_kill = len(received(host / "received.txt"))
     assert at_kill < COUNT
+    # while it is down, a client waits in mailerd.socket's backlog instead of failing
+    assert json.loads(ctl(ns, "status", "--json").stdout)
 
     # ---- Restart=on-failure brings it back (after READY=1 again)
     wait_until(lambda: ns.show("mailerd", "NRestarts") == "1"
@@ -247,11 +256,17 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
     assert ns.run(["test", "-e", "/run/credentials/mailerd.service/relay_auth"], check=False
                   ).returncode == 0
 
-    # ---- a graceful stop
+    ready = [e for e in ours if e["MAILERD_EVENT"] == "daemon_ready"]
+    assert ready and all(e["MAILERD_SOCKET_ACTIVATED"] == "True" for e in ready)
+
+    # ---- a graceful stop; then the socket starts it again on demand
     ns.systemctl("stop", "mailerd")
     assert ns.show("mailerd", "Result") == "success"
     assert "daemon_stopped" in ns.run(["journalctl", "--no-pager", "-o", "cat", "-u",
                                        "mailerd", "-n", "5"]).stdout
+    assert ns.show("mailerd", "ActiveState") == "inactive"
+    assert json.loads(ctl(ns, "list", "--json").stdout)[0]["id"] == cid
+    assert ns.show("mailerd", "ActiveState") == "active"
     assert time.monotonic() - started < 90
 
 
