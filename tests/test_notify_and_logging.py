@@ -422,8 +422,11 @@ def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tm
     daemon.socket = str(path)  # where clients go; the config names another path
     log_file = open(daemon.log_path, "ab")
     daemon.proc = subprocess.Popen(
-        ["sh", "-c", f'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&{fd} {fd}<&-', "sh",
-         sys.executable, "-m", "mailerd", "--config", str(daemon.config)],
+        [sys.executable, "-c",  # fd 3 and LISTEN_PID of the process that becomes mailerd
+         f"import os, sys; os.dup2({fd}, 3); os.close({fd}); "
+         "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+         "os.execv(sys.executable, [sys.executable, '-m', 'mailerd', '--config', sys.argv[1]])",
+         str(daemon.config)],
         cwd=workdir, stdout=log_file, stderr=log_file, pass_fds=(fd,), start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     log_file.close()
