@@ -11,7 +11,10 @@ import sys
 import time
 from typing import Callable
 
+from mailerd import wire
 from mailerd.protocol import (
+    AnyReply,
+    Error,
     CampaignPlan,
     Plan,
     SetPacing,
@@ -174,22 +177,46 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def _stream_rows(client: Client, campaign: int, recipients: RecipientList,
                  progress: "output.EnqueueProgress | None") -> int:
+    """Send the list in chunks, one chunk ahead: while the daemon stores chunk k we
+    read and send chunk k+1 (its reply is awaited before k+2 goes out)."""
     invalid = 0
+    in_flight = 0
     chunk = []
     for row in recipients.rows():
         chunk.append(row)
         if len(chunk) >= CHUNK_ROWS:
-            invalid += _send_chunk(client, campaign, chunk)
+            _send(client, EnqueueRows(campaign=campaign, rows=chunk))
             chunk = []
+            if in_flight:
+                invalid += _chunk_reply(client)
+            in_flight = 1
             if progress:
                 progress.update(recipients.position())
     if chunk:
-        invalid += _send_chunk(client, campaign, chunk)
+        _send(client, EnqueueRows(campaign=campaign, rows=chunk))
+        in_flight += 1
+    for _ in range(in_flight):
+        invalid += _chunk_reply(client)
     return invalid
 
 
-def _send_chunk(client: Client, campaign: int, rows: list) -> int:
-    reply = client.call(EnqueueRows(campaign=campaign, rows=rows))
+_reply_decoder = wire.Decoder(AnyReply)
+
+
+def _send(client: Client, request: EnqueueRows) -> None:
+    try:
+        client.sock.sendall(wire.pack(request))
+    except OSError as exc:
+        raise Unreachable(f"lost the connection to {client.path}: {exc}") from None
+
+
+def _chunk_reply(client: Client) -> int:
+    try:
+        reply = _reply_decoder.decode(wire.recv_frame(client.sock))
+    except (OSError, wire.ConnectionClosed, wire.FrameError) as exc:
+        raise Unreachable(f"lost the connection to {client.path}: {exc or 'closed'}") from None
+    if isinstance(reply, Error):
+        raise Refused(reply.message)
     assert isinstance(reply, RowsAccepted)
     return reply.invalid
 

@@ -176,7 +176,7 @@ def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int]) ->
     if check.key in first_line_of:
         return _invalid(row.line, check.address, f"duplicate of line {first_line_of[check.key]}")
     first_line_of[check.key] = row.line
-    fields = _encode([v for i, v in enumerate(values) if i != index])
+    fields = _encode(values[:index] + values[index + 1:])  # all but the email column
     return NewRecipient(row.line, check.address, check.key, fields, "queued", None)
 
 

@@ -226,12 +226,6 @@ def _sender_domain(sender: str) -> str:
     return domain if domain.isascii() else domain.encode("idna").decode("ascii")
 
 
-def message_id_for(campaign_uid: str, line: int, sender: str) -> str:
-    """The Message-ID of the campaign's message to the recipient on `line`: the same
-    for every attempt and every resend, so receivers and relay logs can deduplicate."""
-    return f"<{campaign_uid}.{line}@{_sender_domain(sender)}>"
-
-
 def default_boundary(campaign_uid: str) -> str:
     """A deterministic boundary in the email package's own format."""
     digest = hashlib.sha256(campaign_uid.encode("utf-8")).digest()

@@ -423,7 +423,13 @@ def main() -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    asyncio.run(amain(int(sys.argv[1])))
+    # uvloop halves a worker's CPU per message (bench/RESULTS.md); plain asyncio otherwise
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(amain(int(sys.argv[1])))
+    else:
+        uvloop.run(amain(int(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,14 @@ without touching the host:
   target merely "wants" is masked (fstab, sysctl, tmpfiles, utmp, random seed,
   timers, getty, postfix ...), and so is every generator.
 
-A boot takes about 2 s and a poweroff about 1 s. Boots are serialised with a
-file lock: concurrent test runs would otherwise share the host's cgroup roots
-and compete for the same lock-step resources.
+* Units' private mounts propagate back (/ is made rshared inside, as a normal
+  boot does), which LoadCredential= needs.
+
+A boot to the small target takes well under a second here, a poweroff about as
+long. Boots are serialised with a file lock (one at a time per machine). The
+shell that starts the namespace stays outside as a guardian: if the test process
+dies without a poweroff, it SIGKILLs the namespace's PID 1 (systemd outlives a
+killed unshare otherwise) and removes the cgroup subtree.
 """
 
 from __future__ import annotations
