@@ -108,14 +108,17 @@ class Daemon:
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; a bad file changes nothing."""
+        notify.reloading()
         try:
             config = load_config(self.config.path)
         except ConfigError as exc:
             event("config_reload_failed", logging.ERROR, error=str(exc))
-            return
-        self.config = config
-        self.commands.config = config
-        await self.supervisor.reload(config)
+        else:
+            self.config = config
+            self.commands.config = config
+            await self.supervisor.reload(config)
+        finally:
+            notify.ready(self.supervisor.status_line())
 
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop_requested.is_set():

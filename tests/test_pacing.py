@@ -39,8 +39,8 @@ def test_one_session_relay_settles_at_one_connection(tmp_path, relay_factory, da
     # a fixed retry loop: 5 surplus sessions retrying every second for the whole run
     elapsed = max(arrival_times(relay)) - min(arrival_times(relay))
     fixed_loop = 5 * max(elapsed, 1.0)
-    assert relay.sessions_refused <= 8, relay.sessions_refused
-    assert relay.sessions_refused < fixed_loop
+    assert relay.sessions_refused <= 15, relay.sessions_refused
+    assert relay.sessions_refused < fixed_loop / 2
     assert relay.max_concurrent_seen == 1
 
 

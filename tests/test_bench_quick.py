@@ -1,0 +1,56 @@
+"""`python -m bench --quick` runs end to end, so the benchmark code never rots.
+
+Nothing is asserted about speed: CI machines are shared and noisy. Needs Postfix's
+smtp-sink/smtp-source (the bench installs Debian's postfix itself when it can).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.tools import BenchUnavailable, ensure_smtp_tools  # noqa: E402
+
+EXPECTED = {
+    "throughput": {"count", "by_sessions", "targets"},
+    "scale": {"count", "sample", "summary", "targets", "small", "big"},
+    "journal_cost": {"cpu", "window", "targets"},
+}
+CONTENDERS = {"mailerd", "smtp_source", "prebuilt", "prebuilt_uvloop", "naive", "ratios"}
+
+
+@pytest.fixture(scope="module")
+def smtp_tools() -> None:
+    try:
+        ensure_smtp_tools()
+    except BenchUnavailable as exc:
+        pytest.skip(f"benchmarks need Postfix's smtp-sink/smtp-source: {exc}")
+
+
+@pytest.mark.timeout(600)
+def test_quick_bench_writes_every_scenario(smtp_tools: None, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    markdown = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--markdown", str(markdown)],
+        cwd=ROOT, capture_output=True, text=True, timeout=580,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    for scenario, keys in EXPECTED.items():
+        assert keys <= set(results[scenario]), (scenario, sorted(results[scenario]))
+    for sessions in ("8", "16"):
+        assert CONTENDERS <= set(results["throughput"]["by_sessions"][sessions])
+        assert results["throughput"]["by_sessions"][sessions]["mailerd"]["median"]["rate"] > 0
+    assert set(results["throughput"]["targets"]) == {"vs_prebuilt", "vs_naive", "vs_smtp_source"}
+    assert set(results["scale"]["targets"]) == {"enqueue_s", "report_s", "pss_mb", "restart_s"}
+    assert "journal/full" in results["journal_cost"]["window"]["ms_per_msg"]
+    assert "### 1. Throughput" in markdown.read_text()
