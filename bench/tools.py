@@ -209,8 +209,15 @@ def machine_info() -> dict[str, object]:
         "postfix": _postfix_version(),
         "uvloop": _uvloop_version(),
         "steal_at_start": round(steal_fraction(), 3),
+        "mailerd_commit": _git_commit(),
     }
     return info
+
+
+def _git_commit() -> str:
+    result = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    return result.stdout.strip() or "unknown"
 
 
 def _postfix_version() -> str:

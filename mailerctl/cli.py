@@ -15,14 +15,11 @@ from mailerd import wire
 from mailerd.protocol import (
     AnyReply,
     Error,
-    CampaignPlan,
     Plan,
     SetPacing,
     Settle,
     Cancel,
-    CampaignList,
     CampaignReport,
-    DaemonStatus,
     DebugFreeze,
     Enqueued,
     EnqueueBegin,
@@ -266,26 +263,25 @@ def cmd_debug_freeze(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _query(args: argparse.Namespace, request: object, as_json: Callable, as_text: Callable) -> int:
+    """Send one request and show its reply as JSON (--json) or text."""
     with connect(args) as client:
-        reply = client.call(ListCampaigns())
-    assert isinstance(reply, CampaignList)
+        reply = client.call(request)
     if args.json:
-        output.print_json([output.report_json(r) for r in reply.campaigns])
+        output.print_json(as_json(reply))
     else:
-        print(output.campaign_table(reply.campaigns))
+        print(as_text(reply))
     return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    return _query(args, ListCampaigns(),
+                  lambda r: [output.report_json(c) for c in r.campaigns],
+                  lambda r: output.campaign_table(r.campaigns))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        reply = client.call(Status())
-    assert isinstance(reply, DaemonStatus)
-    if args.json:
-        output.print_json(output.status_json(reply))
-    else:
-        print(output.status_text(reply))
-    return EXIT_OK
+    return _query(args, Status(), output.status_json, output.status_text)
 
 
 def cmd_set(args: argparse.Namespace) -> int:
@@ -302,14 +298,7 @@ def cmd_set(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        reply = client.call(Plan(campaign=args.id))
-    assert isinstance(reply, CampaignPlan)
-    if args.json:
-        output.print_json(output.plan_json(reply))
-    else:
-        print(output.plan_text(reply))
-    return EXIT_OK
+    return _query(args, Plan(campaign=args.id), output.plan_json, output.plan_text)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

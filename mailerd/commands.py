@@ -161,24 +161,16 @@ class Commands:
         return reply
 
     async def export_recipients(self, request: ExportRecipients) -> Reply:
-        campaign = request.campaign
-        if campaign is None:
-            rows = await self.committer.read(self.journal.campaigns)
-            if not rows:
-                return Error(message="there are no campaigns yet")
-            campaign = rows[-1].id
-        row = await self._campaign(campaign)
+        row = await self._reportable(request.campaign, request.state)
         if isinstance(row, Error):
             return row
-        if request.state is not None and request.state not in _REPORTABLE:
-            return Error(message=f"unknown state {request.state!r}; use one of {', '.join(_REPORTABLE)}")
         limit = max(1, min(request.limit, 20_000))
-        recipients = await self.committer.run(
-            self.journal.recipients, campaign, request.state, limit, request.after_line)
+        recipients = await self.committer.read(
+            self.journal.recipients, row.id, request.state, limit, request.after_line)
         for recipient in recipients:
             recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)
         next_line = recipients[-1].line if len(recipients) == limit else None
-        return RecipientPage(campaign=campaign, recipients=recipients, next_line=next_line)
+        return RecipientPage(campaign=row.id, recipients=recipients, next_line=next_line)
 
     async def abandon(self, session: ClientSession) -> None:
         """The client went away mid-enqueue: nothing of that campaign is kept."""
@@ -234,20 +226,23 @@ class Commands:
     # ------------------------------------------------------------ reading
 
     async def report(self, request: Report) -> Reply:
-        campaign = request.campaign
+        row = await self._reportable(request.campaign, request.state)
+        if isinstance(row, Error):
+            return row
+        return await self._report(
+            row.id, request.state, request.limit, with_recipients=request.state is not None
+        )
+
+    async def _reportable(self, campaign: int | None, state: str | None):
+        """The campaign a report is about (the latest when none is named), or an Error."""
         if campaign is None:
             rows = await self.committer.read(self.journal.campaigns)
             if not rows:
                 return Error(message="there are no campaigns yet")
             campaign = rows[-1].id
-        row = await self._campaign(campaign)
-        if isinstance(row, Error):
-            return row
-        if request.state is not None and request.state not in _REPORTABLE:
-            return Error(message=f"unknown state {request.state!r}; use one of {', '.join(_REPORTABLE)}")
-        return await self._report(
-            campaign, request.state, request.limit, with_recipients=request.state is not None
-        )
+        if state is not None and state not in _REPORTABLE:
+            return Error(message=f"unknown state {state!r}; use one of {', '.join(_REPORTABLE)}")
+        return await self._campaign(campaign)
 
     async def list_campaigns(self) -> Reply:
         rows = await self.committer.read(self.journal.campaigns)

@@ -49,7 +49,6 @@ def _quote(value: Any) -> str:
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", {})
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
         parts = [stamp, record.levelname.lower(), readable(record)]
         line = " ".join(parts)

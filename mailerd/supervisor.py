@@ -33,7 +33,6 @@ from .protocol import CampaignSpec, ServerInfo, ServerPlan
 from .servers import ServerRun, WorkerSlot
 from .workerproto import (
     AnyFromWorker,
-    CampaignTemplate,
     Done,
     DotAck,
     DotRequest,

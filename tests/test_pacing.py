@@ -28,10 +28,10 @@ def server_status(daemon, name="isp"):
 def test_one_session_relay_settles_at_one_connection(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(max_sessions=1, reply_delay=0.01))
     daemon = daemon_factory({"isp": relay_server(relay, connections=6)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 300)
+    campaign, recipients = make_campaign(tmp_path / "c", 500)
     cid = daemon.enqueue(campaign, recipients)
     report = daemon.wait_done(cid, timeout=90)
-    assert report.counts.sent == 300 and report.counts.failed == 0
+    assert report.counts.sent == 500 and report.counts.failed == 0
     assert max(relay.count_by_rcpt().values()) == 1
     status = server_status(daemon)
     assert status.effective_connections == 1
