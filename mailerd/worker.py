@@ -350,15 +350,18 @@ class Worker:
             if reply.code != 354:
                 return self.refused(stage, reply.code, reply.message)
             ack = self.request_dot(job)
-            assert smtp.protocol is not None
-            smtp.protocol.write(dot_stuff(message))
+            # hold on to the protocol: aiosmtplib drops smtp.protocol when the
+            # connection is lost, which may happen while we wait for the journal
+            protocol = smtp.protocol
+            assert protocol is not None
+            protocol.write(dot_stuff(message))
             if not await ack:
                 raise SessionLost("journal could not record the transaction", False, stage)
-            smtp.protocol.write(b".\r\n")
+            protocol.write(b".\r\n")  # raises if the connection is already gone: no '.' sent
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SessionLost(describe(exc), False, stage, code_of(exc)) from None
         try:
-            reply = await smtp.protocol.read_response(timeout=self.server.timeout)
+            reply = await protocol.read_response(timeout=self.server.timeout)
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SessionLost(f"no reply after the final '.': {describe(exc)}", True, "dot") from None
         if reply.code == 421:

@@ -214,6 +214,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield make
     for daemon in daemons:
         daemon.cleanup()
+    for daemon in daemons:  # a crash in the daemon or a worker is a bug, even if retried
+        assert "Traceback" not in daemon.log(), daemon.log()[-3000:]
 
 
 def relay_server(relay: FakeRelay, connections: int = 2, **extra: Any) -> dict[str, Any]:
