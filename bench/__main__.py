@@ -60,15 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {"mode": "quick" if args.quick else "full", "machine": machine_info()}
     workdir = Path(tempfile.mkdtemp(prefix="mailerd-bench-"))
+    out = Path(args.out)
     try:
-        _run(chosen, params, workdir, results)
+        _run(chosen, params, workdir, results, out)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    _write(results, Path(args.out), args.markdown)
+    _write(results, out, args.markdown)
     return 0
 
 
-def _run(chosen: list[str], params: dict, workdir: Path, results: dict) -> None:
+def _run(chosen: list[str], params: dict, workdir: Path, results: dict, out: Path) -> None:
+    """Each scenario in turn; the JSON so far is saved after each one."""
     for name in chosen:
         started = time.monotonic()
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -84,6 +86,8 @@ def _run(chosen: list[str], params: dict, workdir: Path, results: dict) -> None:
             results[name] = journal_cost.run(results.get("throughput"), p["count"],
                                              p["repeats"], workdir / name)
         results[name]["seconds"] = round(time.monotonic() - started, 1)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 def _write(results: dict, out: Path, markdown_path: str | None) -> None:

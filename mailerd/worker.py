@@ -205,9 +205,9 @@ class Worker:
                 if self.unproductive:
                     reason, self.unproductive = self.unproductive, None
                     await self.back_off(reason)
-                    continue
-                if not await self.open_session():
-                    continue
+                else:
+                    await self.open_session()
+                continue  # the jobs may have been taken back meanwhile: look again
             await self.deliver(self.jobs.popleft())
             if self.smtp is not None and self.session_cap and self.session_messages >= self.session_cap:
                 await self.close_session(f"rotated after {self.session_messages} messages")
