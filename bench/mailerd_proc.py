@@ -128,7 +128,7 @@ class Mailerd:
                                   "--json")
         return json.loads(out)["id"], wall, cpu
 
-    def wait_settled(self, campaign: int, timeout: float, interval: float = 0.25) -> None:
+    def wait_settled(self, campaign: int, timeout: float, interval: float = 1.0) -> None:
         """Until nothing of the campaign is queued, sending or deferred."""
         def settled() -> bool:
             counts = self.report(campaign).counts

@@ -97,6 +97,13 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_line(self, *needles: str, timeout: float = 10) -> str:
+        """The first log line holding every needle; logging is asynchronous, so wait for it."""
+        def find() -> str | None:
+            return next((line for line in self.log().splitlines()
+                         if all(n in line for n in needles)), None)
+        return wait_until(find, timeout, f"a log line with {needles}")
+
     def call(self, request: Request) -> Any:
         with Client(self.socket, timeout=30) as client:
             return client.call(request)

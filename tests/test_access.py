@@ -101,7 +101,7 @@ def test_a_uid_outside_the_group_is_refused_with_a_clear_message(served):
     assert code == 1, (code, out, err)
     assert (f"permission denied: uid {uid} is not root, mailerd's own user (root), "
             f"or a member of group root") in err
-    assert "control_refused" in daemon.log() and f"peer_uid={uid}" in daemon.log()
+    daemon.log_line("control_refused", f"peer_uid={uid}")
     daemon.status()  # root still is served, the daemon goes on
 
 
@@ -129,8 +129,7 @@ def test_group_members_are_served_and_their_changes_logged_with_uid_and_pid(
     code, out, err = run_as(uid, gid, ["--socket", daemon.socket, "resume", str(cid), "--json"])
     assert code == 0, err
     assert json.loads(out)["id"] == cid
-    log = daemon.log()
-    line = next(l for l in log.splitlines() if " campaign_resumed " in l)
+    line = daemon.log_line(" campaign_resumed ")
     assert f"peer_uid={uid}" in line and "peer_pid=" in line
 
     # member through the user's primary group while the process runs with another gid:

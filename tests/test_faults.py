@@ -88,7 +88,7 @@ def test_full_disk_stops_sending_and_continues_when_space_returns(
         status = daemon.status()
         assert status.journal_error
     assert len(relay.messages()) - stalled_at <= 2  # at most the in-flight transactions
-    assert "journal_unwritable" in daemon.log()
+    daemon.log_line("journal_unwritable")
     assert "NOT SENDING" in daemon.ctl("status").stdout
 
     ballast.unlink()

@@ -432,7 +432,7 @@ def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tm
     log_file.close()
     try:
         assert wait_until(daemon._answers, 20, "the daemon to answer on the inherited socket")
-        assert "socket_activated=True" in daemon.log()
+        daemon.log_line("socket_activated=True")
         assert not (workdir / "control.sock").exists(), "it made a socket of its own"
         assert daemon.terminate() == 0
         assert path.is_socket(), "the socket belongs to the service manager: it stays"
