@@ -230,7 +230,7 @@ class WatchView:
         if self.tty:
             width = shutil.get_terminal_size().columns
             self.stream.write("\r" + text[: width - 1].ljust(width - 1))
-        elif time.monotonic() - self.last_print >= 2:
+        elif time.monotonic() - self.last_print >= 2 or report.state in ("done", "cancelled"):
             self.stream.write(text + "\n")
             self.last_print = time.monotonic()
         else:
@@ -238,11 +238,10 @@ class WatchView:
         self.stream.flush()
 
     def finish(self, report: CampaignReport) -> None:
+        """The last show() already printed the final counts; end the line on a terminal."""
         if self.tty:
             self.stream.write("\n")
-        else:
-            self.stream.write(self.line(report) + "\n")
-        self.stream.flush()
+            self.stream.flush()
 
     def interrupted(self) -> None:
         self.stream.write("\n")
