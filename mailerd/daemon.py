@@ -126,9 +126,11 @@ class Daemon:
             self.stop_requested.set()
 
     async def shutdown(self) -> None:
-        await self.control.stop()
-        await self.supervisor.stop(self.config.daemon.shutdown_timeout)
-        await self.committer.stop()
+        try:
+            await self.control.stop()
+            await self.supervisor.stop(self.config.daemon.shutdown_timeout)
+        finally:  # the journal thread must end before the interpreter does, whatever happened
+            await self.committer.stop()
         event("daemon_stopped", commits=self.committer.commits)
 
 

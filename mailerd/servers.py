@@ -9,6 +9,7 @@ from .config import ServerConfig
 from .journal import Claimed
 from .pacing import Pacer
 from .protocol import ServerInfo, WorkerInfo
+from .spawner import WorkerProcess
 from .workerproto import ToWorker
 
 PREFETCH = 2  # jobs a worker holds: the one in flight and the next
@@ -21,7 +22,7 @@ class WorkerSlot:
     def __init__(self, server_name: str, slot: int) -> None:
         self.server_name = server_name
         self.slot = slot
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: WorkerProcess | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.jobs: dict[tuple[int, int], Claimed] = {}
         self.campaigns_known: set[int] = set()

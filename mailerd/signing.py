@@ -18,8 +18,8 @@ import base64
 import binascii
 import re
 
-import dkim
-import dkim.crypto
+# dkimpy (and the dnspython it pulls in) is imported where a key is loaded or a
+# message signed: a worker of a server without DKIM never carries it (4 MB each).
 
 __all__ = ["KeyError_", "Signer", "load_key"]
 
@@ -61,6 +61,8 @@ def load_key(text: str | bytes) -> tuple[bytes, bytes]:
         raise KeyError_(f"a {kind} is not supported: use an RSA or Ed25519 private key")
     pem = (f"-----BEGIN {kind}-----\n".encode() + base64.encodebytes(der)
            + f"-----END {kind}-----\n".encode())
+    import dkim.crypto
+
     try:
         key = dkim.crypto.parse_pem_private_key(pem)
     except dkim.crypto.UnparsableKeyError:
@@ -97,6 +99,8 @@ class Signer:
         present = {m.lower() for m in _HEADER_NAME.findall(head)}
         include = [h.encode() for h in self._wanted if h.encode() in present]
         include += [h.encode() for h in _OVERSIGN if h.encode() in present]
+        import dkim
+
         try:
             signature = dkim.sign(
                 message, self.selector, self.domain, self._key,

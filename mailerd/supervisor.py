@@ -15,7 +15,6 @@ import asyncio
 import collections
 import logging
 import socket
-import sys
 import time
 
 import msgspec
@@ -31,6 +30,7 @@ from .log import event
 from .pacing import DAY, Decision, Learned, Pacer
 from .protocol import CampaignSpec, ServerInfo, ServerPlan
 from .servers import ServerRun, WorkerSlot
+from .spawner import WorkerProcess, spawn_worker
 from .workerproto import (
     AnyFromWorker,
     Done,
@@ -246,10 +246,7 @@ class Supervisor:
         server = self.servers[slot.server_name]
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mailerd.worker", str(child.fileno()),
-                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-            )
+            process = await asyncio.to_thread(spawn_worker, child)
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=wire.MAX_FRAME)
@@ -266,7 +263,7 @@ class Supervisor:
         self._spawn_task(self._serve_worker(slot, reader, process))
 
     async def _serve_worker(self, slot: WorkerSlot, reader: asyncio.StreamReader,
-                            process: asyncio.subprocess.Process) -> None:
+                            process: WorkerProcess) -> None:
         decoder = wire.Decoder(AnyFromWorker)
         try:
             while True:

@@ -414,15 +414,15 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def amain(fd: int) -> None:
-    sock = socket.socket(fileno=fd)
+async def amain(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=wire.MAX_FRAME)
     decoder = wire.Decoder(Setup)
     setup = decoder.decode(await wire.read_frame(reader))
     await Worker(setup, reader, writer).run()
 
 
-def main() -> None:
+def run_in_process(sock: socket.socket) -> None:
+    """A worker's life, given its end of the supervisor's socketpair (spawner.py)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -430,9 +430,14 @@ def main() -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(amain(int(sys.argv[1])))
+        asyncio.run(amain(sock))
     else:
-        uvloop.run(amain(int(sys.argv[1])))
+        uvloop.run(amain(sock))
+
+
+def main() -> None:
+    """`python -m mailerd.worker FD`: a worker started by hand on an inherited socket."""
+    run_in_process(socket.socket(fileno=int(sys.argv[1])))
 
 
 if __name__ == "__main__":
