@@ -65,6 +65,16 @@ class WorkerProcess:
             self._ended.set_result(None)
 
 
+def stop_template() -> None:
+    """After the last worker: end the fork server and its resource tracker too, so a
+    stopped daemon leaves no process behind (systemd would have to SIGKILL them).
+    multiprocessing has no public call for this; these are the ones its tests use."""
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
+
+
 def spawn_worker(child: socket.socket) -> WorkerProcess:
     from .worker import run_in_process
 

@@ -30,7 +30,7 @@ from .log import event
 from .pacing import DAY, Decision, Learned, Pacer
 from .protocol import CampaignSpec, ServerInfo, ServerPlan
 from .servers import ServerRun, WorkerSlot
-from .spawner import WorkerProcess, spawn_worker
+from .spawner import WorkerProcess, spawn_worker, stop_template
 from .workerproto import (
     AnyFromWorker,
     Done,
@@ -100,6 +100,7 @@ class Supervisor:
             await self._wait_exit(slot, deadline)
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.to_thread(stop_template)
 
     def all_slots(self) -> list[WorkerSlot]:
         return [slot for server in self.servers.values() for slot in server.slots]

@@ -417,7 +417,10 @@ def describe(exc: BaseException) -> str:
 async def amain(sock: socket.socket) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=wire.MAX_FRAME)
     decoder = wire.Decoder(Setup)
-    setup = decoder.decode(await wire.read_frame(reader))
+    try:
+        setup = decoder.decode(await wire.read_frame(reader))
+    except (wire.ConnectionClosed, wire.FrameError, ConnectionError):
+        os._exit(3)  # the daemon went away before saying who we are
     await Worker(setup, reader, writer).run()
 
 
