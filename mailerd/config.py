@@ -59,7 +59,6 @@ class DaemonConfig(Section):
     socket_group: str | None = None  # members (and root, and our own user) may use the socket
     debug_commands: bool = False  # honour debugging requests such as debug-freeze
     journal_sync: Literal["normal", "full"] = "full"  # "full": a commit survives power loss
-    commit_interval: Duration = Duration(0.002)  # how long a group commit waits to gather work
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_timeout: Duration = Duration(30)
 

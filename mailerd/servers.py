@@ -50,9 +50,12 @@ class WorkerSlot:
             self.writer.write(wire.pack(message))
 
     def info(self) -> WorkerInfo:
+        detail = self.detail
+        if self.state == "sending" and self.jobs:
+            detail = next(iter(self.jobs.values())).email  # the oldest job is the one in flight
         return WorkerInfo(
             server=self.server_name, slot=self.slot, pid=self.process.pid if self.alive else None,
-            state=self.state, detail=self.detail, sent=self.sent, restarts=self.restarts,
+            state=self.state, detail=detail, sent=self.sent, restarts=self.restarts,
         )
 
 

@@ -331,7 +331,7 @@ class Worker:
         """Run MAIL..DATA..'.'; return the deciding reply, or raise SessionLost."""
         smtp = self.smtp
         assert smtp is not None
-        self.state("sending", job.email)
+        self.state("sending")  # a frame only on the change: the supervisor knows the job
         stage = "mail"
         try:
             if self.needs_reset:
