@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from mailerd.testing.waiting import wait_until
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -160,14 +162,7 @@ def steal_fraction(seconds: float = 1.0) -> float:
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str,
              interval: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(predicate, timeout, what, interval, error=TimeoutError)
 
 
 def median(values: list[float]) -> float:
