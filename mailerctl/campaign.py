@@ -15,7 +15,14 @@ from typing import Iterator
 
 import msgspec
 
-from mailerd.protocol import AttachmentInfo, CampaignSpec, DkimKey, ListUnsubscribe, Row
+from mailerd.protocol import (
+    AttachmentInfo,
+    CampaignSpec,
+    DkimKey,
+    ListUnsubscribe,
+    Row,
+    email_column_index,
+)
 from mailerd.render import content_type_for
 from mailerd.signing import KeyError_, Signer
 
@@ -168,7 +175,7 @@ class RecipientList:
             _prepend(first, self._file), delimiter=self.delimiter, strict=False
         )
         self.columns = [c.strip() for c in self._read_guarded(lambda: next(self._reader))]
-        if "email" not in [c.lower() for c in self.columns]:
+        if email_column_index(self.columns) is None:
             raise InputError(f"{self.path}: line 1: no 'email' column in the header ({', '.join(self.columns)})")
 
     def _read_guarded(self, read):

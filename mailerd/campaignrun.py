@@ -47,13 +47,15 @@ class CampaignRun:
 
     def note_sent(self, now: float) -> None:
         self.sent_times.append(now)
-        while self.sent_times and self.sent_times[0] < now - RATE_WINDOW:
-            self.sent_times.popleft()
+        self._forget_before(now - RATE_WINDOW)
 
     def rate(self, now: float) -> float:
         """Messages per second over the last minute (0 until there are two)."""
-        while self.sent_times and self.sent_times[0] < now - RATE_WINDOW:
-            self.sent_times.popleft()
+        self._forget_before(now - RATE_WINDOW)
         if len(self.sent_times) < 2:
             return 0.0
         return len(self.sent_times) / max(now - self.sent_times[0], 1.0)
+
+    def _forget_before(self, since: float) -> None:
+        while self.sent_times and self.sent_times[0] < since:
+            self.sent_times.popleft()

@@ -40,7 +40,6 @@ class Committer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.commits = 0
-        self.operations = 0
         self.last_error: str | None = None
 
     def start(self) -> None:
@@ -126,7 +125,6 @@ class Committer:
             error = JournalWriteError(self.last_error)
             results = [(op, False, error) for op in ops]
         self.commits += 1
-        self.operations += len(ops)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_resolve, results)
 

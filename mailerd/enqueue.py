@@ -14,7 +14,7 @@ import msgspec
 from .addresses import check_address
 from .config import Config
 from .journal import Journal, NewRecipient, suppressed_reply
-from .protocol import CampaignSpec, Row, RowsAccepted
+from .protocol import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
 from .render import (RenderError, Renderer, TemplateError, header_name_problem,
                      list_unsubscribe_value, template_variables)
 from .signing import KeyError_, Signer
@@ -30,17 +30,17 @@ class SpecError(ValueError):
 
 
 def email_column(columns: list[str]) -> int:
-    lowered = [c.strip().lower() for c in columns]
-    if "email" not in lowered:
+    index = email_column_index(columns)
+    if index is None:
         raise SpecError(
             f"the recipient list has no 'email' column (columns: {', '.join(columns) or 'none'})"
         )
-    return lowered.index("email")
+    return index
 
 
 def merge_fields(columns: list[str]) -> list[str]:
-    index = email_column(columns)
-    return [c for i, c in enumerate(columns) if i != index]
+    email_column(columns)  # refuses a list without one
+    return merge_field_names(columns)
 
 
 def check_spec(spec: CampaignSpec, config: Config) -> None:

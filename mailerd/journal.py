@@ -445,13 +445,6 @@ class Journal:
             cursor = min(cursor, claimed[-1].line)
         return ClaimResult(claimed, cursor)
 
-    def next_retry_at(self, campaign: int) -> float | None:
-        row = self._db.execute(
-            "SELECT min(next_at) FROM recipients WHERE campaign=? AND state='deferred'",
-            (campaign,),
-        ).fetchone()
-        return row[0]
-
     def mark_sending(self, items: list[tuple[int, int, str]]) -> None:
         """(campaign, line, server): handed to a worker of that server."""
         now = time.time()
@@ -509,8 +502,9 @@ class Journal:
         return [row[0] for row in self._db.execute(
             "SELECT t FROM sends WHERE server=? AND t>=? ORDER BY t", (server, since))]
 
-    def prune_sends(self, before: float) -> None:
-        self._db.execute("DELETE FROM sends WHERE t<?", (before,))
+    def prune_sends(self, server: str, before: float) -> None:
+        """Send times older than every quota window are of no use any more."""
+        self._db.execute("DELETE FROM sends WHERE server=? AND t<?", (server, before))
 
     def server_state(self, name: str) -> tuple[bytes | None, bytes | None]:
         row = self._db.execute(
@@ -579,12 +573,6 @@ class Journal:
     def add_attachment_chunk(self, campaign: int, index: int, seq: int, chunk: bytes) -> None:
         self._db.execute("INSERT INTO attachments (campaign, idx, seq, data) VALUES (?, ?, ?, ?)",
                          (campaign, index, seq, chunk))
-
-    def attachment_sizes(self, campaign: int) -> dict[int, tuple[int, int]]:
-        """index -> (chunks, bytes) stored so far."""
-        return {idx: (n, size) for idx, n, size in self._db.execute(
-            "SELECT idx, count(*), sum(length(data)) FROM attachments WHERE campaign=? "
-            "GROUP BY idx", (campaign,))}
 
     def attachments(self, campaign: int) -> list[bytes]:
         """The campaign's attachments' bytes, in spec order."""
@@ -676,12 +664,6 @@ class Journal:
             key = "sending" if state == "data-sent" else state
             counts[key] = counts.get(key, 0) + n
         return Counts(**counts)
-
-    def sent_since(self, campaign: int, since: float) -> int:
-        return self._db.execute(
-            "SELECT count(*) FROM recipients WHERE campaign=? AND state='sent' AND updated>=?",
-            (campaign, since),
-        ).fetchone()[0]
 
     def recipients(
         self, campaign: int, state: str | None, limit: int | None, after_line: int = 0

@@ -161,13 +161,6 @@ class Pacer:
                 return Decision("pause", "group", f"for {self.server.group_interval:g}s")
         return None
 
-    def give_back(self) -> None:
-        """A start that did not reach the relay's '.': it does not count."""
-        if self.starts:
-            self.starts.pop()
-        if self.group_count:
-            self.group_count -= 1
-
     def _count_since(self, since: float) -> int:
         count = 0
         for t in reversed(self.starts):
@@ -272,6 +265,7 @@ class Pacer:
         return Decision("park", "quota", f"until {until:.0f} ({until - now:.0f}s)", reply)
 
     def _learn_length_from_text(self, reply: str) -> Decision:
+        # the count is learned when the session's end reports it (learn_session_length)
         return Decision("note", "session length", "reply names a session limit", reply)
 
     def on_session_end(self, messages: int, dropped: bool, reply: str, now: float,

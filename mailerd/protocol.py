@@ -9,21 +9,27 @@ then EnqueueCommit. A connection that closes before the commit discards the camp
 
 from __future__ import annotations
 
-from typing import Literal
 
 import msgspec
 
 PROTOCOL_VERSION = 1
 
-RecipientState = Literal[
-    "queued", "sending", "data-sent", "sent", "deferred", "failed", "uncertain", "invalid",
-    "suppressed",
-]
-CampaignState = Literal["loading", "running", "paused", "done", "cancelled"]
 COUNTED_STATES: tuple[str, ...] = (
     "queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid", "suppressed",
 )
 SUPPRESSION_REASONS: tuple[str, ...] = ("unsubscribed", "bounced", "manual")
+
+
+def email_column_index(columns: list[str]) -> int | None:
+    """Where a list's `email` column is (the first, case-insensitive), or None."""
+    lowered = [c.strip().lower() for c in columns]
+    return lowered.index("email") if "email" in lowered else None
+
+
+def merge_field_names(columns: list[str]) -> list[str]:
+    """Every column but the email column: the merge fields, in the order rows store them."""
+    index = email_column_index(columns)
+    return [c for i, c in enumerate(columns) if i != index]
 
 
 class ListUnsubscribe(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

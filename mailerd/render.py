@@ -40,6 +40,7 @@ import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from . import tokens
+from .protocol import merge_field_names
 
 __all__ = [
     "POLICY",
@@ -214,7 +215,11 @@ def _fold_date(value: str) -> bytes:
 
 def message_id_for(campaign_uid: str, line: int, sender: str) -> str:
     """The Message-ID every copy of this recipient's message carries, resends included."""
-    return f"<{campaign_uid}.{line}@{_sender_domain(sender)}>"
+    return _message_id(campaign_uid, line, _sender_domain(sender))
+
+
+def _message_id(campaign_uid: str, line: int, domain: str) -> str:
+    return f"<{campaign_uid}.{line}@{domain}>"
 
 
 def _sender_domain(sender: str) -> str:
@@ -388,23 +393,6 @@ _qp_encode_short_line = functools.lru_cache(maxsize=4096)(_qp_encode_line)
 
 def _forced_wire(content: str, cte: str) -> bytes:
     return _to_wire(email.contentmanager._encode_text(content, "utf-8", cte, POLICY)[1])
-
-
-def build_with_email_package(
-    *,
-    sender: str,
-    to: str,
-    subject: str,
-    text: str | None,
-    html: str | None,
-    date: str,
-    msgid: str,
-    boundary: str,
-) -> bytes:
-    """The slow reference construction of a plain message (kept for callers and tests)."""
-    headers = [("From", sender), ("To", to), ("Subject", subject), ("Date", date),
-               ("Message-ID", msgid)]
-    return _build_message(headers, text, html, boundary, boundary, (), POLICY)
 
 
 def _build_message(
@@ -651,7 +639,7 @@ class Renderer:
         unsubscribe = spec.list_unsubscribe
         return cls(
             sender=spec.sender, subject=spec.subject, text=spec.text, html=spec.html,
-            columns=[c for c in spec.columns if c.strip().lower() != "email"],
+            columns=merge_field_names(spec.columns),
             campaign_uid=campaign_uid, reply_to=spec.reply_to, headers=dict(spec.headers),
             list_unsubscribe_mailto=unsubscribe.mailto if unsubscribe else None,
             list_unsubscribe_url=unsubscribe.url if unsubscribe else None,
@@ -666,12 +654,8 @@ class Renderer:
     def alt_boundary(self) -> str:
         return self._alt_boundary
 
-    @property
-    def sender_domain(self) -> str:
-        return self._domain
-
     def message_id(self, line: int) -> str:
-        return f"<{self._campaign_uid}.{line}@{self._domain}>"
+        return _message_id(self._campaign_uid, line, self._domain)
 
     def token(self, email: str) -> str:
         return tokens.make(self._unsubscribe_key, self._campaign_uid, email)
@@ -728,13 +712,6 @@ class Renderer:
         for part, piece in zip(parts, pieces[1:]):
             out += (part, piece)
         return b"".join(out)
-
-    def header_values(self, *, email: str, fields: list[str], date: str, line: int) -> list[tuple[str, str]]:
-        """The message's own headers in order, unfolded (for tests and preview)."""
-        context = self._context(email, fields)
-        subject = _render_template("subject", self._subject_template, context)
-        extra = [(h, h.value(context)) for h in self._headers]
-        return self._header_list(email, subject, date, line, extra, self._list_unsubscribe(context))
 
     def _context(self, email: str, fields: list[str]) -> dict[str, Any]:
         context = self._globals.copy()

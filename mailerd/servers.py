@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from . import wire
+from .classify import Cause
 from .config import ServerConfig
 from .journal import Claimed
 from .pacing import Pacer
@@ -35,7 +36,7 @@ class WorkerSlot:
         self.respawn_delay = 0.5
         self.started_at = 0.0
         self.retired = False  # connections were lowered by configuration: stop for good
-        self.refusal_handled = False  # the last Done's reply already told the pacer why
+        self.refusal: Cause | None = None  # what the last Done's reply told the pacer
 
     @property
     def accepting(self) -> bool:
@@ -88,9 +89,6 @@ class ServerRun:
         candidates.sort(key=lambda s: (not s.connected, s.slot))
         self.active = {s.slot for s in candidates[:wanted]}
         return self.active
-
-    def live_sessions(self) -> int:
-        return sum(1 for s in self.slots if s.connected)
 
     def info(self, now: float) -> ServerInfo:
         state, reason, until = self.pacer.state(now)

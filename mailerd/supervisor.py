@@ -50,6 +50,7 @@ from .workerproto import (
 BUFFER_LOW = 64
 CLAIM_BATCH = 512
 TICK = 1.0
+PRUNE_EVERY = 3600.0  # drop send times older than the longest quota window (a day)
 RESPAWN_MAX = 30.0
 SESSIONS_SIGNAL_GUARD = 1.0  # one halving per burst of "too many sessions"
 CONNECTION_KEYS = ("host", "port", "security", "username", "password_file", "tls_verify",
@@ -79,6 +80,7 @@ class Supervisor:
         self._wake_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._rr = 0
+        self._last_prune = time.time()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -366,7 +368,7 @@ class Supervisor:
     def _session_ended(self, slot: WorkerSlot, ended: SessionEnded) -> None:
         server = self.servers[slot.server_name]
         server.sessions_ended += 1
-        handled, slot.refusal_handled = slot.refusal_handled, False
+        refusal, slot.refusal = slot.refusal, None
         slot.connected = False
         now = time.time()
         if ended.stage == "connect":
@@ -379,8 +381,14 @@ class Supervisor:
             return
         if ended.dropped:
             server.drops += 1
-        if handled:
+        if refusal is Cause.SESSION_LENGTH and ended.messages:
+            # the relay said "too many messages in this session": now we know how many
+            decision = server.pacer.learn_session_length(ended.messages, ended.reply)
+            if decision is not None:
+                self._decided(server, decision)
             return
+        if refusal is not None:
+            return  # the Done's reply already told the pacer why
         others = any(s.connected for s in server.slots if s is not slot)
         decision = server.pacer.on_session_end(ended.messages, ended.dropped, ended.reply, now,
                                                others)
@@ -407,7 +415,7 @@ class Supervisor:
         claimed = slot.jobs.pop((done.campaign, done.line), None)
         run = self.campaigns.get(done.campaign)
         cause = self._refusal_cause(done)
-        slot.refusal_handled = cause is not None
+        slot.refusal = cause
         if cause is not None:
             # the relay's limit, not the recipient's fault: no attempt counted
             self._pacing_signal(server, cause, f"{done.code} {done.reply}", time.time())
@@ -510,7 +518,8 @@ class Supervisor:
         """Tell the workers what the pacer now says; save what it learned."""
         before = server.active
         after = server.choose_active()
-        parked = server.pacer.next_start(time.time()) - time.time() > server.config.idle_timeout
+        now = time.time()
+        parked = server.pacer.next_start(now) - now > server.config.idle_timeout
         limits = self._limits(server)
         for slot in server.slots:
             slot.send(limits)
@@ -643,6 +652,10 @@ class Supervisor:
             if self.storage_error is not None:
                 return
         now = time.time()
+        if now - self._last_prune >= PRUNE_EVERY:
+            self._last_prune = now
+            for name in self.servers:
+                self._write(self.journal.prune_sends, name, now - DAY)
         for server in self.servers.values():
             decisions = server.pacer.tick(now)
             for decision in decisions:
