@@ -79,6 +79,7 @@ class Supervisor:
         self._dispatch_scheduled = False
         self._wake_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spawning: set[asyncio.Future[None]] = set()
         self._rr = 0
         self._last_prune = time.time()
 
@@ -94,6 +95,8 @@ class Supervisor:
     async def stop(self, timeout: float) -> None:
         """Graceful: workers finish their transaction, give back the rest, QUIT, exit."""
         self.stopping = True
+        if self._spawning:  # a worker being forked right now must be stopped too
+            await asyncio.wait(self._spawning)
         slots = self.all_slots()
         for slot in slots:
             slot.send(Stop())
@@ -242,7 +245,10 @@ class Supervisor:
             if delay:
                 await asyncio.sleep(delay)
             if not self.stopping and not slot.retired:
-                await self._spawn(slot)
+                spawning = asyncio.ensure_future(self._spawn(slot))
+                self._spawning.add(spawning)
+                spawning.add_done_callback(self._spawning.discard)
+                await asyncio.shield(spawning)  # stop() waits for it, never cancels it
         self._spawn_task(later())
 
     async def _spawn(self, slot: WorkerSlot) -> None:

@@ -115,6 +115,10 @@ class Daemon:
         out = self.ctl("enqueue", str(campaign_file), "--recipients", str(recipients), "--json")
         return msgspec.json.decode(out.stdout)["id"]
 
+    def send_campaign(self, directory: Path, count: int, **kwargs: Any) -> int:
+        """make_campaign's files, enqueued with mailerctl: the campaign's id."""
+        return self.enqueue(*make_campaign(directory, count, **kwargs))
+
     def wait_done(self, campaign: int, timeout: float = 60) -> CampaignReport:
         return wait_until(
             lambda: (r := self.report(campaign)).state == "done" and r,

@@ -39,6 +39,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
+from mailerd.testing.waiting import wait_until
+
 SYSTEMD = Path("/lib/systemd/systemd")
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 LOCK = Path("/run/lock/mailerd-systemd-test.lock") if Path("/run/lock").is_dir() \
@@ -116,6 +118,8 @@ class SystemdNamespace:
         self.cgroup = cg_parent / self.name
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None  # host pid of the namespace's PID 1 (systemd)
+        self.state = ""  # systemctl is-system-running, once booted
+        self._last_state = ""
         self._lock_fd: int | None = None
         self._prepare_etc()
 
@@ -268,22 +272,26 @@ find {cg} -depth -type d -exec rmdir {{}} + 2>/dev/null || true
                                      stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while self.pid is None:
-            self.pid = self._child_pid()
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise BootError(f"namespace did not start:\n{self.console()}")
-            time.sleep(0.02)
-        while True:
-            self._check_alive()
-            state = self.run(["systemctl", "is-system-running"], check=False).stdout.strip()
-            if state in ("running", "degraded"):
-                break
-            if time.monotonic() > deadline:
-                raise BootError(f"systemd did not finish booting (state {state!r}):\n"
-                                f"{self.console()}")
-            time.sleep(0.05)
-        self.state = state
+        self.pid = self._await_boot(self._started_pid, deadline, "the namespace to start", 0.02)
+        self.state = self._await_boot(self._booted_state, deadline,
+                                      "systemd to finish booting", 0.05)
+
+    def _await_boot(self, probe, deadline: float, what: str, interval: float):
+        try:
+            return wait_until(probe, max(0.0, deadline - time.monotonic()), what, interval,
+                              error=BootError)
+        except BootError as exc:
+            raise BootError(f"{exc} (last state {self._last_state!r}):\n{self.console()}") from None
+
+    def _started_pid(self) -> int | None:
+        self._check_alive()
+        return self._child_pid()
+
+    def _booted_state(self) -> str | None:
+        self._check_alive()
+        state = self.run(["systemctl", "is-system-running"], check=False).stdout.strip()
+        self._last_state = state
+        return state if state in ("running", "degraded") else None
 
     def _child_pid(self) -> int | None:
         """The host pid of systemd: the child of unshare, itself the guardian's child."""

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 
 import mailerctl.cli  # imported before any fork: the child may not be able to read it
-from conftest import make_campaign, relay_server
+from conftest import relay_server
 from mailerd.access import AccessPolicy
 from mailerd.commands import Peer
 
@@ -121,8 +121,7 @@ def test_group_members_are_served_and_their_changes_logged_with_uid_and_pid(
     daemon = served({"isp": relay_server(relay)}, {"socket_group": group})
     mode = os.stat(daemon.socket)
     assert stat.S_IMODE(mode.st_mode) == 0o660 and mode.st_gid == gid
-    campaign, recipients = make_campaign(tmp_path / "c", 5)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 5)
     daemon.wait_done(cid)
 
     # member through the process's own gid

@@ -33,8 +33,7 @@ def test_thousand_recipients_over_a_relay_that_drops_every_7_messages(
         tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(drop_after=7))
     daemon = daemon_factory({"isp": relay_server(relay, connections=4)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 1000)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 1000)
     report = daemon.wait_done(cid, timeout=120)
     assert_exactly_once(relay, addresses(1000))
     assert report.counts.sent == 1000
@@ -175,8 +174,7 @@ def test_pause_stops_new_transactions_resume_continues_cancel_is_final(
         tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(reply_delay=0.01))
     daemon = daemon_factory({"isp": relay_server(relay, connections=2)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 400)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 400)
     wait_until(lambda: len(relay.messages()) >= 20, 30, "20 messages")
     daemon.ctl("pause", str(cid))
     # within a second nothing new starts: at most the in-flight ones complete
@@ -252,8 +250,7 @@ def test_connection_level_failures_do_not_count_as_attempts(
 def test_sigterm_drains_and_exits_zero(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(reply_delay=0.005))
     daemon = daemon_factory({"isp": relay_server(relay, connections=2)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 300)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 300)
     wait_until(lambda: len(relay.messages()) >= 30, 30, "30 messages")
     assert daemon.terminate() == 0
     daemon.start()

@@ -73,8 +73,7 @@ def test_full_disk_stops_sending_and_continues_when_space_returns(
     relay = relay_factory(Faults(reply_delay=0.005))
     daemon = daemon_factory({"isp": relay_server(relay, connections=2)},
                             daemon={"state_dir": str(small_disk / "state")}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 600)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 600)
     wait_until(lambda: len(relay.messages()) >= 50, 30, "sending to start")
 
     ballast = fill(small_disk)
@@ -156,8 +155,7 @@ def test_two_hundred_clients_some_stalling_while_a_campaign_runs(
         tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(reply_delay=0.002))
     daemon = daemon_factory({"isp": relay_server(relay, connections=2)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 800)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 800)
     stalled = []
     for i in range(50):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

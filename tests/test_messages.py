@@ -390,7 +390,6 @@ def test_bounce_patterns_are_configurable(tmp_path, relay_factory, daemon_factor
     config = daemon.config.read_text() + "\n[suppression]\nauto_bounce = false\n"
     daemon.config.write_text(config)
     daemon.start()
-    campaign, recipients = make_campaign(tmp_path / "c", 2, extra_rows=["x@bad.example,X,Y"])
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 2, extra_rows=["x@bad.example,X,Y"])
     assert daemon.wait_done(cid).counts.failed == 1
     assert "x@bad.example" not in daemon.ctl("suppress", "list").stdout

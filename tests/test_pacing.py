@@ -28,8 +28,7 @@ def server_status(daemon, name="isp"):
 def test_one_session_relay_settles_at_one_connection(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(max_sessions=1, reply_delay=0.01))
     daemon = daemon_factory({"isp": relay_server(relay, connections=6)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 500)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 500)
     report = daemon.wait_done(cid, timeout=90)
     assert report.counts.sent == 500 and report.counts.failed == 0
     assert max(relay.count_by_rcpt().values()) == 1
@@ -76,8 +75,7 @@ def test_group_and_interval_pause_all_sessions(tmp_path, relay_factory, daemon_f
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(
         relay, connections=3, group_size=20, group_interval="2s")}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 100)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 100)
     daemon.wait_done(cid, timeout=60)
     times = arrival_times(relay)
     assert len(times) == 100
@@ -90,8 +88,7 @@ def test_group_and_interval_pause_all_sessions(tmp_path, relay_factory, daemon_f
 def test_rate_holds_across_workers_and_a_restart(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(relay, connections=4, rate="20/s")}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 120)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 120)
     wait_until(lambda: len(relay.messages()) >= 50, 30, "50 messages")
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.proc.wait(30)
@@ -127,8 +124,7 @@ def test_other_server_takes_the_traffic_while_one_is_parked(tmp_path, relay_fact
         "limited": relay_server(limited, connections=2, quota_cooloff="1h"),
         "spare": relay_server(spare, connections=2),
     }).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 200)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 200)
     report = daemon.wait_done(cid, timeout=60)
     assert report.counts.sent == 200 and report.counts.failed == 0
     on_limited, on_spare = limited.count_by_rcpt(), spare.count_by_rcpt()
@@ -143,8 +139,7 @@ def test_other_server_takes_the_traffic_while_one_is_parked(tmp_path, relay_fact
 def test_set_and_sighup_change_a_running_campaign(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(relay, connections=2, rate="5/s")}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 300)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 300)
     wait_until(lambda: len(relay.messages()) >= 5, 30, "5 messages")
 
     daemon.ctl("set", "isp", "rate=200/s")
@@ -173,8 +168,7 @@ def test_set_and_sighup_change_a_running_campaign(tmp_path, relay_factory, daemo
 def test_plan_estimates_from_the_rate(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(relay, connections=1, rate="2/s")}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 100)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 100)
     wait_until(lambda: len(relay.messages()) >= 2, 30, "sending to start")
     plan = daemon.ctl("plan", str(cid), "--json").stdout
     import json
