@@ -238,7 +238,7 @@ def test_connection_level_failures_do_not_count_as_attempts(
     assert all(r.attempts == 1 for r in daemon.report(cid, "sent").recipients)
     uncertain = {r.email for r in daemon.report(cid, "uncertain").recipients}
     assert not uncertain & set(relay.count_by_rcpt())  # the relay recorded none of them
-    assert relay.drops >= 20
+    assert relay.drops >= 10  # every 5th DATA is cut (12+); drop_after ones depend on what was learned
 
     relay.set_faults(Faults())
     daemon.ctl("resume", str(cid), "--include-uncertain")
