@@ -95,7 +95,8 @@ class Daemon:
               socket_activated=self.control.inherited is not None,
               servers=",".join(self.config.servers), version=__version__)
         notify.ready(self.supervisor.status_line())
-        self.notifier = asyncio.create_task(notify.keep_informed(self.supervisor.status_line))
+        self.notifier = asyncio.create_task(notify.keep_informed(self.supervisor.status_line,
+                                                                  self.supervisor.status_changed))
         await self.stop_requested.wait()
         notify.stopping("draining: in-flight transactions finish, then exit")
         try:

@@ -92,14 +92,18 @@ def _one_line(text: str) -> str:
 STATUS_EVERY = 2.0  # seconds between checks of the STATUS= line (sent when it changed)
 
 
-async def keep_informed(status_line: Callable[[], str], status_every: float = STATUS_EVERY) -> None:
+async def keep_informed(status_line: Callable[[], str], changed: asyncio.Event | None = None,
+                        status_every: float = STATUS_EVERY) -> None:
     """Until cancelled: WATCHDOG=1 at half of $WATCHDOG_USEC, STATUS= when it changes.
 
+    The line is checked every `status_every` seconds and at once when `changed`
+    is set (a campaign started, paused or ended), so a short campaign still shows.
     Runs on the event loop on purpose: a loop that hangs stops the pings, and the
     service manager then kills and restarts the daemon (WatchdogSec=, Restart=).
     """
     if not enabled():
         return
+    changed = changed or asyncio.Event()
     interval = watchdog_interval()
     loop = asyncio.get_running_loop()
     next_ping = next_status = loop.time()
@@ -109,14 +113,22 @@ async def keep_informed(status_line: Callable[[], str], status_every: float = ST
         if interval is not None and now >= next_ping:
             watchdog()
             next_ping = now + interval
-        if now >= next_status:
-            try:
-                line = status_line()
-            except Exception as exc:  # a status bug must not stop the watchdog pings
-                line = f"status unavailable: {exc!r}"
+        if now >= next_status or changed.is_set():
+            changed.clear()
+            line = _status_or_error(status_line)
             if line != last:
                 status(line)
                 last = line
             next_status = now + status_every
         wake = min(next_status, next_ping if interval is not None else next_status)
-        await asyncio.sleep(max(0.0, wake - loop.time()))
+        try:
+            await asyncio.wait_for(changed.wait(), max(0.0, wake - loop.time()))
+        except TimeoutError:
+            pass
+
+
+def _status_or_error(status_line: Callable[[], str]) -> str:
+    try:
+        return status_line()
+    except Exception as exc:  # a status bug must not stop the watchdog pings
+        return f"status unavailable: {exc!r}"

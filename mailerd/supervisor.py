@@ -76,6 +76,7 @@ class Supervisor:
         self.storage_error: str | None = None
         self.pending_writes: collections.deque[tuple[object, tuple[object, ...]]] = collections.deque()
         self.sent_total = 0
+        self.status_changed = asyncio.Event()  # a campaign started, paused or ended (STATUS=)
         self._dispatch_scheduled = False
         self._wake_handle: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -685,12 +686,14 @@ class Supervisor:
         await self.committer.run(self.journal.set_campaign_state, run.id, "done")
         run.state = "done"
         del self.campaigns[run.id]
+        self.status_changed.set()
         event("campaign_done", campaign=run.id, name=run.spec.name)
 
     # ------------------------------------------------------------ campaign control
 
     def add_campaign(self, campaign: int, uid: str, spec: CampaignSpec) -> None:
         self.campaigns[campaign] = CampaignRun(campaign, uid, spec, "running")
+        self.status_changed.set()
         self.kick()
 
     def resume_campaign(self, campaign: int, uid: str, spec: CampaignSpec) -> None:
@@ -699,6 +702,7 @@ class Supervisor:
             run = self.campaigns[campaign] = CampaignRun(campaign, uid, spec, "running")
         run.state = "running"
         run.rescan()
+        self.status_changed.set()
         self.kick()
 
     def halt_campaign(self, campaign: int, state: str) -> None:
@@ -708,6 +712,7 @@ class Supervisor:
             return
         run.state = state
         run.drop_buffer()
+        self.status_changed.set()
         for slot in self.all_slots():
             if any(c == campaign for c, _ in slot.jobs):
                 slot.send(Revoke(campaign))
