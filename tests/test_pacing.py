@@ -71,6 +71,22 @@ def test_session_length_is_learned_and_kept_after_restart(tmp_path, relay_factor
     assert max(relay.count_by_rcpt().values()) == 1 and len(relay.count_by_rcpt()) == 210
 
 
+def test_session_length_is_learned_from_a_too_many_messages_reply(tmp_path, relay_factory,
+                                                                   daemon_factory):
+    """One "too many messages in one session" refusal is enough: the count is known."""
+    relay = relay_factory(Faults(session_limit=7))
+    daemon = daemon_factory({"isp": relay_server(relay, connections=2)}).start()
+    cid = daemon.send_campaign(tmp_path / "c", 70)
+    report = daemon.wait_done(cid)
+    assert report.counts.sent == 70 and report.counts.failed == 0
+    assert sorted(relay.count_by_rcpt().values()) == [1] * 70
+    assert all(r.attempts == 1 for r in daemon.report(cid, "sent").recipients)
+    status = server_status(daemon)
+    assert status.learned["messages_per_connection"] == 7
+    # learned at the first refusal of each session that was already running
+    assert relay.drop_reasons["session_limit"] <= 2, relay.drop_reasons
+
+
 def test_group_and_interval_pause_all_sessions(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(

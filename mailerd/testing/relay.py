@@ -135,6 +135,12 @@ class Faults(msgspec.Struct, kw_only=True):
         MAIL, QUIT, ...) gets no reply.  Because the session ends there,
         "every K-th" and "the K-th" are the same thing.  Drop reason
         ``"drop_after"``.
+    session_limit = K, session_limit_reply = R
+        Per-session count of accepted messages.  Once a session has had K
+        messages accepted, its next MAIL FROM is answered with R (by default
+        Barracuda's "too many messages in one session" wording) and the relay
+        closes the connection after that reply.  Drop reason
+        ``"session_limit"``.
     """
 
     drop_after: int = 0
@@ -150,6 +156,8 @@ class Faults(msgspec.Struct, kw_only=True):
     quota_reply: str = "421 4.7.0 Daily user sending quota exceeded"
     limits_mailmax: int = 0  # advertise RFC 9422 "LIMITS MAILMAX=n" in the EHLO reply
     tempfail_every: int = 0  # every N-th RCPT (relay-wide count) gets the 451 tempfail reply
+    session_limit: int = 0
+    session_limit_reply: str = "421 4.7.0 Too many messages in one session, closing connection"
 
 
 class Received(NamedTuple):
@@ -173,7 +181,8 @@ MessageCallback = Callable[[tuple[Received, ...]], None]
 
 def _validate_faults(faults: Faults) -> None:
     """Raise ValueError if `faults` holds a value the relay cannot honour."""
-    counts = ("drop_after", "max_sessions", "close_mid_data_every", "swallow_every", "quota_after")
+    counts = ("drop_after", "max_sessions", "close_mid_data_every", "swallow_every", "quota_after",
+              "session_limit")
     for name in counts:
         value = getattr(faults, name)
         if not isinstance(value, int) or value < 0:
@@ -182,9 +191,10 @@ def _validate_faults(faults: Faults) -> None:
         value = getattr(faults, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"Faults.{name} must be a finite number >= 0, got {value!r}")
-    reply = faults.quota_reply
-    if len(reply) < 3 or not reply[:3].isdigit() or "\r" in reply or "\n" in reply:
-        raise ValueError(f"Faults.quota_reply must be a one-line SMTP reply, got {reply!r}")
+    for name in ("quota_reply", "session_limit_reply"):
+        reply = getattr(faults, name)
+        if len(reply) < 3 or not reply[:3].isdigit() or "\r" in reply or "\n" in reply:
+            raise ValueError(f"Faults.{name} must be a one-line SMTP reply, got {reply!r}")
 
 
 def _copy_faults(faults: Faults) -> Faults:
@@ -356,6 +366,12 @@ class _State:
         with self.cond:
             return self.faults.drop_after
 
+    def session_limit_refusal(self, accepted_in_session: int) -> str | None:
+        """Reply for a MAIL FROM on a session that has had its fill, else None."""
+        with self.cond:
+            limit = self.faults.session_limit
+            return self.faults.session_limit_reply if limit and accepted_in_session >= limit else None
+
     def next_queue_id(self) -> int:
         with self.cond:
             self.queue_id += 1
@@ -508,6 +524,10 @@ class _Handler:
         refusal = self.state.quota_refusal()
         if refusal is not None:
             server.hangup_after_reply = "quota"
+            return refusal
+        refusal = self.state.session_limit_refusal(server.accepted_in_session)
+        if refusal is not None:
+            server.hangup_after_reply = "session_limit"
             return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -719,7 +739,7 @@ class FakeRelay:
 
     @property
     def drop_reasons(self) -> collections.Counter[str]:
-        """Drops by reason: drop_after, close_mid_data, swallow, quota."""
+        """Drops by reason: drop_after, close_mid_data, swallow, quota, session_limit."""
         return self._read(lambda s: collections.Counter(s.drop_reasons))
 
     def wait_for(self, predicate: Callable[[FakeRelay], bool], timeout: float = 5.0) -> bool:
@@ -754,6 +774,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reply-delay", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--quota-after", type=int, default=0, metavar="Q")
     parser.add_argument("--quota-seconds", type=float, default=0.0, metavar="S")
+    parser.add_argument("--session-limit", type=int, default=0, metavar="K",
+                        help="refuse MAIL with 'too many messages in one session' after K per session")
     parser.add_argument("--quiet", action="store_true", help="no per-message or per-fault lines")
     parser.add_argument("--record", metavar="FILE",
                         help="append each recorded recipient to FILE, one address a line")
@@ -772,6 +794,7 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         reply_delay=args.reply_delay,
         quota_after=args.quota_after,
         quota_seconds=args.quota_seconds,
+        session_limit=args.session_limit,
     )
 
 
