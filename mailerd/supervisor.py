@@ -441,11 +441,14 @@ class Supervisor:
     def _record(self, slot: WorkerSlot, run: CampaignRun | None, claimed: Claimed | None,
                 done: Done) -> None:
         outcome = self._outcome(claimed, done)
-        self._write(self.journal.record_outcomes, [outcome])
+        written = self._write(self.journal.record_outcomes, [outcome])
         if run is not None:
             run.held.discard(done.line)
             if outcome.state == "sent":
                 run.note_sent(time.time())
+            if run.exhausted and not run.buffer and not run.held:
+                # perhaps the last one: check once it is on disk, not at the next tick
+                written.add_done_callback(lambda _: self._spawn_task(self._finish_if_done(run)))
         if outcome.state == "sent":
             slot.sent += 1
             self.sent_total += 1
@@ -482,7 +485,7 @@ class Supervisor:
         self._write(self.journal.requeue, list(jobs))
         self.kick()
 
-    def _write(self, fn, *args) -> None:
+    def _write(self, fn, *args) -> asyncio.Future[object]:
         """A journal write nobody waits for; kept for retry if storage fails."""
         future = self.committer.run(fn, *args)
 
@@ -494,6 +497,7 @@ class Supervisor:
             elif error is not None:
                 event("journal_error", logging.ERROR, error=str(error))
         future.add_done_callback(check)
+        return future
 
     def _storage_failed(self, error: str) -> None:
         if self.storage_error is None:
@@ -674,20 +678,28 @@ class Supervisor:
             if run.state != "running":
                 continue
             run.exhausted = False  # deferred recipients may have come due
-            if not run.buffer and not run.held and not run.refilling:
-                await self._finish_if_done(run)
+            await self._finish_if_done(run)
         self.kick()
 
     async def _finish_if_done(self, run: CampaignRun) -> None:
-        if await self.committer.read(self.journal.has_pending, run.id):
+        """Called after the last outcome is written and on every tick: mark it done once."""
+        if not self._may_be_done(run):
             return
-        if run.buffer or run.held or run.state != "running":
+        if await self.committer.read(self.journal.has_pending, run.id) or not self._may_be_done(run):
             return
-        await self.committer.run(self.journal.set_campaign_state, run.id, "done")
-        run.state = "done"
+        run.state = "done"  # before the write: a second caller stops at _may_be_done
+        try:
+            await self.committer.run(self.journal.set_campaign_state, run.id, "done")
+        except Exception:
+            run.state = "running"  # the next tick tries again
+            raise
         del self.campaigns[run.id]
         self.status_changed.set()
         event("campaign_done", campaign=run.id, name=run.spec.name)
+
+    def _may_be_done(self, run: CampaignRun) -> bool:
+        return (run.state == "running" and self.campaigns.get(run.id) is run
+                and not run.buffer and not run.held and not run.refilling)
 
     # ------------------------------------------------------------ campaign control
 
