@@ -293,13 +293,22 @@ def test_a_blocked_journal_never_stalls_the_caller():
         assert time.monotonic() - started < 2.0, "event() waited for the blocked journal"
         release.set()
 
-        def note_arrived() -> bool:
-            log.event("sent", campaign=1)  # the note goes in ahead of the next record that fits
-            return any(f["MAILERD_EVENT"] == "log_records_dropped" for f in got)
+        flushes = 0
 
-        wait_until(note_arrived, 20, "the dropped-records note")
-        note = next(f for f in got if f["MAILERD_EVENT"] == "log_records_dropped")
-        assert int(note["MAILERD_COUNT"]) >= 5000 - 1001
+        def flush_queued_without_loss() -> bool:
+            """A pending drop note goes in ahead of the next record that fits."""
+            nonlocal flushes
+            flushes += 1
+            log.event("sent", campaign=1, flush=flushes)
+            return log.logger.handlers[0].dropped == 0
+
+        wait_until(flush_queued_without_loss, 20, "a record queued with no drop left uncounted")
+        wait_until(lambda: any(f.get("MAILERD_FLUSH") == str(flushes) for f in got), 20,
+                   "the last record delivered")
+        noted = sum(int(f["MAILERD_COUNT"]) for f in got if f["MAILERD_EVENT"] == "log_records_dropped")
+        delivered = sum(1 for f in got if f["MAILERD_EVENT"] == "sent")
+        assert delivered + noted == 5000 + flushes, "a record was lost without being counted"
+        assert noted >= 5000 - 1001
     finally:
         release.set()
         log.stop_logging()
