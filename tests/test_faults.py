@@ -253,7 +253,7 @@ def test_hostile_relays_time_out_stay_bounded_and_classify(tmp_path, daemon_fact
 
 def test_sigterm_during_a_busy_campaign_ends_in_time_and_records_cut_transactions(
         tmp_path, relay_factory, daemon_factory):
-    relay = relay_factory(Faults(reply_delay=3.0))  # every reply comes 3 s after the '.'
+    relay = relay_factory(Faults(reply_delay=10.0))  # every reply comes 10 s after the '.'
     daemon = daemon_factory({"isp": relay_server(relay, connections=3)},
                             daemon={"shutdown_timeout": "1s"}).start()
     campaign, recipients = make_campaign(tmp_path / "c", 30)
@@ -261,8 +261,9 @@ def test_sigterm_during_a_busy_campaign_ends_in_time_and_records_cut_transaction
     wait_until(lambda: len(relay.messages()) >= 3, 30, "three messages past their '.'")
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(10) == 0
-    assert time.monotonic() - started < 1 + 2  # shutdown_timeout plus a margin
+    assert daemon.proc.wait(20) == 0
+    # shutdown_timeout plus a margin for a loaded machine, well short of the 10 s replies
+    assert time.monotonic() - started < 1 + 4
     daemon.start()
     report = daemon.report(cid)
     at_relay = set(relay.count_by_rcpt())
