@@ -27,8 +27,7 @@ from . import data
 SENDER_ADDRESS = "news@example.org"
 
 
-def build_message(env: jinja2.Environment, templates: dict[str, jinja2.Template],
-                  i: int) -> EmailMessage:
+def build_message(templates: dict[str, jinja2.Template], i: int) -> EmailMessage:
     context = data.render_context(i)
     message = EmailMessage()
     message["From"] = data.SENDER
@@ -39,10 +38,10 @@ def build_message(env: jinja2.Environment, templates: dict[str, jinja2.Template]
     return message
 
 
-def compile_templates() -> tuple[jinja2.Environment, dict[str, jinja2.Template]]:
+def compile_templates() -> dict[str, jinja2.Template]:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     sources = {"subject": data.SUBJECT, "text": data.TEXT, "html": data.HTML}
-    return env, {name: env.from_string(source) for name, source in sources.items()}
+    return {name: env.from_string(source) for name, source in sources.items()}
 
 
 async def run_sessions(port: int, sessions: int, count: int,
@@ -61,8 +60,8 @@ async def run_sessions(port: int, sessions: int, count: int,
 
 
 async def prebuilt(port: int, sessions: int, count: int) -> None:
-    env, templates = compile_templates()
-    message = build_message(env, templates, 0).as_bytes()
+    templates = compile_templates()
+    message = build_message(templates, 0).as_bytes()
 
     async def send(smtp: aiosmtplib.SMTP, i: int) -> object:
         return await smtp.sendmail(SENDER_ADDRESS, [f"user{i}@example.com"], message)
@@ -71,10 +70,10 @@ async def prebuilt(port: int, sessions: int, count: int) -> None:
 
 
 async def naive(port: int, sessions: int, count: int) -> None:
-    env, templates = compile_templates()
+    templates = compile_templates()
 
     async def send(smtp: aiosmtplib.SMTP, i: int) -> object:
-        return await smtp.send_message(build_message(env, templates, i))
+        return await smtp.send_message(build_message(templates, i))
 
     await run_sessions(port, sessions, count, send)
 

@@ -86,8 +86,8 @@ class FakeSupervisor:
         child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=wire.MAX_FRAME)
         send = lambda message: writer.write(wire.pack(message))
-        send(Setup(server_name=SERVER, slot=0, server=self.config.servers[SERVER],
-                   delivery=self.config.delivery, password=None, log_level="warning"))
+        send(Setup(server=self.config.servers[SERVER], delivery=self.config.delivery,
+                   password=None))
         send(CampaignTemplate(self.campaign, self.uid, self.spec))
         lines = iter(range(2, self.count + 2))
         started = time.perf_counter()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sqlite3
 import subprocess
@@ -13,12 +12,11 @@ import time
 from pathlib import Path
 
 from mailerctl.client import Client, Unreachable
-from mailerd.protocol import CampaignReport, DaemonStatus, Pause, Report, Request, Status
+from mailerd.protocol import CampaignReport, DaemonStatus, Report, Request, Status
 
-from .tools import proc_cpu, pss_bytes, thread_cpu, wait_for
+from .tools import proc_cpu, thread_cpu, wait_for
 
 JOURNAL_THREAD = "mailerd-journal"
-PENDING = ("queued", "sending", "deferred")
 
 
 class Mailerd:
@@ -107,12 +105,8 @@ class Mailerd:
     def report(self, campaign: int) -> CampaignReport:
         return self.call(Report(campaign=campaign))
 
-    def pause(self, campaign: int) -> None:
-        self.call(Pause(campaign=campaign))
-
-    def ctl(self, *args: str) -> tuple[str, float, float]:
-        """Run mailerctl; return its stdout, wall seconds and CPU seconds."""
-        before = _children_cpu()
+    def ctl(self, *args: str) -> tuple[str, float]:
+        """Run mailerctl; return its stdout and wall seconds."""
         started = time.perf_counter()
         result = subprocess.run(
             [sys.executable, "-m", "mailerctl", "--socket", self.socket, *args],
@@ -121,18 +115,17 @@ class Mailerd:
         wall = time.perf_counter() - started
         if result.returncode != 0:
             raise RuntimeError(f"mailerctl {' '.join(args)}: {result.stderr.strip()}")
-        return result.stdout, wall, _children_cpu() - before
+        return result.stdout, wall
 
-    def enqueue(self, campaign: Path, recipients: Path) -> tuple[int, float, float]:
-        out, wall, cpu = self.ctl("enqueue", str(campaign), "--recipients", str(recipients),
-                                  "--json")
-        return json.loads(out)["id"], wall, cpu
+    def enqueue(self, campaign: Path, recipients: Path) -> tuple[int, float]:
+        """Enqueue with mailerctl; return the campaign id and wall seconds."""
+        out, wall = self.ctl("enqueue", str(campaign), "--recipients", str(recipients), "--json")
+        return json.loads(out)["id"], wall
 
     def wait_settled(self, campaign: int, timeout: float, interval: float = 1.0) -> None:
         """Until nothing of the campaign is queued, sending or deferred."""
         def settled() -> bool:
-            counts = self.report(campaign).counts
-            return sum(getattr(counts, state) for state in PENDING) == 0
+            return self.report(campaign).counts.left == 0
         wait_for(settled, timeout, f"campaign {campaign} to be sent", interval)
 
     # ------------------------------------------------------------ measurements
@@ -155,9 +148,6 @@ class Mailerd:
             "workers": sum(proc_cpu(pid) for pid in workers),
         }
 
-    def pss(self, workers: list[int]) -> dict[str, int]:
-        return {"daemon": pss_bytes(self.pid), "workers": sum(pss_bytes(p) for p in workers)}
-
     def journal_files_size(self) -> int:
         return sum(p.stat().st_size for p in self.state_dir.glob("journal.sqlite3*"))
 
@@ -176,11 +166,6 @@ class Mailerd:
         return self.journal_query(
             "SELECT min(updated) FROM recipients WHERE campaign=? AND state='sent' "
             "AND updated>?", (campaign, since))[0][0]
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _group_alive(pgid: int) -> bool:

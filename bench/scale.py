@@ -57,7 +57,7 @@ def run(count: int, sample: int, workdir: Path, repeats: int, restarts: int) -> 
 
 def _enqueue_only(workdir: Path, campaign: Path, recipients: Path) -> float:
     with Mailerd(_fresh(workdir), free_port(), SESSIONS) as daemon:
-        _, wall, _ = daemon.enqueue(campaign, recipients)
+        _, wall = daemon.enqueue(campaign, recipients)
     return wall
 
 
@@ -66,7 +66,7 @@ def _send_sample(sink: Sink, workdir: Path, campaign: Path, recipients: Path, sa
     daemon = Mailerd(_fresh(workdir), sink.port, SESSIONS)
     try:
         daemon.start()
-        campaign_id, enqueue_wall, _ = daemon.enqueue(campaign, recipients)
+        campaign_id, enqueue_wall = daemon.enqueue(campaign, recipients)
         out = {"enqueue_s": enqueue_wall, "journal_bytes": daemon.journal_files_size()}
         out["report_s"], out["report_cli_s"] = _report_times(daemon, campaign_id)
         out["peak_pss"], out["pss_daemon"], out["pss_workers"] = _peak_pss_until_sent(

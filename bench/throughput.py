@@ -67,7 +67,7 @@ def run_mailerd(sink: Sink, c: int, count: int, campaign: Path, recipients: Path
         workers = daemon.worker_pids()
         before = daemon.cpu(workers)
         started = time.time()
-        campaign_id, enqueue_wall, _ = daemon.enqueue(campaign, recipients)
+        campaign_id, enqueue_wall = daemon.enqueue(campaign, recipients)
         if profile is not None:
             profile(daemon, workers)
         daemon.wait_settled(campaign_id, timeout=max(120, count / 100))

@@ -11,10 +11,8 @@ import sys
 import time
 from typing import Callable
 
-from mailerd import wire
 from mailerd.protocol import (
-    AnyReply,
-    Error,
+    COUNTED_STATES,
     Plan,
     SetPacing,
     Settle,
@@ -40,7 +38,6 @@ from .client import Client, Refused, Unreachable, socket_path
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CHUNK_ROWS = 2000
-STATES = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid", "suppressed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="counts per state, or the recipients in one state")
     p.add_argument("id", type=int, nargs="?")
-    p.add_argument("--state", choices=STATES)
+    p.add_argument("--state", choices=COUNTED_STATES)
     p.add_argument("--limit", type=int)
     p.add_argument("--csv", action="store_true",
                    help="every recipient (or those in --state) as CSV: email, state, attempts, "
@@ -182,7 +179,7 @@ def _stream_rows(client: Client, campaign: int, recipients: RecipientList,
     for row in recipients.rows():
         chunk.append(row)
         if len(chunk) >= CHUNK_ROWS:
-            _send(client, EnqueueRows(campaign=campaign, rows=chunk))
+            client.send(EnqueueRows(campaign=campaign, rows=chunk))
             chunk = []
             if in_flight:
                 invalid += _chunk_reply(client)
@@ -190,30 +187,15 @@ def _stream_rows(client: Client, campaign: int, recipients: RecipientList,
             if progress:
                 progress.update(recipients.position())
     if chunk:
-        _send(client, EnqueueRows(campaign=campaign, rows=chunk))
+        client.send(EnqueueRows(campaign=campaign, rows=chunk))
         in_flight += 1
     for _ in range(in_flight):
         invalid += _chunk_reply(client)
     return invalid
 
 
-_reply_decoder = wire.Decoder(AnyReply)
-
-
-def _send(client: Client, request: EnqueueRows) -> None:
-    try:
-        client.sock.sendall(wire.pack(request))
-    except OSError as exc:
-        raise Unreachable(f"lost the connection to {client.path}: {exc}") from None
-
-
 def _chunk_reply(client: Client) -> int:
-    try:
-        reply = _reply_decoder.decode(wire.recv_frame(client.sock))
-    except (OSError, wire.ConnectionClosed, wire.FrameError) as exc:
-        raise Unreachable(f"lost the connection to {client.path}: {exc or 'closed'}") from None
-    if isinstance(reply, Error):
-        raise Refused(reply.message)
+    reply = client.receive()
     assert isinstance(reply, RowsAccepted)
     return reply.invalid
 

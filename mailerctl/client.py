@@ -10,6 +10,7 @@ from mailerd import wire
 from mailerd.protocol import AnyReply, Error, Reply, Request
 
 DEFAULT_SOCKETS = ("/run/mailerd/control.sock", "state/control.sock")
+_REPLIES = wire.Decoder(AnyReply)  # shared by every connection: a decoder keeps no state
 
 
 class Unreachable(Exception):
@@ -43,7 +44,6 @@ class Client:
             raise Unreachable(
                 f"cannot connect to {path}: is mailerd running? ({exc.strerror or exc})"
             ) from None
-        self._decoder = wire.Decoder(AnyReply)
 
     def __enter__(self) -> "Client":
         return self
@@ -56,11 +56,25 @@ class Client:
 
     def call(self, request: Request) -> Reply:
         """Send a request and return the reply; an Error reply raises Refused."""
+        self.send(request)
+        return self.receive()
+
+    def send(self, request: Request) -> None:
+        """Send a request without waiting for its reply (see receive)."""
         try:
             self.sock.sendall(wire.pack(request))
-            reply = self._decoder.decode(wire.recv_frame(self.sock))
+        except OSError as exc:
+            raise self._lost(exc) from None
+
+    def receive(self) -> Reply:
+        """The next reply, in the order the requests were sent; an Error raises Refused."""
+        try:
+            reply = _REPLIES.decode(wire.recv_frame(self.sock))
         except (OSError, wire.ConnectionClosed, wire.FrameError) as exc:
-            raise Unreachable(f"lost the connection to {self.path}: {exc or 'closed'}") from None
+            raise self._lost(exc) from None
         if isinstance(reply, Error):
             raise Refused(reply.message)
         return reply
+
+    def _lost(self, exc: Exception) -> Unreachable:
+        return Unreachable(f"lost the connection to {self.path}: {exc or 'closed'}")

@@ -25,6 +25,7 @@ from mailerd.protocol import (
     SuppressResult,
     TestSend,
     TestSent,
+    email_column_index,
 )
 from mailerd.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 
@@ -63,15 +64,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
         spec, files = load_campaign_files(args.campaign_file, recipients.columns)
         _check(spec)
         row = None
-        for number, candidate in enumerate(recipients.rows(), 1):
-            if number == args.row:
-                row = candidate
-                break
+        if args.row >= 1:
+            for number, candidate in enumerate(recipients.rows(), 1):
+                if number == args.row:
+                    row = candidate
+                    break
     finally:
         recipients.close()
-    if row is None or args.row < 1:
+    if row is None:
         raise InputError(f"{args.recipients}: there is no recipient row {args.row}")
-    index = [c.lower() for c in spec.columns].index("email")
+    index = email_column_index(spec.columns)
     if len(row.values) != len(spec.columns):
         raise InputError(f"{args.recipients}: line {row.line}: expected {len(spec.columns)} fields, "
                          f"found {len(row.values)}")
@@ -209,9 +211,8 @@ def suppression_file_addresses(path: Path):
             first = handle.readline()
             delimiter = max(",;\t", key=first.count)
             header = next(csv.reader([first], delimiter=delimiter), [])
-            lowered = [c.strip().lower() for c in header]
-            if "email" in lowered:
-                index = lowered.index("email")
+            index = email_column_index(header)
+            if index is not None:
                 for values in csv.reader(handle, delimiter=delimiter):
                     if len(values) > index and values[index].strip():
                         yield values[index]

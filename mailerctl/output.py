@@ -11,10 +11,14 @@ from typing import Any, Iterable, TextIO
 
 import msgspec
 
-from mailerd.protocol import CampaignPlan, CampaignReport, Counts, DaemonStatus, ServerInfo
-
-COUNT_ORDER = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid",
-               "suppressed")
+from mailerd.protocol import (
+    COUNTED_STATES,
+    CampaignPlan,
+    CampaignReport,
+    Counts,
+    DaemonStatus,
+    ServerInfo,
+)
 
 
 def iso(ts: float | None) -> str | None:
@@ -74,12 +78,12 @@ def report_json(report: CampaignReport) -> dict[str, Any]:
 
 
 def counts_row(counts: Counts) -> list[int]:
-    return [getattr(counts, name) for name in COUNT_ORDER]
+    return [getattr(counts, name) for name in COUNTED_STATES]
 
 
 def report_text(report: CampaignReport) -> str:
     lines = [f"campaign {report.id}  {report.name!r}  {report.state}"]
-    lines.append(table(("total", *COUNT_ORDER), [[report.total, *counts_row(report.counts)]]))
+    lines.append(table(("total", *COUNTED_STATES), [[report.total, *counts_row(report.counts)]]))
     if report.state == "running":
         lines.append(f"rate {report.rate:.1f}/s  eta {duration(report.eta)}")
     if report.recipients is not None and report.recipients and \
@@ -107,7 +111,7 @@ def campaign_table(reports: list[CampaignReport]) -> str:
     if not reports:
         return "(no campaigns)"
     return table(
-        ("id", "name", "state", "total", *COUNT_ORDER),
+        ("id", "name", "state", "total", *COUNTED_STATES),
         [[r.id, r.name, r.state, r.total, *counts_row(r.counts)] for r in reports],
     )
 

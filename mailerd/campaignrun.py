@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 from .journal import Claimed
+from .pacing import forget_before, window_rate
 from .protocol import CampaignSpec
 
 RATE_WINDOW = 60.0
@@ -47,15 +48,9 @@ class CampaignRun:
 
     def note_sent(self, now: float) -> None:
         self.sent_times.append(now)
-        self._forget_before(now - RATE_WINDOW)
+        forget_before(self.sent_times, now - RATE_WINDOW)
 
     def rate(self, now: float) -> float:
         """Messages per second over the last minute (0 until there are two)."""
-        self._forget_before(now - RATE_WINDOW)
-        if len(self.sent_times) < 2:
-            return 0.0
-        return len(self.sent_times) / max(now - self.sent_times[0], 1.0)
-
-    def _forget_before(self, since: float) -> None:
-        while self.sent_times and self.sent_times[0] < since:
-            self.sent_times.popleft()
+        forget_before(self.sent_times, now - RATE_WINDOW)
+        return window_rate(self.sent_times, now, RATE_WINDOW)

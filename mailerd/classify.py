@@ -30,6 +30,18 @@ class PatternConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     session_length: list[str] = []
 
 
+# The cause each PatternConfig field adds patterns for, in the order they are tried.
+_FIELD_CAUSES: dict[str, Cause] = {
+    "too_many_sessions": Cause.SESSIONS,
+    "rate": Cause.RATE,
+    "quota": Cause.QUOTA,
+    "session_length": Cause.SESSION_LENGTH,
+}
+
+
+# The relay's hint of when to retry: a rate pattern, and read by retry_hint.
+_TRY_AGAIN = r"try again in (\d+) ?(s|sec|seconds?|m|min|minutes?)\b"
+
 # Checked in this order: the first cause with a matching pattern wins, so the more
 # specific wordings ("too many messages in this connection") come before the
 # general ones ("too many ...").
@@ -60,7 +72,7 @@ DEFAULT_PATTERNS: dict[Cause, list[str]] = {
         r"too many recipient",
         r"(sending|submission|transmit|message) rate",
         r"slow down",
-        r"try again in \d+ ?(s|sec|seconds?|m|min|minutes?)\b",
+        _TRY_AGAIN,
     ],
 }
 
@@ -70,18 +82,13 @@ CLOSING_ONLY_PATTERNS: dict[Cause, list[str]] = {
     Cause.RATE: [r"temporarily deferred", r"try again later"],
 }
 
-_HINT = re.compile(r"try again in (\d+) ?(s|sec|seconds?|m|min|minutes?)\b", re.IGNORECASE)
+_HINT = re.compile(_TRY_AGAIN, re.IGNORECASE)
 
 
 class Classifier:
     def __init__(self, extra: PatternConfig | None = None) -> None:
         extra = extra or PatternConfig()
-        extras = {
-            Cause.SESSIONS: extra.too_many_sessions,
-            Cause.RATE: extra.rate,
-            Cause.QUOTA: extra.quota,
-            Cause.SESSION_LENGTH: extra.session_length,
-        }
+        extras = {cause: getattr(extra, field) for field, cause in _FIELD_CAUSES.items()}
         self._rules: list[tuple[re.Pattern[str], Cause, bool]] = []
         for table, closing_only in ((extras, False), (DEFAULT_PATTERNS, False),
                                     (CLOSING_ONLY_PATTERNS, True)):
@@ -128,7 +135,7 @@ def window_hint(text: str) -> float | None:
 
 def validate_patterns(patterns: PatternConfig) -> str | None:
     """The first pattern that does not compile, described; None when all do."""
-    for key in ("too_many_sessions", "rate", "quota", "session_length"):
+    for key in _FIELD_CAUSES:
         for pattern in getattr(patterns, key):
             try:
                 re.compile(pattern)

@@ -6,16 +6,19 @@ import logging
 import os
 import secrets
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 from . import __version__
 from .committer import Committer
 from .config import Config, ConfigError
 from .enqueue import SpecError, check_spec, store_chunk
-from .journal import Journal
+from .journal import CampaignRow, Journal
 from .log import event
 from .render import message_id_for
 from .protocol import (
+    COUNTED_STATES,
+    CampaignSpec,
+    RecipientInfo,
     Settle,
     CampaignPlan,
     Plan,
@@ -47,10 +50,23 @@ from .protocol import (
 from . import suppression, testsend
 from .supervisor import Supervisor
 
+T = TypeVar("T")
+
+
 class Peer(NamedTuple):
     pid: int
     uid: int
     gid: int
+
+    @property
+    def log_fields(self) -> dict[str, int]:
+        """The peer as the events about its requests name it: peer_uid, peer_pid."""
+        return {"peer_uid": self.uid, "peer_pid": self.pid}
+
+    @property
+    def who(self) -> str:
+        """The peer as the journal's records and `mailerctl set` name it."""
+        return f"uid={self.uid} pid={self.pid}"
 
 
 class ClientSession:
@@ -59,29 +75,21 @@ class ClientSession:
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
         self.loading: int | None = None
-        self.columns: list[str] = []
-        self.spec = None  # the campaign being loaded
+        self.spec: CampaignSpec | None = None  # of the campaign being loaded (set with loading)
         self.attachment_chunks: dict[int, tuple[int, int, bool]] = {}  # index -> (chunks, bytes, last)
 
 
 class Commands:
-    def __init__(self, config: Config, journal: Journal, committer: Committer,
-                 supervisor: Supervisor) -> None:
+    def __init__(self, journal: Journal, committer: Committer, supervisor: Supervisor) -> None:
         self.journal = journal
-        self.config = config
         self.committer = committer
         self.supervisor = supervisor
         self.started = time.time()
 
     @property
     def config(self) -> Config:
-        return self._config
-
-    @config.setter
-    def config(self, config: Config) -> None:
-        """Also at SIGHUP (daemon.reload): the journal's bounce rule follows [suppression]."""
-        self._config = config
-        self.journal.bounce_rule = suppression.bounce_rule(config.suppression)
+        """The supervisor's: the file's, as last (re)loaded."""
+        return self.supervisor.config
 
     # ------------------------------------------------------------ enqueue
 
@@ -94,8 +102,7 @@ class Commands:
             return Error(message=f"campaign refused: {exc}")
         uid = secrets.token_hex(8)
         campaign = await self.committer.run(self.journal.begin_campaign, uid, request.spec)
-        session.loading, session.columns = campaign, request.spec.columns
-        session.spec, session.attachment_chunks = request.spec, {}
+        session.loading, session.spec, session.attachment_chunks = campaign, request.spec, {}
         self._log_change(session, "enqueue_started", campaign, name=request.spec.name)
         return Enqueued(campaign=campaign)
 
@@ -103,13 +110,13 @@ class Commands:
         if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
         return await self.committer.run(
-            store_chunk, self.journal, request.campaign, session.columns, request.rows
+            store_chunk, self.journal, request.campaign, session.spec.columns, request.rows
         )
 
     async def enqueue_commit(self, session: ClientSession, request: EnqueueCommit) -> Reply:
         if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
-        for index, info in enumerate(session.spec.attachments if session.spec else []):
+        for index, info in enumerate(session.spec.attachments):
             _, size, last = session.attachment_chunks.get(index, (0, 0, False))
             if not last or size != info.size:
                 return Error(message=f"attachments[{index}] ({info.name!r}): {size} of "
@@ -124,7 +131,7 @@ class Commands:
 
     async def enqueue_attachment(self, session: ClientSession, request: EnqueueAttachment) -> Reply:
         """Attachment bytes, in order, stored once per campaign (journal table attachments)."""
-        if session.loading != request.campaign or session.spec is None:
+        if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
         infos = session.spec.attachments
         if not 0 <= request.index < len(infos):
@@ -140,14 +147,13 @@ class Commands:
 
     async def suppress_add(self, session: ClientSession, request: SuppressAdd) -> Reply:
         reply = await suppression.add(self, request)
-        event("suppression_added", peer_uid=session.peer.uid, peer_pid=session.peer.pid,
-              reason=request.reason, addresses=len(request.emails),
-              added=getattr(reply, "added", None))
+        event("suppression_added", **session.peer.log_fields, reason=request.reason,
+              addresses=len(request.emails), added=getattr(reply, "added", None))
         return reply
 
     async def suppress_remove(self, session: ClientSession, request: SuppressRemove) -> Reply:
         reply = await suppression.remove(self, request)
-        event("suppression_removed", peer_uid=session.peer.uid, peer_pid=session.peer.pid,
+        event("suppression_removed", **session.peer.log_fields,
               addresses=len(request.emails), removed=getattr(reply, "removed", None))
         return reply
 
@@ -156,19 +162,18 @@ class Commands:
 
     async def test_send(self, session: ClientSession, request: TestSend) -> Reply:
         reply = await testsend.test_send(self, request)
-        event("test_send", peer_uid=session.peer.uid, peer_pid=session.peer.pid,
+        event("test_send", **session.peer.log_fields,
               smtp_code=getattr(reply, "code", None), error=getattr(reply, "message", None))
         return reply
 
     async def export_recipients(self, request: ExportRecipients) -> Reply:
-        row = await self._reportable(request.campaign, request.state)
-        if isinstance(row, Error):
-            return row
         limit = max(1, min(request.limit, 20_000))
-        recipients = await self.committer.read(
-            self.journal.recipients, row.id, request.state, limit, request.after_line)
-        for recipient in recipients:
-            recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)
+        found = await self._read_about(request.campaign, request.state, lambda row: (
+            self.journal.recipients(row.id, request.state, limit, request.after_line)))
+        if isinstance(found, Error):
+            return found
+        row, recipients = found
+        _set_message_ids(row, recipients)
         next_line = recipients[-1].line if len(recipients) == limit else None
         return RecipientPage(campaign=row.id, recipients=recipients, next_line=next_line)
 
@@ -202,7 +207,9 @@ class Commands:
         def resume_in_journal() -> int:
             changed = self.journal.resume(row.id, request.include_uncertain, request.retry_failed)
             self.journal.set_campaign_state(row.id, "running")
-            self.journal.audit(row.id, "resume", _who(session.peer, request))
+            self.journal.audit(row.id, "resume", (
+                f"{session.peer.who} include_uncertain={request.include_uncertain} "
+                f"retry_failed={request.retry_failed}"))
             return changed
 
         changed = await self.committer.run(resume_in_journal)
@@ -226,34 +233,46 @@ class Commands:
     # ------------------------------------------------------------ reading
 
     async def report(self, request: Report) -> Reply:
-        row = await self._reportable(request.campaign, request.state)
-        if isinstance(row, Error):
-            return row
-        return await self._report(
-            row.id, request.state, request.limit, with_recipients=request.state is not None
-        )
+        found = await self._read_about(request.campaign, request.state, lambda row: (
+            self.journal.report(row, request.state, request.limit,
+                                with_recipients=request.state is not None)))
+        if isinstance(found, Error):
+            return found
+        row, report = found
+        if report.recipients:
+            _set_message_ids(row, report.recipients)
+        return self._with_rate(report)
 
-    async def _reportable(self, campaign: int | None, state: str | None):
-        """The campaign a report is about (the latest when none is named), or an Error."""
+    async def _read_about(self, campaign: int | None, state: str | None,
+                          read: Callable[[CampaignRow], T]) -> tuple[CampaignRow, T] | Error:
+        """In one journal read: the campaign a report is about, and read(its row)."""
+        def in_journal() -> tuple[CampaignRow, T] | Error:
+            row = self._reportable(campaign, state)
+            return row if isinstance(row, Error) else (row, read(row))
+
+        return await self.committer.read(in_journal)
+
+    def _reportable(self, campaign: int | None, state: str | None) -> CampaignRow | Error:
+        """On the journal thread: the campaign a report is about (when none is named, the
+        latest one not being loaded), or an Error."""
+        latest = None
         if campaign is None:
-            rows = await self.committer.read(self.journal.campaigns)
+            rows = [row for row in self.journal.campaigns() if row.state != "loading"]
             if not rows:
                 return Error(message="there are no campaigns yet")
-            campaign = rows[-1].id
-        if state is not None and state not in _REPORTABLE:
-            return Error(message=f"unknown state {state!r}; use one of {', '.join(_REPORTABLE)}")
-        return await self._campaign(campaign)
+            latest = rows[-1]
+        if state is not None and state not in COUNTED_STATES:
+            return Error(message=f"unknown state {state!r}; use one of {', '.join(COUNTED_STATES)}")
+        return latest if latest is not None else self._existing(campaign)
 
     async def list_campaigns(self) -> Reply:
-        rows = await self.committer.read(self.journal.campaigns)
-        return CampaignList(campaigns=[await self._report(row.id) for row in rows])
+        return CampaignList(campaigns=await self._reports())
 
     async def status(self) -> Reply:
-        rows = await self.committer.read(self.journal.campaigns, ("running", "paused"))
         return DaemonStatus(
             version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
             state_dir=str(self.config.state_dir.resolve()),
-            campaigns=[await self._report(row.id) for row in rows],
+            campaigns=await self._reports(("running", "paused")),
             servers=self.supervisor.server_info(),
             journal_error=self.supervisor.storage_error,
         )
@@ -262,7 +281,7 @@ class Commands:
         row = await self._campaign(request.campaign)
         if isinstance(row, Error):
             return row
-        who = f"uid={session.peer.uid} pid={session.peer.pid}"
+        who = session.peer.who
 
         def settle_in_journal() -> int:
             changed = self.journal.settle(row.id, request.as_sent, request.emails or None, who)
@@ -285,11 +304,10 @@ class Commands:
             return Error(message="nothing to set: give KEY=VALUE pairs")
         try:
             server = await self.supervisor.set_pacing(
-                request.server, dict(request.settings), f"uid={session.peer.uid} pid={session.peer.pid}")
+                request.server, dict(request.settings), session.peer.who)
         except ConfigError as exc:
             return Error(message=f"servers.{request.server}: {exc}")
-        event("server_settings_changed", server=request.server, peer_uid=session.peer.uid,
-              peer_pid=session.peer.pid)
+        event("server_settings_changed", server=request.server, **session.peer.log_fields)
         return Ok(message=f"servers.{server.name}: " + ", ".join(
             f"{k}={v}" for k, v in request.settings.items()))
 
@@ -298,45 +316,49 @@ class Commands:
         if isinstance(row, Error):
             return row
         counts = await self.committer.read(self.journal.counts, row.id)
-        left = counts.queued + counts.sending + counts.deferred
+        left = counts.left
         if row.state in ("cancelled",):
             left = 0
         seconds, servers = self.supervisor.plan(row.spec, left)
         finish = time.time() + seconds if seconds is not None else None
         return CampaignPlan(id=row.id, left=left, seconds=seconds, finish=finish, servers=servers)
 
-    async def _report(self, campaign: int, state: str | None = None, limit: int | None = None,
-                      with_recipients: bool = False) -> CampaignReport:
-        report = await self.committer.read(
-            self.journal.report, campaign, state, limit, with_recipients
-        )
-        assert report is not None
-        if report.recipients:
-            row = await self.committer.read(self.journal.campaign, campaign)
-            for recipient in report.recipients:
-                recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)
-        report.rate = self.supervisor.rate(campaign)
-        left = report.counts.queued + report.counts.sending + report.counts.deferred
+    def _with_rate(self, report: CampaignReport) -> CampaignReport:
+        report.rate = self.supervisor.rate(report.id)
         if report.state == "running" and report.rate > 0:
-            report.eta = left / report.rate
+            report.eta = report.counts.left / report.rate
         return report
 
-    async def _campaign(self, campaign: int):
-        row = await self.committer.read(self.journal.campaign, campaign)
+    async def _report(self, campaign: int) -> CampaignReport:
+        """The report (no recipients) of a campaign that exists, as it is now."""
+        def read() -> CampaignReport:
+            row = self.journal.campaign(campaign)
+            assert row is not None
+            return self.journal.report(row)
+
+        return self._with_rate(await self.committer.read(read))
+
+    async def _reports(self, states: tuple[str, ...] | None = None) -> list[CampaignReport]:
+        """The counts of every campaign (in one of `states`), in one journal read."""
+        reports = await self.committer.read(
+            lambda: [self.journal.report(row) for row in self.journal.campaigns(states)])
+        return [self._with_rate(report) for report in reports]
+
+    async def _campaign(self, campaign: int) -> CampaignRow | Error:
+        return await self.committer.read(self._existing, campaign)
+
+    def _existing(self, campaign: int) -> CampaignRow | Error:
+        """On the journal thread: the campaign's row, or an Error if there is none."""
+        row = self.journal.campaign(campaign)
         if row is None or row.state == "loading":
             return Error(message=f"no campaign with id {campaign}")
         return row
 
     def _log_change(self, session: ClientSession, what: str, campaign: int, **fields) -> None:
-        event(what, logging.INFO, campaign=campaign, peer_uid=session.peer.uid,
-              peer_pid=session.peer.pid, **fields)
+        event(what, logging.INFO, campaign=campaign, **session.peer.log_fields, **fields)
 
 
-_REPORTABLE = ("queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid",
-               "suppressed")
-
-
-def _who(peer: Peer, request: Resume) -> str:
-    return (f"uid={peer.uid} pid={peer.pid} include_uncertain={request.include_uncertain} "
-            f"retry_failed={request.retry_failed}")
-
+def _set_message_ids(row: CampaignRow, recipients: list[RecipientInfo]) -> None:
+    """Each recipient's Message-ID, as its messages carry it (render.message_id_for)."""
+    for recipient in recipients:
+        recipient.message_id = message_id_for(row.uid, recipient.line, row.spec.sender)

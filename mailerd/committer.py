@@ -40,7 +40,6 @@ class Committer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.commits = 0
-        self.last_error: str | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -118,11 +117,9 @@ class Committer:
                 db.execute("BEGIN IMMEDIATE")
                 results = [self._run_in_savepoint(db, op) for op in ops]
             db.execute("COMMIT")
-            self.last_error = None
         except sqlite3.Error as exc:
             self._rollback(db)
-            self.last_error = f"journal write failed: {exc}"
-            error = JournalWriteError(self.last_error)
+            error = JournalWriteError(f"journal write failed: {exc}")
             results = [(op, False, error) for op in ops]
         self.commits += 1
         assert self._loop is not None

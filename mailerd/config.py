@@ -221,8 +221,6 @@ def _check_values(config: Config, where: str) -> None:
     if config.daemon.socket_mode is not None and not 0 <= config.daemon.socket_mode <= 0o777:
         problems.append("daemon.socket_mode must be a file mode such as 0o660")
     for name, server in config.servers.items():
-        if not 1 <= server.connections <= 256:
-            problems.append(f"servers.{name}.connections must be between 1 and 256")
         if not 1 <= server.port <= 65535:
             problems.append(f"servers.{name}.port must be between 1 and 65535")
         if server.password_file and not server.username:
@@ -261,6 +259,8 @@ def server_problems(server: ServerConfig) -> list[str]:
             problems.append(f"rate: {exc}")
     if server.group_size and not server.group_interval:
         problems.append("group_size needs group_interval")
+    if not 1 <= server.connections <= 256:
+        problems.append("connections must be between 1 and 256")
     return problems
 
 
@@ -277,8 +277,6 @@ def apply_setting(server: ServerConfig, key: str, value: str) -> ServerConfig:
     problems = server_problems(updated)
     if problems:
         raise ConfigError(problems[0])
-    if not 1 <= updated.connections <= 256:
-        raise ConfigError("connections must be between 1 and 256")
     return updated
 
 

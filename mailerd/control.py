@@ -152,8 +152,8 @@ class ControlServer:
                 return
             except (wire.FrameError, asyncio.TimeoutError) as exc:
                 reason = str(exc) or "idle for too long"
-                event("control_bad_frame", logging.WARNING, peer_uid=session.peer.uid,
-                      peer_pid=session.peer.pid, error=reason)
+                event("control_bad_frame", logging.WARNING, **session.peer.log_fields,
+                      error=reason)
                 await self._send(writer, Error(message=f"bad request: {reason}"))
                 return
             reply = await self._answer(session, request)
@@ -218,8 +218,7 @@ class ControlServer:
             return Error(message="debug commands are disabled "
                                  "(set [daemon] debug_commands = true to allow them)")
         seconds = max(0.0, min(request.seconds, 3600.0))
-        event("debug_freeze", logging.WARNING, seconds=seconds, peer_uid=session.peer.uid,
-              peer_pid=session.peer.pid)
+        event("debug_freeze", logging.WARNING, seconds=seconds, **session.peer.log_fields)
         # after this reply is written: block the whole event loop, as a hang would
         asyncio.get_running_loop().call_soon(_freeze, seconds)
         return Ok(message=f"freezing the event loop for {seconds:g} s")

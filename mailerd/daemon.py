@@ -69,7 +69,7 @@ class Daemon:
         self.journal = journal
         self.committer = Committer(journal)
         self.supervisor = Supervisor(config, journal, self.committer)
-        self.commands = Commands(config, journal, self.committer, self.supervisor)
+        self.commands = Commands(journal, self.committer, self.supervisor)
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,
             group=config.daemon.socket_group, debug_commands=config.daemon.debug_commands,
@@ -116,7 +116,6 @@ class Daemon:
             event("config_reload_failed", logging.ERROR, error=str(exc))
         else:
             self.config = config
-            self.commands.config = config
             await self.supervisor.reload(config)
         finally:
             notify.ready(self.supervisor.status_line())

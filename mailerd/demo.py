@@ -13,10 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mailerd.testing.relay import Faults, FakeRelay
+from mailerd.testing.waiting import wait_until
 
 CAMPAIGN = """\
 name = "Demo letter"
@@ -57,13 +57,14 @@ def mailerctl(socket: Path, *args: str, capture: bool = False) -> str:
 
 
 def wait_for_socket(socket: Path, daemon: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 20
-    while not socket.exists():
+    def opened() -> bool:
+        if socket.exists():
+            return True
         if daemon.poll() is not None:
             raise SystemExit(f"mailerd exited with {daemon.returncode}")
-        if time.monotonic() > deadline:
-            raise SystemExit("mailerd did not open its control socket within 20 s")
-        time.sleep(0.05)
+        return False
+
+    wait_until(opened, 20, "mailerd to open its control socket", error=SystemExit)
 
 
 def main() -> None:

@@ -155,9 +155,9 @@ def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[
     first_line_of: dict[str, int] = {}
     for row in rows:
         prepared.append(_prepare(row, index, len(columns), first_line_of))
-    earlier = journal.known_keys(campaign, first_line_of)
+    earlier = journal.first_lines(campaign, first_line_of)
     if earlier:
-        prepared = [_mark_earlier_duplicate(journal, campaign, r, earlier) for r in prepared]
+        prepared = [_mark_earlier_duplicate(r, earlier) for r in prepared]
     if journal.has_suppressions():
         prepared = _mark_suppressed(journal, prepared)
     journal.add_recipients(campaign, prepared)
@@ -180,13 +180,11 @@ def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int]) ->
     return NewRecipient(row.line, check.address, check.key, fields, "queued", None)
 
 
-def _mark_earlier_duplicate(
-    journal: Journal, campaign: int, row: NewRecipient, earlier: set[str]
-) -> NewRecipient:
+def _mark_earlier_duplicate(row: NewRecipient, earlier: dict[str, int]) -> NewRecipient:
+    """A row whose address an earlier chunk of the list already holds."""
     if row.key is None or row.key not in earlier:
         return row
-    first = journal.line_of_key(campaign, row.key)
-    return _invalid(row.line, row.email, f"duplicate of line {first}")
+    return _invalid(row.line, row.email, f"duplicate of line {earlier[row.key]}")
 
 
 def _mark_suppressed(journal: Journal, rows: list[NewRecipient]) -> list[NewRecipient]:

@@ -57,9 +57,6 @@ def template_messages(campaign: int, uid: str, spec, attachments: list[bytes] | 
                       ) -> Iterator[ToWorker]:
     """A campaign for a worker: its attachments' bytes in chunks, then the template."""
     for index, data in enumerate(attachments or ()):
-        if not data:
-            yield CampaignAttachment(campaign, index, b"", True)
-        for start in range(0, len(data), CHUNK):
-            yield CampaignAttachment(campaign, index, data[start:start + CHUNK],
-                                     start + CHUNK >= len(data))
+        for start in range(0, len(data), CHUNK):  # an empty one: no chunk (the worker's b"")
+            yield CampaignAttachment(campaign, index, data[start:start + CHUNK])
     yield CampaignTemplate(campaign, uid, spec)

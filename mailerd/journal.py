@@ -146,6 +146,7 @@ class Claimed(NamedTuple):
 class ClaimResult(NamedTuple):
     recipients: list[Claimed]
     cursor: int  # highest queued line looked at
+    suppressed: list[tuple[int, int, str]]  # (campaign, line, reason): suppressed since enqueue
 
 
 class Outcome(NamedTuple):
@@ -241,30 +242,13 @@ class Journal:
         return db
 
     def _prepare_schema(self) -> None:
-        db = self._db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        """Create or migrate; _preflight has refused foreign, newer and corrupt files and has
+        run quick_check on an existing journal (it reads the whole file: ~0.2 s per 1M recipients)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
-            return  # _preflight ran quick_check already (it reads the whole file: ~0.2 s per 1M recipients)
-        if version == 0:
-            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables:
-                raise JournalError(f"{self.path} is an SQLite file but not a mailerd journal")
-            db.executescript(
-                f"BEGIN;{_SCHEMA}{_SCHEMA_V2}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
             return
-        if version == 1:
-            db.executescript(f"BEGIN;{_SCHEMA_V2}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
-            self._check_integrity()
-            return
-        raise JournalError(
-            f"{self.path} has journal schema version {version}; this mailerd knows "
-            f"version {SCHEMA_VERSION} (newer journals cannot be opened by older releases)"
-        )
-
-    def _check_integrity(self) -> None:
-        result = self._db.execute("PRAGMA quick_check(1)").fetchone()[0]
-        if result != "ok":
-            raise JournalError(f"journal {self.path} is corrupt: {result}")
+        new_tables = _SCHEMA_V2 if version == 1 else _SCHEMA + _SCHEMA_V2
+        self._db.executescript(f"BEGIN;{new_tables}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
 
     def close(self) -> None:
         if self.db is not None:
@@ -313,26 +297,18 @@ class Journal:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    def known_keys(self, campaign: int, keys: Iterable[str]) -> set[str]:
+    def first_lines(self, campaign: int, keys: Iterable[str]) -> dict[str, int]:
+        """key -> line, for those of `keys` already stored for this campaign."""
         keys = list(keys)
-        found: set[str] = set()
+        found: dict[str, int] = {}
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found.update(
-                row[0]
-                for row in self._db.execute(
-                    f"SELECT email_key FROM recipients WHERE campaign=? AND email_key IN ({marks})",
-                    (campaign, *chunk),
-                )
-            )
+            found.update(self._db.execute(
+                f"SELECT email_key, line FROM recipients WHERE campaign=? AND email_key IN ({marks})",
+                (campaign, *chunk),
+            ).fetchall())
         return found
-
-    def line_of_key(self, campaign: int, key: str) -> int | None:
-        row = self._db.execute(
-            "SELECT line FROM recipients WHERE campaign=? AND email_key=?", (campaign, key)
-        ).fetchone()
-        return row[0] if row else None
 
     def add_recipients(self, campaign: int, rows: list[NewRecipient]) -> None:
         now = time.time()
@@ -425,7 +401,9 @@ class Journal:
         """Queued recipients past `after_line`, then deferred ones whose time has come.
 
         Nothing is written: a claimed recipient becomes `sending` only when it is
-        handed to a worker (mark_sending). `skip` holds lines already in memory.
+        handed to a worker (mark_sending), and one whose address was suppressed since
+        enqueue is left out and returned for mark_suppressed. `skip` holds lines already
+        in memory.
         """
         rows = self._db.execute(
             "SELECT line, email, fields, attempts FROM recipients "
@@ -439,11 +417,11 @@ class Journal:
             (campaign, now, limit + len(skip)),
         ).fetchall()
         claimed = [Claimed(campaign, *row) for row in rows if row[0] not in skip]
-        claimed = self._drop_suppressed(campaign, claimed, time.time())
+        claimed, suppressed = self._split_suppressed(campaign, claimed)
         if len(claimed) > limit:
             claimed = claimed[:limit]
             cursor = min(cursor, claimed[-1].line)
-        return ClaimResult(claimed, cursor)
+        return ClaimResult(claimed, cursor, suppressed)
 
     def mark_sending(self, items: list[tuple[int, int, str]]) -> None:
         """(campaign, line, server): handed to a worker of that server."""
@@ -534,7 +512,7 @@ class Journal:
             ],
         )
         if self.bounce_rule is not None:
-            self._suppress_bounces(outcomes, now)
+            self._suppress_bounces(outcomes)
 
     def requeue(self, items: list[tuple[int, int]], reply: str | None = None) -> None:
         """Back to the queue without counting an attempt: the relay does not have the message.
@@ -628,19 +606,19 @@ class Journal:
             [(suppressed_reply(reason), now, campaign, line) for campaign, line, reason in items])
         return self._db.total_changes - before
 
-    def _drop_suppressed(self, campaign: int, claimed: list[Claimed], now: float) -> list[Claimed]:
-        """Claimed recipients whose address was suppressed after enqueue become
-        `suppressed` instead of being handed out."""
+    def _split_suppressed(self, campaign: int, claimed: list[Claimed]
+                          ) -> tuple[list[Claimed], list[tuple[int, int, str]]]:
+        """(those to hand out, (campaign, line, reason) of those suppressed after enqueue)."""
         if not claimed or not self.has_suppressions():
-            return claimed
+            return claimed, []
         keys = {c.line: suppression_key(c.email) for c in claimed}
         found = self.suppressed(k for k in keys.values() if k)
         if not found:
-            return claimed
-        self.mark_suppressed([(campaign, line, found[k]) for line, k in keys.items() if k in found])
-        return [c for c in claimed if keys[c.line] not in found]
+            return claimed, []
+        return ([c for c in claimed if keys[c.line] not in found],
+                [(campaign, line, found[k]) for line, k in keys.items() if k in found])
 
-    def _suppress_bounces(self, outcomes: list[Outcome], now: float) -> None:
+    def _suppress_bounces(self, outcomes: list[Outcome]) -> None:
         rule = self.bounce_rule
         assert rule is not None
         for o in outcomes:
@@ -693,13 +671,11 @@ class Journal:
             for r in self._db.execute(sql, params)
         ]
 
-    def report(self, campaign: int, state: str | None = None,
-               limit: int | None = None, with_recipients: bool = False) -> CampaignReport | None:
-        row = self.campaign(campaign)
-        if row is None:
-            return None
+    def report(self, row: CampaignRow, state: str | None = None, limit: int | None = None,
+               with_recipients: bool = False) -> CampaignReport:
+        """The report of the campaign in `row` (rate and ETA are the supervisor's)."""
         return CampaignReport(
             id=row.id, name=row.name, state=row.state, total=row.total,
-            counts=self.counts(campaign), created=row.created, updated=row.updated,
-            recipients=self.recipients(campaign, state, limit) if with_recipients else None,
+            counts=self.counts(row.id), created=row.created, updated=row.updated,
+            recipients=self.recipients(row.id, state, limit) if with_recipients else None,
         )

@@ -92,11 +92,10 @@ def _one_line(text: str) -> str:
 STATUS_EVERY = 2.0  # seconds between checks of the STATUS= line (sent when it changed)
 
 
-async def keep_informed(status_line: Callable[[], str], changed: asyncio.Event | None = None,
-                        status_every: float = STATUS_EVERY) -> None:
+async def keep_informed(status_line: Callable[[], str], changed: asyncio.Event | None = None) -> None:
     """Until cancelled: WATCHDOG=1 at half of $WATCHDOG_USEC, STATUS= when it changes.
 
-    The line is checked every `status_every` seconds and at once when `changed`
+    The line is checked every STATUS_EVERY seconds and at once when `changed`
     is set (a campaign started, paused or ended), so a short campaign still shows.
     Runs on the event loop on purpose: a loop that hangs stops the pings, and the
     service manager then kills and restarts the daemon (WatchdogSec=, Restart=).
@@ -119,7 +118,7 @@ async def keep_informed(status_line: Callable[[], str], changed: asyncio.Event |
             if line != last:
                 status(line)
                 last = line
-            next_status = now + status_every
+            next_status = now + STATUS_EVERY
         wake = min(next_status, next_ping if interval is not None else next_status)
         try:
             await asyncio.wait_for(changed.wait(), max(0.0, wake - loop.time()))

@@ -33,6 +33,7 @@ RATE_BACKOFF = 0.7
 RATE_RECOVERY = 1.1
 RATE_PAUSE = 5.0  # seconds of silence after a rate refusal without a hint
 SAME_LENGTH_TO_LEARN = 2
+SESSIONS_SIGNAL_GUARD = 1.0  # seconds: one halving per burst of "too many sessions"
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
 _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
@@ -77,17 +78,41 @@ class Decision(NamedTuple):
     reply: str | None = None
 
 
+def count_since(times: collections.deque[float], since: float) -> int:
+    """How many of the (sorted) times are at or after `since`."""
+    count = 0
+    for t in reversed(times):
+        if t < since:
+            break
+        count += 1
+    return count
+
+
+def forget_before(times: collections.deque[float], since: float) -> None:
+    while times and times[0] < since:
+        times.popleft()
+
+
+def window_rate(times: collections.deque[float], now: float, window: float) -> float:
+    """Events per second over the last `window` (or since the first in it); 0 until two."""
+    count = count_since(times, now - window)
+    if count < 2:
+        return 0.0
+    return count / max(now - times[len(times) - count], 1.0)
+
+
 class Pacer:
     def __init__(self, name: str, server: ServerConfig, learned: Learned | None = None,
                  sends: list[float] | None = None) -> None:
         self.name = name
-        self.server = server
+        self.configure(server)
         self.learned = learned or Learned()
         self.starts: collections.deque[float] = collections.deque(sorted(sends or []))
         self.group_count = 0
         self.paused_until: float | None = None
         self.pause_reason: str | None = None
         self.last_sessions_signal = 0.0
+        self.last_decrease = -math.inf  # one halving per burst of "too many sessions"
         self.last_rate_signal = 0.0
         self.session_ends: collections.deque[int] = collections.deque(maxlen=SAME_LENGTH_TO_LEARN)
         self.changed = False  # learned state needs saving
@@ -96,10 +121,7 @@ class Pacer:
 
     def configure(self, server: ServerConfig) -> None:
         self.server = server
-
-    @property
-    def rate(self) -> Rate | None:
-        return parse_rate(self.server.rate) if self.server.rate else None
+        self.rate: Rate | None = parse_rate(server.rate) if server.rate else None  # parsed once, used per message
 
     def effective_rate(self) -> float | None:
         """Messages per second allowed now: the lower of the set and the learned rate."""
@@ -131,7 +153,7 @@ class Pacer:
 
     def next_start(self, now: float) -> float:
         """Earliest time the next transaction may start (<= now: at once)."""
-        self._forget_before(now - DAY)
+        forget_before(self.starts, now - DAY)
         times = [now]
         if self.learned.parked_until:
             times.append(self.learned.parked_until)
@@ -143,11 +165,18 @@ class Pacer:
         configured = self.rate
         if configured and len(self.starts) >= configured.count:
             times.append(self.starts[-int(configured.count)] + configured.per)
-        for limit, window in self.quotas():
-            inside = self._count_since(now - window)
-            if inside >= limit:
-                times.append(self.starts[len(self.starts) - inside] + window)
+        times.extend(reopens for _, _, reopens in self._quotas_reached(now))
         return max(times)
+
+    def _quotas_reached(self, now: float) -> list[tuple[int, float, float]]:
+        """(limit, window, when it reopens) for each quota used up at `now`."""
+        reached = []
+        for limit, window in self.quotas():
+            # the cheap test first: this runs for every message handed out
+            if len(self.starts) >= limit and self.starts[-limit] >= now - window:
+                inside = count_since(self.starts, now - window)
+                reached.append((limit, window, self.starts[len(self.starts) - inside] + window))
+        return reached
 
     def take(self, now: float) -> Decision | None:
         """Record one transaction start; returns a decision when a group pause begins."""
@@ -161,25 +190,9 @@ class Pacer:
                 return Decision("pause", "group", f"for {self.server.group_interval:g}s")
         return None
 
-    def _count_since(self, since: float) -> int:
-        count = 0
-        for t in reversed(self.starts):
-            if t < since:
-                break
-            count += 1
-        return count
-
-    def _forget_before(self, since: float) -> None:
-        while self.starts and self.starts[0] < since:
-            self.starts.popleft()
-
     def recent_rate(self, now: float, window: float = 60.0) -> float:
         """Starts per second over the last `window` (or since the first start in it)."""
-        count = self._count_since(now - window)
-        if count < 2:
-            return 0.0
-        first = self.starts[len(self.starts) - count]
-        return count / max(now - first, 1.0)
+        return window_rate(self.starts, now, window)
 
     # ------------------------------------------------------------ learning
 
@@ -212,8 +225,11 @@ class Pacer:
             decisions.append(Decision("speed up", "rate", self._rate_text()))
         return decisions
 
-    def on_refusal(self, cause: Cause, reply: str, now: float) -> Decision:
+    def on_refusal(self, cause: Cause, reply: str, now: float) -> Decision | None:
+        """What a refusal of this cause changes; None for a repeat of a burst just acted on."""
         if cause is Cause.SESSIONS:
+            if now - self.last_decrease < SESSIONS_SIGNAL_GUARD:
+                return None
             return self.on_too_many_sessions(reply, now)
         if cause is Cause.RATE:
             return self._slow_down(reply, now)
@@ -224,7 +240,7 @@ class Pacer:
     def on_too_many_sessions(self, reply: str, now: float) -> Decision:
         current = self.effective_connections()
         self.learned.connections = max(1, current // 2)
-        self.last_sessions_signal = now
+        self.last_sessions_signal = self.last_decrease = now
         self.changed = True
         return Decision("lower", "too many sessions",
                         f"connections {current} -> {self.effective_connections()}", reply)
@@ -248,7 +264,7 @@ class Pacer:
         window = window_hint(reply)
         until = None
         if window:
-            sent = self._count_since(now - window)
+            sent = count_since(self.starts, now - window)
             if sent:
                 if window == DAY:
                     self.learned.daily_quota = sent
@@ -304,10 +320,11 @@ class Pacer:
             return "parked", f"quota: {self.learned.park_reason}", self.learned.parked_until
         if self.paused_until and self.paused_until > now:
             return "paused", self.pause_reason or "", self.paused_until
-        for limit, window in self.quotas():
-            if self._count_since(now - window) >= limit:
-                return "parked", f"{limit} messages per {'day' if window == DAY else 'hour'} reached", \
-                    self.next_start(now)
+        reached = self._quotas_reached(now)
+        if reached:
+            limit, window, _ = reached[0]
+            return "parked", f"{limit} messages per {'day' if window == DAY else 'hour'} reached", \
+                self.next_start(now)
         reasons = []
         if self.learned.connections:
             reasons.append(f"connections lowered to {self.learned.connections} (too many sessions)")
@@ -319,9 +336,9 @@ class Pacer:
 
     def window_counts(self, now: float) -> dict[str, int]:
         return {
-            "minute": self._count_since(now - 60),
-            "hour": self._count_since(now - HOUR),
-            "day": self._count_since(now - DAY),
+            "minute": count_since(self.starts, now - 60),
+            "hour": count_since(self.starts, now - HOUR),
+            "day": count_since(self.starts, now - DAY),
         }
 
     def capacity(self, now: float, observed: float) -> float:

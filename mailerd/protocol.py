@@ -236,6 +236,11 @@ class Counts(msgspec.Struct, kw_only=True):
     invalid: int = 0
     suppressed: int = 0
 
+    @property
+    def left(self) -> int:
+        """Recipients still to send: queued, sending or deferred."""
+        return self.queued + self.sending + self.deferred
+
 
 class RecipientInfo(msgspec.Struct, kw_only=True):
     email: str

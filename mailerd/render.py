@@ -222,6 +222,7 @@ def _message_id(campaign_uid: str, line: int, domain: str) -> str:
     return f"<{campaign_uid}.{line}@{domain}>"
 
 
+@functools.lru_cache(maxsize=64)  # a report asks for every recipient's Message-ID: parse once
 def _sender_domain(sender: str) -> str:
     addresses = POLICY.header_factory("From", sender).addresses
     if len(addresses) != 1 or not addresses[0].domain:

@@ -11,7 +11,7 @@ from .journal import Claimed
 from .pacing import Pacer
 from .protocol import ServerInfo, WorkerInfo
 from .spawner import WorkerProcess
-from .workerproto import ToWorker
+from .workerproto import Stop, ToWorker
 
 PREFETCH = 2  # jobs a worker holds: the one in flight and the next
 ACCEPTING_STATES = ("ready", "idle", "sending")
@@ -30,7 +30,6 @@ class WorkerSlot:
         self.state = "starting"
         self.detail = ""
         self.connected = False
-        self.until: float | None = None
         self.sent = 0
         self.restarts = 0
         self.respawn_delay = 0.5
@@ -49,6 +48,11 @@ class WorkerSlot:
     def send(self, message: ToWorker) -> None:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(wire.pack(message))
+
+    def retire(self) -> None:
+        """Connections were lowered by configuration: this worker stops for good."""
+        self.retired = True
+        self.send(Stop())
 
     def info(self) -> WorkerInfo:
         detail = self.detail
@@ -72,7 +76,6 @@ class ServerRun:
         self.sessions_ended = 0
         self.drops = 0
         self.refused = 0
-        self.last_decrease = 0.0
         self.overrides: dict[str, str] = {}
 
     def prefetch(self) -> int:

@@ -17,18 +17,24 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Callable
+
+    from .protocol import CampaignSpec, DkimKey
 
 # dkimpy (and the dnspython it pulls in) is imported where a key is loaded or a
 # message signed: a worker of a server without DKIM never carries it (4 MB each).
 
-__all__ = ["KeyError_", "Signer", "load_key"]
+__all__ = ["KeyError_", "Signer", "campaign_signer", "load_key"]
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END \1-----", re.DOTALL)
 # DER of a PKCS#8 Ed25519 private key (RFC 8410) up to the 32-byte seed.
 _ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 _ALWAYS = ("from", "to", "subject", "date", "message-id", "reply-to", "mime-version",
            "content-type", "list-unsubscribe", "list-unsubscribe-post")
-_OVERSIGN = ("from", "to", "subject", "reply-to", "list-unsubscribe", "list-unsubscribe-post")
+_OVERSIGN = (b"from", b"to", b"subject", b"reply-to", b"list-unsubscribe", b"list-unsubscribe-post")
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.MULTILINE)
 _SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
@@ -87,7 +93,8 @@ class Signer:
             raise KeyError_(f"selector {selector!r} is not a valid selector")
         self.selector = selector.encode("ascii")
         self.algorithm, self._key = load_key(key_text)
-        self._wanted = tuple(dict.fromkeys(_ALWAYS + tuple(h.lower() for h in extra_headers)))
+        self._wanted = tuple(h.encode() for h in dict.fromkeys(
+            _ALWAYS + tuple(h.lower() for h in extra_headers)))
 
     def __repr__(self) -> str:
         return (f"Signer(domain={self.domain.decode()!r}, selector={self.selector.decode()!r}, "
@@ -97,8 +104,8 @@ class Signer:
         """The message with its DKIM-Signature header field prepended."""
         head = message.split(b"\r\n\r\n", 1)[0]
         present = {m.lower() for m in _HEADER_NAME.findall(head)}
-        include = [h.encode() for h in self._wanted if h.encode() in present]
-        include += [h.encode() for h in _OVERSIGN if h.encode() in present]
+        include = [h for h in self._wanted if h in present]
+        include += [h for h in _OVERSIGN if h in present]
         import dkim
 
         try:
@@ -110,3 +117,11 @@ class Signer:
         except dkim.DKIMException as exc:
             raise KeyError_(f"dkim: cannot sign: {exc}") from None
         return signature + message
+
+
+def campaign_signer(spec: CampaignSpec, server_key: Callable[[], DkimKey | None]) -> Signer | None:
+    """The Signer of a campaign's messages: its own key, else its server's (asked
+    for only then: reading it may touch the key file), else none."""
+    dkim = spec.dkim or server_key()  # the campaign's key wins over the server's
+    return None if dkim is None else Signer(dkim.domain, dkim.selector, dkim.key,
+                                            tuple(spec.headers))

@@ -30,6 +30,7 @@ from .log import event
 from .pacing import DAY, Decision, Learned, Pacer
 from .protocol import CampaignSpec, ServerInfo, ServerPlan
 from .servers import ServerRun, WorkerSlot
+from .suppression import bounce_rule
 from .spawner import WorkerProcess, spawn_worker, stop_template
 from .workerproto import (
     AnyFromWorker,
@@ -52,7 +53,6 @@ CLAIM_BATCH = 512
 TICK = 1.0
 PRUNE_EVERY = 3600.0  # drop send times older than the longest quota window (a day)
 RESPAWN_MAX = 30.0
-SESSIONS_SIGNAL_GUARD = 1.0  # one halving per burst of "too many sessions"
 CONNECTION_KEYS = ("host", "port", "security", "username", "password_file", "tls_verify",
                    "timeout", "helo_name")
 
@@ -66,6 +66,7 @@ class Supervisor:
         self.journal = journal
         self.committer = committer
         self.classifier = Classifier(config.patterns)
+        journal.bounce_rule = bounce_rule(config.suppression)  # 5xx "no such user" -> suppressed
         self.campaigns: dict[int, CampaignRun] = {}
         self.servers: dict[str, ServerRun] = {}
         self.identity = Identity(config)  # unsubscribe key, servers' DKIM keys (issue 6)
@@ -169,8 +170,7 @@ class Supervisor:
             server.slots.append(slot)
             self._spawn_soon(slot, 0)
         for slot in live[wanted:]:
-            slot.retired = True
-            slot.send(Stop())
+            slot.retire()
 
     @staticmethod
     def _free_slot_number(server: ServerRun, start: int) -> int:
@@ -222,6 +222,7 @@ class Supervisor:
         """SIGHUP: the config file is the truth again; run-time settings are dropped."""
         self.config = config
         self.classifier = Classifier(config.patterns)
+        self.journal.bounce_rule = bounce_rule(config.suppression)
         for name, server_config in config.servers.items():
             if name not in self.servers:
                 self.passwords[name] = read_password(name, server_config)
@@ -234,8 +235,7 @@ class Supervisor:
             self._reconfigure(server, server_config)
         for name in set(self.servers) - set(config.servers):
             for slot in self.servers[name].slots:
-                slot.retired = True
-                slot.send(Stop())
+                slot.retire()
         event("config_reloaded", path=config.path, servers=",".join(config.servers))
         self.kick()
 
@@ -264,8 +264,7 @@ class Supervisor:
         slot.state, slot.detail, slot.connected = "starting", "", False
         slot.started_at = time.monotonic()
         slot.campaigns_known.clear()
-        slot.send(Setup(slot.server_name, slot.slot, server.config, self.config.delivery,
-                        self.passwords[slot.server_name], self.config.daemon.log_level,
+        slot.send(Setup(server.config, self.config.delivery, self.passwords[slot.server_name],
                         self.identity.unsubscribe_key,
                         self.identity.server_dkim(slot.server_name, server.config)))
         slot.send(self._limits(server))
@@ -318,12 +317,9 @@ class Supervisor:
         if not held:
             return
         try:
-            uncertain, requeued = await self.committer.run(
-                self.journal.settle_lost_worker, list(held))
-        except JournalWriteError as exc:
-            self._storage_failed(str(exc))
-            self.pending_writes.append((self.journal.settle_lost_worker, (list(held),)))
-            return
+            uncertain, requeued = await self._write(self.journal.settle_lost_worker, list(held))
+        except JournalWriteError:
+            uncertain = requeued = 0  # kept by _write and replayed before anything is sent again
         for campaign, line in held:
             run = self.campaigns.get(campaign)
             if run is not None:
@@ -364,7 +360,7 @@ class Supervisor:
 
     def _session_state(self, slot: WorkerSlot, message: SessionState) -> None:
         was_accepting = slot.accepting
-        slot.state, slot.detail, slot.until = message.state, message.detail, message.until
+        slot.state, slot.detail = message.state, message.detail
         slot.connected = message.connected
         if message.state == "backoff":
             event("session_backoff", logging.WARNING, server=slot.server_name, slot=slot.slot,
@@ -400,22 +396,22 @@ class Supervisor:
         decision = server.pacer.on_session_end(ended.messages, ended.dropped, ended.reply, now,
                                                others)
         if decision is not None:
-            if decision.cause == Cause.SESSIONS.value:
-                server.last_decrease = now
             self._decided(server, decision)
 
     def _pacing_signal(self, server: ServerRun, cause: Cause, reply: str, now: float) -> None:
-        if cause is Cause.SESSIONS:
-            if now - server.last_decrease < SESSIONS_SIGNAL_GUARD:
-                return
-            server.last_decrease = now
-        self._decided(server, server.pacer.on_refusal(cause, reply, now))
+        decision = server.pacer.on_refusal(cause, reply, now)
+        if decision is not None:
+            self._decided(server, decision)
 
     def _decided(self, server: ServerRun, decision: Decision) -> None:
+        self._log_decision(server, decision)
+        self._apply_pacing(server)
+
+    @staticmethod
+    def _log_decision(server: ServerRun, decision: Decision) -> None:
         level = logging.DEBUG if decision.action == "note" else logging.INFO
         event("pacing", level, server=server.name, action=decision.action, cause=decision.cause,
               detail=decision.detail, smtp_reply=decision.reply)
-        self._apply_pacing(server)
 
     def _finish(self, slot: WorkerSlot, done: Done) -> None:
         server = self.servers[slot.server_name]
@@ -598,8 +594,7 @@ class Supervisor:
                     self._group_pause(server, decision)
 
     def _group_pause(self, server: ServerRun, decision: Decision) -> None:
-        event("pacing", server=server.name, action=decision.action, cause=decision.cause,
-              detail=decision.detail)
+        self._log_decision(server, decision)
         if server.config.group_interval > server.config.idle_timeout:
             for slot in server.slots:  # the relay would cut an idle session: QUIT first
                 slot.send(Hold())
@@ -631,7 +626,7 @@ class Supervisor:
     async def _claim(self, run: CampaignRun) -> None:
         try:
             if run.attachments is None:  # before anything of it can reach a worker
-                run.attachments = await self.committer.run(self.journal.attachments, run.id)
+                run.attachments = await self.committer.read(self.journal.attachments, run.id)
             result = await self.committer.read(
                 self.journal.claim, run.id, run.cursor, CLAIM_BATCH, time.time(), set(run.held)
             )
@@ -640,6 +635,8 @@ class Supervisor:
             return
         finally:
             run.refilling = False
+        if result.suppressed:
+            self._write(self.journal.mark_suppressed, result.suppressed)
         if run.state != "running":
             return
         for claimed in result.recipients:
@@ -670,8 +667,7 @@ class Supervisor:
         for server in self.servers.values():
             decisions = server.pacer.tick(now)
             for decision in decisions:
-                event("pacing", server=server.name, action=decision.action,
-                      cause=decision.cause, detail=decision.detail)
+                self._log_decision(server, decision)
             if decisions:
                 self._apply_pacing(server)
         for run in list(self.campaigns.values()):
@@ -745,11 +741,11 @@ class Supervisor:
         now = time.time()
         names = spec.servers or list(self.config.servers)
         servers = [self.servers[n] for n in names if n in self.servers]
+        observed = [server.pacer.recent_rate(now) for server in servers]
         plans = []
-        for server in servers:
-            observed = server.pacer.recent_rate(now)
+        for server, rate in zip(servers, observed):
             state, reason, _ = server.pacer.state(now)
-            plans.append(ServerPlan(server=server.name, rate=server.pacer.capacity(now, observed),
+            plans.append(ServerPlan(server=server.name, rate=server.pacer.capacity(now, rate),
                                     state=state, reason=reason))
         total = sum(p.rate for p in plans)
         if left == 0:
@@ -757,10 +753,10 @@ class Supervisor:
         if not total:
             return None, plans
         estimates = []
-        for server, plan in zip(servers, plans):
+        for server, plan, rate in zip(servers, plans, observed):
             if plan.rate:
                 share = round(left * plan.rate / total)
-                estimates.append(server.pacer.seconds_for(share, now, server.pacer.recent_rate(now)))
+                estimates.append(server.pacer.seconds_for(share, now, rate))
         known = [e for e in estimates if e is not None]
         return (max(known) if known else None), plans
 

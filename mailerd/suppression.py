@@ -90,8 +90,8 @@ async def remove(commands: "Commands", request: SuppressRemove) -> Reply:
 
 async def listing(commands: "Commands", request: SuppressList) -> Reply:
     limit = max(1, min(request.limit, MAX_PAGE))
-    rows, total = await commands.committer.run(commands.journal.list_suppressions,
-                                               request.after, limit)
+    rows, total = await commands.committer.read(commands.journal.list_suppressions,
+                                                request.after, limit)
     return SuppressionPage(
         entries=[SuppressionEntry(email=r[0], key=r[1], reason=r[2], added=r[3], detail=r[4])
                  for r in rows],

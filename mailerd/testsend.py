@@ -6,7 +6,6 @@ nothing is journaled; the reply is the relay's answer."""
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 from email.utils import parseaddr
 from typing import TYPE_CHECKING
@@ -17,7 +16,8 @@ from .addresses import check_address
 from .enqueue import SpecError, check_message_parts
 from .protocol import Error, Reply, TestSend, TestSent
 from .render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from .signing import Signer
+from .signing import campaign_signer
+from .worker import describe, greet, smtp_client, smtputf8_refusal
 
 if TYPE_CHECKING:
     from .commands import Commands
@@ -55,21 +55,16 @@ async def test_send(commands: "Commands", request: TestSend) -> Reply:
     except (TemplateError, RenderError) as exc:
         return Error(message=f"test-send: cannot render the message: {exc} "
                              "(give merge fields with --fields NAME=VALUE)")
-    dkim = spec.dkim or commands.supervisor.identity.server_dkim(name, server)
-    if dkim is not None:
-        message = Signer(dkim.domain, dkim.selector, dkim.key, tuple(spec.headers)).sign(message)
-    smtp = aiosmtplib.SMTP(
-        hostname=server.host, port=server.port, username=server.username,
-        password=commands.supervisor.passwords.get(name), timeout=server.timeout,
-        use_tls=server.security == "tls", start_tls=server.security == "starttls",
-        validate_certs=server.tls_verify, local_hostname=server.helo_name or socket.gethostname(),
-    )
+    signer = campaign_signer(spec, lambda: commands.supervisor.identity.server_dkim(name, server))
+    if signer is not None:
+        message = signer.sign(message)
+    smtp = smtp_client(server, commands.supervisor.passwords.get(name))
     msgid = renderer.message_id(0)
     try:
         await smtp.connect()
+        await greet(smtp)  # as a worker does: the extensions are known only after EHLO
         if utf8 and not smtp.supports_extension("smtputf8"):
-            return Error(message=f"test-send: relay does not offer SMTPUTF8, required for "
-                                 f"<{to.address if not to.address.isascii() else sender}>")
+            return Error(message=f"test-send: {smtputf8_refusal(sender, to.address)}")
         _, reply = await smtp.sendmail(sender, [to.address], message,
                                        mail_options=["SMTPUTF8"] if utf8 else [])
         code, text = 250, reply
@@ -79,7 +74,7 @@ async def test_send(commands: "Commands", request: TestSend) -> Reply:
     except aiosmtplib.SMTPResponseException as exc:
         code, text = exc.code, exc.message
     except (aiosmtplib.SMTPException, OSError) as exc:
-        return Error(message=f"test-send: {server.host}:{server.port}: {exc or type(exc).__name__}")
+        return Error(message=f"test-send: {server.host}:{server.port}: {describe(exc)}")
     finally:
         if smtp.is_connected:
             try:

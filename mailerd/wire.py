@@ -85,10 +85,8 @@ def recv_frame(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
     """Blocking read of one frame (used by mailerctl)."""
     (length,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
     _check_length(length, limit)
-    if length == 0:
-        return b""
     try:
-        return _recv_exactly(sock, length)
+        return _recv_exactly(sock, length)  # b"" for an empty frame: nothing is read
     except ConnectionClosed:
         raise FrameError(f"truncated frame: expected {length} bytes") from None
 

@@ -25,14 +25,20 @@ import socket
 import sys
 import time
 from email.utils import parseaddr
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import aiosmtplib
 import msgspec
 
+try:  # imported here, not after the fork, so the template's pages hold it (worker_template.py)
+    import uvloop
+except ImportError:
+    uvloop = None  # type: ignore[assignment]
+
 from . import wire
+from .config import ServerConfig
 from .render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from .signing import KeyError_, Signer
+from .signing import KeyError_, Signer, campaign_signer
 from .workerproto import (
     AnyToWorker,
     CampaignAttachment,
@@ -82,6 +88,38 @@ def relay_mailmax(smtp: aiosmtplib.SMTP) -> int:
     return int(match[1]) if match else 0
 
 
+def smtp_client(server: ServerConfig, password: str | None) -> aiosmtplib.SMTP:
+    """An unconnected SMTP client for a configured server (the workers' and test-send's)."""
+    return aiosmtplib.SMTP(
+        hostname=server.host,
+        port=server.port,
+        username=server.username,
+        password=password,
+        timeout=server.timeout,
+        use_tls=server.security == "tls",
+        start_tls=server.security == "starttls",
+        validate_certs=server.tls_verify,
+        local_hostname=server.helo_name or socket.gethostname(),
+    )
+
+
+def smtputf8_refusal(sender: str, recipient: str) -> str:
+    """Why a message that needs SMTPUTF8 cannot go through a relay that lacks it."""
+    address = recipient if not recipient.isascii() else sender
+    return f"relay does not offer SMTPUTF8, required for <{address}>"
+
+
+class Campaign(NamedTuple):
+    """What a worker keeps of a campaign, made once when its template arrives."""
+
+    renderer: Renderer | None  # None: its messages cannot be made, for `problem`
+    signer: Signer | None
+    sender: str  # the envelope sender
+    mail_from: bytes  # MAIL's argument for it, without SMTPUTF8
+    sender_utf8: bool  # the sender's address alone needs SMTPUTF8
+    problem: str  # "" unless renderer is None
+
+
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL us if the daemon dies (belt to the EOF braces)."""
     try:
@@ -100,10 +138,7 @@ class Worker:
         self.reader = reader
         self.writer = writer
         self.jobs: collections.deque[Job] = collections.deque()
-        self.renderers: dict[int, Renderer] = {}
-        self.senders: dict[int, str] = {}
-        self.signers: dict[int, Signer | None] = {}
-        self.unusable: dict[int, str] = {}  # campaign -> why its messages cannot be made
+        self.campaigns: dict[int, Campaign] = {}
         self.attachment_parts: dict[int, dict[int, list[bytes]]] = {}
         self.job_arrived = asyncio.Event()
         self.dot_acks: dict[tuple[int, int], asyncio.Future[bool]] = {}
@@ -166,16 +201,18 @@ class Worker:
         parts = self.attachment_parts.pop(message.campaign, {})
         attachments = [Attachment(info.name, info.content_type, b"".join(parts.get(i, [])))
                        for i, info in enumerate(spec.attachments)]
-        self.unusable.pop(message.campaign, None)
+        sender = parseaddr(spec.sender)[1]
+        renderer: Renderer | None
+        signer: Signer | None
         try:
-            self.renderers[message.campaign] = Renderer.from_spec(
-                spec, message.uid, attachments, self.setup.unsubscribe_key)
-            dkim = spec.dkim or self.setup.dkim  # the campaign's key wins over the server's
-            self.signers[message.campaign] = None if dkim is None else Signer(
-                dkim.domain, dkim.selector, dkim.key, tuple(spec.headers))
+            renderer = Renderer.from_spec(spec, message.uid, attachments, self.setup.unsubscribe_key)
+            signer = campaign_signer(spec, lambda: self.setup.dkim)
+            problem = ""
         except (TemplateError, RenderError, KeyError_) as exc:  # checked at enqueue: not expected
-            self.unusable[message.campaign] = str(exc)
-        self.senders[message.campaign] = parseaddr(spec.sender)[1]
+            renderer, signer, problem = None, None, str(exc)
+        self.campaigns[message.campaign] = Campaign(
+            renderer, signer, sender, b"FROM:<" + sender.encode() + b">",
+            needs_smtputf8(sender), problem)
 
     def release(self, predicate: Callable[[Job], bool]) -> None:
         kept: collections.deque[Job] = collections.deque()
@@ -228,19 +265,9 @@ class Worker:
         except asyncio.TimeoutError:
             await self.close_session(f"idle for {self.limits.idle_timeout:g}s")
 
-    async def open_session(self) -> bool:
+    async def open_session(self) -> None:
         self.state("connecting", f"{self.server.host}:{self.server.port}")
-        smtp = aiosmtplib.SMTP(
-            hostname=self.server.host,
-            port=self.server.port,
-            username=self.server.username,
-            password=self.setup.password,
-            timeout=self.server.timeout,
-            use_tls=self.server.security == "tls",
-            start_tls=self.server.security == "starttls",
-            validate_certs=self.server.tls_verify,
-            local_hostname=self.server.helo_name or socket.gethostname(),
-        )
+        smtp = smtp_client(self.server, self.setup.password)
         try:
             await smtp.connect()
             await greet(smtp)
@@ -248,14 +275,13 @@ class Worker:
             smtp.close()
             self.send(SessionEnded(0, True, "connect", code_of(exc), describe(exc)))
             await self.back_off(describe(exc))
-            return False
+            return
         self.smtp = smtp
         self.needs_reset = False
         self.session_messages = self.session_replies = 0
         caps = [n for n in (self.limits.messages_per_connection, relay_mailmax(smtp)) if n]
         self.session_cap = min(caps) if caps else 0
         self.state("ready", f"connected to {self.server.host}:{self.server.port}")
-        return True
 
     async def back_off(self, reason: str) -> None:
         """Connection-level failure: give the jobs back to others and wait, growing."""
@@ -290,19 +316,20 @@ class Worker:
 
     async def deliver(self, job: Job) -> None:
         """One recipient: render, run the transaction, report exactly one Done."""
-        smtputf8 = needs_smtputf8(self.senders[job.campaign], job.email)
+        campaign = self.campaigns[job.campaign]
+        smtputf8 = campaign.sender_utf8 or needs_smtputf8(job.email)
         if smtputf8 and self.smtp is not None and not self.smtp.supports_extension("smtputf8"):
-            address = job.email if not job.email.isascii() else self.senders[job.campaign]
             self.send(Done(job.campaign, job.line, "failed", None,
-                           f"relay does not offer SMTPUTF8, required for <{address}>"))
+                           smtputf8_refusal(campaign.sender, job.email)))
             return
         try:
-            message = self.render(job, smtputf8)
+            message = self.render(job, campaign, smtputf8)
         except (RenderError, KeyError_) as exc:
             self.send(Done(job.campaign, job.line, "failed", None, f"cannot render message: {exc}"))
             return
         try:
-            code, reply = await self.transaction(job, message, smtputf8)
+            mail_from = (campaign.mail_from + b" SMTPUTF8") if smtputf8 else campaign.mail_from
+            code, reply = await self.transaction(job, message, mail_from)
         except SessionLost as lost:
             if self.session_replies == 0:
                 self.unproductive = lost.reason
@@ -316,19 +343,19 @@ class Worker:
             self.session_messages += 1
         self.send(Done(job.campaign, job.line, classify(code), code, reply))
 
-    def render(self, job: Job, smtputf8: bool = False) -> bytes:
-        if job.campaign in self.unusable:
-            raise RenderError(self.unusable[job.campaign])
+    def render(self, job: Job, campaign: Campaign, smtputf8: bool = False) -> bytes:
+        if campaign.renderer is None:
+            raise RenderError(campaign.problem)
         fields = _fields_decoder.decode(job.fields)
-        message = self.renderers[job.campaign].render(
+        message = campaign.renderer.render(
             line=job.line, email=job.email, fields=fields, date=format_date(time.time()),
             smtputf8=smtputf8,
         )
-        signer = self.signers.get(job.campaign)
-        return message if signer is None else signer.sign(message)
+        return message if campaign.signer is None else campaign.signer.sign(message)
 
-    async def transaction(self, job: Job, message: bytes, smtputf8: bool = False) -> tuple[int, str]:
-        """Run MAIL..DATA..'.'; return the deciding reply, or raise SessionLost."""
+    async def transaction(self, job: Job, message: bytes, mail_from: bytes) -> tuple[int, str]:
+        """Run MAIL..DATA..'.' (`mail_from`: MAIL's argument); return the deciding
+        reply, or raise SessionLost."""
         smtp = self.smtp
         assert smtp is not None
         self.state("sending")  # a frame only on the change: the supervisor knows the job
@@ -338,8 +365,7 @@ class Worker:
                 await smtp.rset()
                 self.needs_reset = False
             for stage, command in (
-                ("mail", (b"MAIL", b"FROM:<" + self.senders[job.campaign].encode() + b">"
-                          + (b" SMTPUTF8" if smtputf8 else b""))),
+                ("mail", (b"MAIL", mail_from)),
                 ("rcpt", (b"RCPT", b"TO:<" + job.email.encode() + b">")),
             ):
                 reply = await smtp.execute_command(*command)
@@ -430,9 +456,7 @@ def run_in_process(sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # uvloop halves a worker's CPU per message (bench/RESULTS.md); plain asyncio otherwise
-    try:
-        import uvloop
-    except ImportError:
+    if uvloop is None:
         asyncio.run(amain(sock))
     else:
         uvloop.run(amain(sock))

@@ -24,23 +24,20 @@ class ToWorker(msgspec.Struct, tag_field="t", tag=True, array_like=True):
 
 
 class Setup(ToWorker):
-    server_name: str
-    slot: int
     server: ServerConfig
     delivery: DeliveryConfig
     password: str | None
-    log_level: str
     unsubscribe_key: bytes = b""  # state dir's unsubscribe.key: {{ token }} (tokens.py)
     dkim: DkimKey | None = None  # this server's DKIM key, if it has one
 
 
 class CampaignAttachment(ToWorker):
-    """Bytes of spec.attachments[index], in chunks, sent before its CampaignTemplate."""
+    """Bytes of spec.attachments[index], in chunks, sent before its CampaignTemplate
+    (none for an empty attachment)."""
 
     campaign: int
     index: int
     chunk: bytes
-    last: bool
 
 
 class CampaignTemplate(ToWorker):
