@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import msgspec
 import pytest
@@ -41,12 +41,23 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 class Daemon:
-    """A mailerd process in its own process group, with its own state dir."""
+    """A mailerd process in its own process group, with its own state dir.
+
+    env: extra environment variables; stderr: where its stderr goes (default: the log
+    file, with stdout); prefix: a command line that execs the daemon's ("$@");
+    pass_fds: file descriptors it inherits.
+    """
 
     def __init__(self, workdir: Path, servers: dict[str, dict[str, Any]],
                  daemon: dict[str, Any] | None = None,
-                 delivery: dict[str, Any] | None = None) -> None:
+                 delivery: dict[str, Any] | None = None, *,
+                 env: dict[str, str] | None = None, stderr: Any = None,
+                 prefix: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.workdir = workdir
+        self.env = env or {}
+        self.stderr = stderr
+        self.prefix = prefix or []
+        self.pass_fds = tuple(pass_fds)
         self.state_dir = workdir / "state"
         self.socket = str(workdir / "control.sock")
         sections: dict[str, dict[str, Any]] = {
@@ -61,16 +72,28 @@ class Daemon:
         self.log_path = workdir / "mailerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        return [*self.prefix, sys.executable, "-m", "mailerd", "--config", str(self.config)]
+
+    def environment(self) -> dict[str, str] | None:
+        return {**os.environ, **self.env} if self.env else None
+
     def start(self, wait: bool = True) -> "Daemon":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailerd", "--config", str(self.config)],
-            cwd=self.workdir, stdout=log, stderr=log, start_new_session=True,
+            self.command(), cwd=self.workdir, stdout=log,
+            stderr=log if self.stderr is None else self.stderr, start_new_session=True,
+            env=self.environment(), pass_fds=self.pass_fds,
         )
         log.close()
         if wait:
             wait_until(self._answers, 20, "the daemon to answer on its socket")
         return self
+
+    def start_expecting_failure(self) -> subprocess.CompletedProcess[str]:
+        """Run mailerd in the foreground, for a start that must fail: its exit code and output."""
+        return subprocess.run(self.command(), capture_output=True, text=True, timeout=30,
+                              cwd=self.workdir, env=self.environment(), pass_fds=self.pass_fds)
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -101,6 +124,10 @@ class Daemon:
     def report(self, campaign: int, state: str | None = None) -> CampaignReport:
         return self.call(Report(campaign=campaign, state=state))
 
+    def emails(self, campaign: int, state: str) -> set[str]:
+        """The addresses of the campaign's recipients in that state."""
+        return {r.email for r in self.report(campaign, state).recipients}
+
     def ctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "mailerctl", "--socket", self.socket, *args],
@@ -124,6 +151,14 @@ class Daemon:
             lambda: (r := self.report(campaign)).state == "done" and r,
             timeout, f"campaign {campaign} to be done",
         )
+
+    def quiesce(self, campaign: int, timeout: float = 30) -> None:
+        """Pause and wait until nothing is in flight, so journal and relay can be compared."""
+        if self.report(campaign).state == "running":
+            paused = self.ctl("pause", str(campaign), check=False)
+            # it may have finished between the report and the pause: then there is nothing to pause
+            assert paused.returncode == 0 or self.report(campaign).state == "done", paused.stderr
+        wait_until(lambda: self.report(campaign).counts.sending == 0, timeout, "in-flight work to end")
 
     def worker_pids(self) -> list[int]:
         return [w.pid for s in self.status().servers for w in s.workers if w.pid]
@@ -183,6 +218,24 @@ def make_campaign(directory: Path, count: int, *, domain: str = "example.com",
     return campaign, recipients
 
 
+def campaign_addresses(count: int, domain: str = "example.com") -> set[str]:
+    """The addresses make_campaign(directory, count, domain=domain) writes."""
+    return {f"user{i}@{domain}" for i in range(count)}
+
+
+def assert_nobody_lost_or_sent_twice(received: Mapping[str, int], uncertain: set[str],
+                                     expected: set[str], sent: int, uncertain_count: int) -> None:
+    """After crashes and a resume: `received` (address -> copies at the relay) has nobody twice,
+    and every expected address is at the relay or uncertain; `sent` and `uncertain_count` are
+    the report's counts."""
+    twice = sorted(a for a, n in received.items() if n > 1)
+    assert not twice, f"nobody is sent twice: {twice[:10]}"
+    lost = sorted(expected - set(received) - uncertain)
+    assert set(received) | uncertain == expected, f"nobody is lost: {lost[:10]}"
+    assert sent + uncertain_count == len(expected)
+    assert sent == len(set(received) - uncertain)
+
+
 @pytest.fixture
 def relay_factory() -> Iterator[Callable[..., FakeRelay]]:
     relays: list[FakeRelay] = []
@@ -221,4 +274,5 @@ def relay_server(relay: FakeRelay, connections: int = 2, **extra: Any) -> dict[s
             "connections": connections, **extra}
 
 
-__all__ = ["Daemon", "Refused", "make_campaign", "relay_server", "wait_until", "write_config"]
+__all__ = ["Daemon", "Refused", "assert_nobody_lost_or_sent_twice", "campaign_addresses",
+           "make_campaign", "relay_server", "wait_until", "write_config"]

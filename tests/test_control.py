@@ -61,7 +61,7 @@ def test_a_stalled_client_does_not_block_others(daemon):
         stalled.connect(daemon.socket)
         stalled.sendall(b"\x00\x00\x01\x00partial")
         for _ in range(20):
-            assert daemon.status().pid
+            assert daemon.status().pid == daemon.proc.pid
 
 
 def test_enqueue_errors_name_the_problem(tmp_path, daemon):
@@ -103,8 +103,7 @@ def test_unknown_campaign_is_refused_with_exit_1(daemon):
 
 
 def test_report_json_shape_and_list_and_status(tmp_path, daemon):
-    campaign, recipients = make_campaign(tmp_path / "c", 12, extra_rows=["bogus,X,Y"])
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 12, extra_rows=["bogus,X,Y"])
     daemon.wait_done(cid)
     report = json.loads(daemon.ctl("report", str(cid), "--json").stdout)
     assert {"id", "name", "state", "counts"} <= set(report)
@@ -148,8 +147,7 @@ def test_bad_config_names_the_key_and_file(tmp_path):
 
 
 def test_second_daemon_on_the_same_state_dir_refuses(daemon):
-    result = subprocess.run([sys.executable, "-m", "mailerd", "--config", str(daemon.config)],
-                            capture_output=True, text=True, timeout=30, cwd=daemon.workdir)
+    result = daemon.start_expecting_failure()
     assert result.returncode == 4
     assert f"pid {daemon.proc.pid}" in result.stderr
     assert daemon.call(Status()).pid == daemon.proc.pid

@@ -8,14 +8,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_campaign, relay_server, wait_until
+from conftest import relay_server, wait_until
 from hostile import HostileRelay
 from mailerd import wire
 from mailerd.protocol import Status
@@ -99,18 +98,13 @@ def test_full_disk_stops_sending_and_continues_when_space_returns(
     assert report.counts.sent == len(counts) - report.counts.uncertain
 
 
-def start_expecting_failure(daemon) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mailerd", "--config", str(daemon.config)],
-                          capture_output=True, text=True, timeout=30, cwd=daemon.workdir)
-
-
 def test_garbage_journal_gives_a_clear_error_and_is_left_alone(relay_factory, daemon_factory):
     daemon = daemon_factory({"isp": relay_server(relay_factory())})
     daemon.state_dir.mkdir()
     journal = daemon.state_dir / "journal.sqlite3"
     journal.write_bytes(os.urandom(64 * 1024))
     before = digest(journal)
-    result = start_expecting_failure(daemon)
+    result = daemon.start_expecting_failure()
     assert result.returncode == 3
     assert str(journal) in result.stderr and "journal" in result.stderr
     assert digest(journal) == before
@@ -121,8 +115,7 @@ def test_corrupt_journal_pages_are_detected_before_anything_changes(
         tmp_path, relay_factory, daemon_factory):
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(relay)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 300)
-    daemon.wait_done(daemon.enqueue(campaign, recipients))
+    daemon.wait_done(daemon.send_campaign(tmp_path / "c", 300))
     assert daemon.terminate() == 0
     journal = daemon.state_dir / "journal.sqlite3"
     data = bytearray(journal.read_bytes())
@@ -130,7 +123,7 @@ def test_corrupt_journal_pages_are_detected_before_anything_changes(
     data[3 * page: 5 * page] = os.urandom(2 * page)  # wreck two b-tree pages
     journal.write_bytes(bytes(data))
     before = digest(journal)
-    result = start_expecting_failure(daemon)
+    result = daemon.start_expecting_failure()
     assert result.returncode == 3
     assert "journal" in result.stderr and ("corrupt" in result.stderr or "malformed" in result.stderr)
     assert digest(journal) == before
@@ -142,7 +135,7 @@ def test_journal_path_that_is_not_a_file_gives_a_clear_error(relay_factory, daem
     daemon = daemon_factory({"isp": relay_server(relay_factory())})
     journal = daemon.state_dir / "journal.sqlite3"
     journal.mkdir(parents=True)
-    result = start_expecting_failure(daemon)
+    result = daemon.start_expecting_failure()
     assert result.returncode == 3
     assert f"{journal} is not a file" in result.stderr
     assert journal.is_dir() and not any(journal.iterdir())
@@ -226,12 +219,10 @@ def test_hostile_relays_time_out_stay_bounded_and_classify(tmp_path, daemon_fact
     with HostileRelay(mode) as relay:
         daemon = daemon_factory({"isp": {"host": "127.0.0.1", "port": relay.port,
                                          "connections": 1, "timeout": "1s"}}).start()
-        campaign, recipients = make_campaign(tmp_path / "c", 3)
-        cid = daemon.enqueue(campaign, recipients)
+        cid = daemon.send_campaign(tmp_path / "c", 3)
         if expect == "uncertain":
             wait_until(lambda: daemon.report(cid).counts.uncertain >= 1, 30, "an uncertain")
-            daemon.ctl("pause", str(cid))
-            wait_until(lambda: daemon.report(cid).counts.sending == 0, 30, "in-flight to end")
+            daemon.quiesce(cid)
         else:
             wait_until(lambda: "session_backoff" in daemon.log(), 30, "the session to give up")
             workers = daemon.worker_pids()
@@ -256,8 +247,7 @@ def test_sigterm_during_a_busy_campaign_ends_in_time_and_records_cut_transaction
     relay = relay_factory(Faults(reply_delay=10.0))  # every reply comes 10 s after the '.'
     daemon = daemon_factory({"isp": relay_server(relay, connections=3)},
                             daemon={"shutdown_timeout": "1s"}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 30)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 30)
     wait_until(lambda: len(relay.messages()) >= 3, 30, "three messages past their '.'")
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
@@ -267,8 +257,8 @@ def test_sigterm_during_a_busy_campaign_ends_in_time_and_records_cut_transaction
     daemon.start()
     report = daemon.report(cid)
     at_relay = set(relay.count_by_rcpt())
-    uncertain = {r.email for r in daemon.report(cid, "uncertain").recipients}
-    sent = {r.email for r in daemon.report(cid, "sent").recipients}
+    uncertain = daemon.emails(cid, "uncertain")
+    sent = daemon.emails(cid, "sent")
     assert at_relay == uncertain | sent  # every cut transaction is on record as uncertain
     assert report.counts.sending == 0 and len(uncertain) >= 1
 
@@ -276,8 +266,7 @@ def test_sigterm_during_a_busy_campaign_ends_in_time_and_records_cut_transaction
 def test_settle_uncertain_as_sent_or_resend(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(swallow_every=10))
     daemon = daemon_factory({"isp": relay_server(relay, connections=1)}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 40)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 40)
     daemon.wait_done(cid)
     uncertain = daemon.report(cid, "uncertain").recipients
     assert len(uncertain) == 4

@@ -13,16 +13,14 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Daemon, make_campaign, relay_server, wait_until
+from conftest import campaign_addresses, relay_server, wait_until
 from mailerd import journald, log, notify
 from mailerd.protocol import DebugFreeze, Status
 
@@ -87,46 +85,21 @@ def notify_fields(data: bytes) -> dict[str, str]:
     return dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
 
 
-class EnvDaemon(Daemon):
-    """The conftest daemon, started with extra environment and its own stderr."""
-
-    def __init__(self, *args: Any, env: dict[str, str] | None = None,
-                 stderr: Any = None, prefix: list[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.env = env or {}
-        self.stderr = stderr
-        self.prefix = prefix or []
-
-    def start(self, wait: bool = True) -> "EnvDaemon":
-        out = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "mailerd", "--config", str(self.config)],
-            cwd=self.workdir, stdout=out, stderr=self.stderr or out, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-                 **self.env},
-        )
-        out.close()
-        if wait:
-            wait_until(self._answers, 20, "the daemon to answer on its socket")
-        return self
-
-
 # ------------------------------------------------------------------ sd_notify
 
 
-def test_ready_only_once_the_socket_answers_then_status_watchdog_and_stopping(tmp_path):
+def test_ready_only_once_the_socket_answers_then_status_watchdog_and_stopping(
+        tmp_path, daemon_factory):
     sink = DatagramSink(str(tmp_path / "notify.sock"))
-    workdir = tmp_path / "d"
-    workdir.mkdir()
-    daemon = EnvDaemon(workdir, {}, daemon={"debug_commands": True},
-                       env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
-                            "WATCHDOG_USEC": "400000"})
+    daemon = daemon_factory({}, daemon={"debug_commands": True},
+                            env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                 "WATCHDOG_USEC": "400000"})
     answered_at_ready: list[bool] = []
 
     def on_message(data: bytes) -> None:
         if notify_fields(data).get("READY") == "1":  # ask the daemon right now, no retry
             try:
-                answered_at_ready.append(isinstance(daemon.call(Status()), object))
+                answered_at_ready.append(daemon.call(Status()).pid == daemon.proc.pid)
             except Exception:
                 answered_at_ready.append(False)
 
@@ -157,24 +130,22 @@ def test_ready_only_once_the_socket_answers_then_status_watchdog_and_stopping(tm
 
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(20) == 0
-        stopping = [notify_fields(m) for _, m in sink.messages if b"STOPPING=1" in m]
-        assert stopping and "draining" in stopping[0]["STATUS"]
+        stopping = sink.wait_for(
+            lambda msgs: [notify_fields(m) for _, m in msgs if b"STOPPING=1" in m], 5, "STOPPING=1")
+        assert "draining" in stopping[0]["STATUS"]
     finally:
         daemon.cleanup()
         sink.close()
 
 
-def test_status_counts_campaigns_and_sent_messages(tmp_path, relay_factory):
+def test_status_counts_campaigns_and_sent_messages(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory()
     sink = DatagramSink(str(tmp_path / "notify.sock"))
-    workdir = tmp_path / "d"
-    workdir.mkdir()
-    daemon = EnvDaemon(workdir, {"isp": relay_server(relay, connections=2)},
-                       env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    daemon = daemon_factory({"isp": relay_server(relay, connections=2)},
+                            env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     try:
         daemon.start()
-        campaign, recipients = make_campaign(tmp_path / "c", 1234)
-        cid = daemon.enqueue(campaign, recipients)
+        cid = daemon.send_campaign(tmp_path / "c", 1234)
         daemon.wait_done(cid)
         lines = sink.wait_for(
             lambda msgs: [s for _, m in msgs if (s := notify_fields(m).get("STATUS", ""))
@@ -351,7 +322,7 @@ def parse_native(data: bytes) -> dict[str, str]:
                     reason="needs root on Linux: a private mount namespace stands a test "
                            "socket in for /run/systemd/journal/socket")
 @pytest.mark.skipif(not journald.available(), reason="systemd-python is not installed")
-def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory):
+def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory, daemon_factory):
     """A real daemon whose stderr is 'the journal' sends native entries via libsystemd."""
     journal_sock = tmp_path / "journal.sock"
     sink = DatagramSink(str(journal_sock))
@@ -359,10 +330,7 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory)
     st = os.fstat(stream_daemons.fileno())
     relay = relay_factory()
     (tmp_path / "secret").write_text("hunter2-very-secret\n")
-    workdir = tmp_path / "d"
-    workdir.mkdir()
-    daemon = EnvDaemon(
-        workdir,
+    daemon = daemon_factory(
         {"relay": relay_server(relay, connections=2),
          # only there to make the daemon read a password; nothing is sent through it
          "other": {"host": "127.0.0.1", "port": 9, "username": "me", "connections": 1,
@@ -377,8 +345,7 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory)
     try:
         daemon.start()
         stream_daemons.close()
-        campaign, recipients = make_campaign(tmp_path / "c", 40, servers=["relay"])
-        cid = daemon.enqueue(campaign, recipients)
+        cid = daemon.send_campaign(tmp_path / "c", 40, servers=["relay"])
         daemon.wait_done(cid)
         daemon.terminate()
         entries = sink.wait_for(
@@ -392,7 +359,7 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory)
     assert "journal_recovered" in events and "daemon_ready" in events
     sent = [e for e in entries if e["MAILERD_EVENT"] == "sent"]
     assert len(sent) == 40, "one entry per recipient outcome"
-    assert {e["MAILERD_RECIPIENT"] for e in sent} == {f"user{i}@example.com" for i in range(40)}
+    assert {e["MAILERD_RECIPIENT"] for e in sent} == campaign_addresses(40)
     first = sent[0]
     assert first["MAILERD_CAMPAIGN"] == str(cid)
     assert first["MAILERD_SERVER"] == "relay"
@@ -418,31 +385,26 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory)
 # ------------------------------------------------------------------ socket activation
 
 
-def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(tmp_path):
+def test_socket_activation_serves_the_inherited_socket_and_leaves_it_in_place(
+        tmp_path, daemon_factory):
     """As mailerd.socket does: a listening socket as fd 3 with LISTEN_PID/LISTEN_FDS."""
     path = tmp_path / "activated.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(16)
     fd = listener.fileno()
-    workdir = tmp_path / "d"
-    workdir.mkdir()
-    daemon = EnvDaemon(workdir, {})
+    daemon = daemon_factory(
+        {}, pass_fds=(fd,),
+        # fd 3 and LISTEN_PID of the process that becomes mailerd (it execs its arguments)
+        prefix=[sys.executable, "-c",
+                f"import os, sys; os.dup2({fd}, 3); os.close({fd}); "
+                "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+                "os.execv(sys.argv[1], sys.argv[1:])"])
     daemon.socket = str(path)  # where clients go; the config names another path
-    log_file = open(daemon.log_path, "ab")
-    daemon.proc = subprocess.Popen(
-        [sys.executable, "-c",  # fd 3 and LISTEN_PID of the process that becomes mailerd
-         f"import os, sys; os.dup2({fd}, 3); os.close({fd}); "
-         "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
-         "os.execv(sys.executable, [sys.executable, '-m', 'mailerd', '--config', sys.argv[1]])",
-         str(daemon.config)],
-        cwd=workdir, stdout=log_file, stderr=log_file, pass_fds=(fd,), start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    log_file.close()
     try:
-        assert wait_until(daemon._answers, 20, "the daemon to answer on the inherited socket")
+        daemon.start()  # waits until the daemon answers on the inherited socket
         daemon.log_line("socket_activated=True")
-        assert not (workdir / "control.sock").exists(), "it made a socket of its own"
+        assert not (daemon.workdir / "control.sock").exists(), "it made a socket of its own"
         assert daemon.terminate() == 0
         assert path.is_socket(), "the socket belongs to the service manager: it stays"
     finally:

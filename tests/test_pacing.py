@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from conftest import make_campaign, relay_server, wait_until
+from conftest import relay_server, wait_until
 from mailerd.testing.relay import Faults
 
 
@@ -46,8 +46,7 @@ def test_one_session_relay_settles_at_one_connection(tmp_path, relay_factory, da
 def test_session_length_is_learned_and_kept_after_restart(tmp_path, relay_factory, daemon_factory):
     relay = relay_factory(Faults(drop_after=10))
     daemon = daemon_factory({"isp": relay_server(relay, connections=2)}).start()
-    first, recipients = make_campaign(tmp_path / "a", 80)
-    cid = daemon.enqueue(first, recipients)
+    cid = daemon.send_campaign(tmp_path / "a", 80)
     daemon.wait_done(cid)
     status = server_status(daemon)
     assert status.learned["messages_per_connection"] == 10
@@ -55,8 +54,7 @@ def test_session_length_is_learned_and_kept_after_restart(tmp_path, relay_factor
     drops_when_learned = status.drops
     assert drops_when_learned >= 2
 
-    second, recipients = make_campaign(tmp_path / "b", 80, domain="example.net")
-    cid = daemon.enqueue(second, recipients)
+    cid = daemon.send_campaign(tmp_path / "b", 80, domain="example.net")
     daemon.wait_done(cid)
     assert server_status(daemon).drops == drops_when_learned  # rotated at 10: no more drops
 
@@ -64,8 +62,7 @@ def test_session_length_is_learned_and_kept_after_restart(tmp_path, relay_factor
     daemon.start()
     status = server_status(daemon)
     assert status.learned["messages_per_connection"] == 10
-    third, recipients = make_campaign(tmp_path / "c", 50, domain="example.org")
-    cid = daemon.enqueue(third, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 50, domain="example.org")
     daemon.wait_done(cid)
     assert server_status(daemon).drops == 0
     assert max(relay.count_by_rcpt().values()) == 1 and len(relay.count_by_rcpt()) == 210
@@ -106,8 +103,7 @@ def test_rate_holds_across_workers_and_a_restart(tmp_path, relay_factory, daemon
     daemon = daemon_factory({"isp": relay_server(relay, connections=4, rate="20/s")}).start()
     cid = daemon.send_campaign(tmp_path / "c", 120)
     wait_until(lambda: len(relay.messages()) >= 50, 30, "50 messages")
-    daemon.proc.send_signal(signal.SIGTERM)
-    daemon.proc.wait(30)
+    daemon.terminate(30)
     daemon.start()
     daemon.wait_done(cid, timeout=60)
     times = arrival_times(relay)
@@ -120,8 +116,7 @@ def test_quota_parks_the_server_which_resumes_by_itself(tmp_path, relay_factory,
     relay = relay_factory(Faults(quota_after=100, quota_seconds=3,
                                  quota_reply="421 4.7.0 quota exceeded"))
     daemon = daemon_factory({"isp": relay_server(relay, connections=2, quota_cooloff="1s")}).start()
-    campaign, recipients = make_campaign(tmp_path / "c", 180)
-    cid = daemon.enqueue(campaign, recipients)
+    cid = daemon.send_campaign(tmp_path / "c", 180)
     wait_until(lambda: server_status(daemon).state == "parked", 30, "the server to be parked")
     report = daemon.wait_done(cid, timeout=90)
     assert report.counts.sent == 180
@@ -212,10 +207,8 @@ def test_messages_per_connection_and_relay_limits_mailmax(tmp_path, relay_factor
         "capped": relay_server(capped, connections=1),
         "configured": relay_server(configured, connections=1, messages_per_connection=3),
     }).start()
-    first, recipients = make_campaign(tmp_path / "a", 30, servers=["capped"])
-    second, recipients2 = make_campaign(tmp_path / "b", 30, servers=["configured"])
-    daemon.wait_done(daemon.enqueue(first, recipients))
-    daemon.wait_done(daemon.enqueue(second, recipients2))
+    daemon.wait_done(daemon.send_campaign(tmp_path / "a", 30, servers=["capped"]))
+    daemon.wait_done(daemon.send_campaign(tmp_path / "b", 30, servers=["configured"]))
     assert max(messages_per_session(capped)) == 5 and sum(messages_per_session(capped)) == 30
     assert max(messages_per_session(configured)) == 3 and sum(messages_per_session(configured)) == 30
     assert capped.drops == configured.drops == 0
