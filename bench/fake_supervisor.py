@@ -1,4 +1,4 @@
-"""A stand-in supervisor driving one real `mailerd.worker` process.
+"""A stand-in supervisor driving one real `mailerd.worker.session` process.
 
 It speaks the worker protocol (Setup, CampaignTemplate, Jobs two at a time) and
 answers each DotRequest either at once ("instant") or only after the real
@@ -21,12 +21,12 @@ import msgspec
 
 from mailerctl.campaign import load_campaign
 from mailerd import wire
-from mailerd.committer import Committer
+from mailerd.journal.committer import Committer
 from mailerd.config import load_config
-from mailerd.enqueue import store_chunk
-from mailerd.journal import Journal, Outcome
-from mailerd.protocol import Row
-from mailerd.workerproto import (
+from mailerd.control.enqueue import store_chunk
+from mailerd.journal.store import Journal, Outcome
+from mailerd.schema.control import Row
+from mailerd.schema.workers import (
     AnyFromWorker,
     CampaignTemplate,
     Done,
@@ -79,7 +79,7 @@ class FakeSupervisor:
     async def drive(self, ack: str, command_prefix: list[str] | None = None) -> dict:
         """Send every recipient through one worker; return wall seconds per message."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        command = [*(command_prefix or [sys.executable]), "-m", "mailerd.worker",
+        command = [*(command_prefix or [sys.executable]), "-m", "mailerd.worker.session",
                    str(child.fileno())]
         process = await asyncio.create_subprocess_exec(
             *command, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL)

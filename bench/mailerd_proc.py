@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from mailerctl.client import Client, Unreachable
-from mailerd.protocol import CampaignReport, DaemonStatus, Report, Request, Status
+from mailerd.schema.control import CampaignReport, DaemonStatus, Report, Request, Status
 
 from .tools import proc_cpu, thread_cpu, wait_for
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailerd.protocol import Report
+from mailerd.schema.control import Report
 
 from . import data
 from .mailerd_proc import Mailerd

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import msgspec
 
-from mailerd.protocol import (
+from mailerd.schema.control import (
     AttachmentInfo,
     CampaignSpec,
     DkimKey,
@@ -23,8 +23,8 @@ from mailerd.protocol import (
     Row,
     email_column_index,
 )
-from mailerd.render import content_type_for
-from mailerd.signing import KeyError_, Signer
+from mailerd.message.render import content_type_for
+from mailerd.message.signing import KeyError_, Signer
 
 
 class InputError(Exception):

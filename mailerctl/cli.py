@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Callable
 
-from mailerd.protocol import (
+from mailerd.schema.control import (
     COUNTED_STATES,
     Plan,
     SetPacing,

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from mailerd import wire
-from mailerd.protocol import AnyReply, Error, Reply, Request
+from mailerd.schema.control import AnyReply, Error, Reply, Request
 
 DEFAULT_SOCKETS = ("/run/mailerd/control.sock", "state/control.sock")
 _REPLIES = wire.Decoder(AnyReply)  # shared by every connection: a decoder keeps no state

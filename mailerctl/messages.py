@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mailerd.addresses import check_address
-from mailerd.enqueue import SpecError, check_message_parts
-from mailerd.protocol import (
+from mailerd.message.addresses import check_address
+from mailerd.control.enqueue import SpecError, check_message_parts
+from mailerd.schema.control import (
     SUPPRESSION_REASONS,
     CampaignSpec,
     EnqueueAttachment,
@@ -27,7 +27,7 @@ from mailerd.protocol import (
     TestSent,
     email_column_index,
 )
-from mailerd.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
+from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 
 from . import output
 from .campaign import InputError, RecipientList, attachment_chunks, load_campaign_files

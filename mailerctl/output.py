@@ -11,7 +11,7 @@ from typing import Any, Iterable, TextIO
 
 import msgspec
 
-from mailerd.protocol import (
+from mailerd.schema.control import (
     COUNTED_STATES,
     CampaignPlan,
     CampaignReport,

@@ -1,3 +1,3 @@
-from .daemon import main
+from mailerd.daemon import main
 
 main()

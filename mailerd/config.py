@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .classify import PatternConfig, validate_patterns
+from mailerd.pacing.classify import PatternConfig, validate_patterns
 
 
 class ConfigError(Exception):
@@ -212,7 +212,7 @@ def _check_values(config: Config, where: str) -> None:
     if bad_pattern:
         problems.append(bad_pattern)
     if config.daemon.socket_group:
-        from .access import resolve_group
+        from mailerd.control.access import resolve_group
 
         try:
             resolve_group(config.daemon.socket_group)
@@ -251,7 +251,7 @@ def server_problems(server: ServerConfig) -> list[str]:
         if getattr(server, key) < 0:
             problems.append(f"{key} must not be negative")
     if server.rate is not None:
-        from .pacing import parse_rate
+        from mailerd.pacing.pacer import parse_rate
 
         try:
             parse_rate(server.rate)

@@ -21,14 +21,16 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, activation, notify
-from .commands import Commands
-from .committer import Committer
-from .config import Config, ConfigError, load_config
-from .control import ControlServer
-from .journal import Journal, JournalError
-from .log import event, setup_logging, stop_logging
-from .supervisor import Supervisor
+from mailerd import __version__
+from mailerd.system import activation
+from mailerd.system import notify
+from mailerd.control.commands import Commands
+from mailerd.journal.committer import Committer
+from mailerd.config import Config, ConfigError, load_config
+from mailerd.control.server import ControlServer
+from mailerd.journal.store import Journal, JournalError
+from mailerd.system.log import event, setup_logging, stop_logging
+from mailerd.supervisor.supervisor import Supervisor
 
 EXIT_CONFIG = 2
 EXIT_STATE = 3

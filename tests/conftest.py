@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from mailerctl.client import Client, Refused, Unreachable
-from mailerd.protocol import CampaignReport, DaemonStatus, Report, Request, Status
+from mailerd.schema.control import CampaignReport, DaemonStatus, Report, Request, Status
 from mailerd.testing.relay import Faults, FakeRelay
 from mailerd.testing.waiting import wait_until
 

@@ -5,7 +5,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailerd.addresses import AddressCheck, _is_common_address, check_address, suppression_key
+from mailerd.message.addresses import AddressCheck, _is_common_address, check_address, suppression_key
 
 ATEXT = "abcxyzABCXYZ0189!#$%&'*+/=?^_`{|}~-"
 SPECIAL_TLDS = ["local", "localhost", "invalid", "onion", "arpa", "test", "LOCAL", "Test"]

@@ -24,7 +24,7 @@ import sys
 import time
 
 from conftest import campaign_addresses, make_campaign, relay_server, wait_until
-from mailerd.protocol import ListCampaigns
+from mailerd.schema.control import ListCampaigns
 from mailerd.testing.relay import Faults
 
 SEED = int(os.environ.get("MAILERD_CHAOS_SEED", random.randrange(1 << 30)))

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_campaign, relay_server, wait_until, write_config
 from mailerd import wire
-from mailerd.protocol import Error, Status
+from mailerd.schema.control import Error, Status
 
 
 def raw_exchange(path: str, payload: bytes) -> bytes:
@@ -32,7 +32,7 @@ def raw_exchange(path: str, payload: bytes) -> bytes:
 def decode_reply(data: bytes):
     assert len(data) >= 4, "the daemon answered nothing"
     (length,) = struct.unpack(">I", data[:4])
-    from mailerd.protocol import AnyReply
+    from mailerd.schema.control import AnyReply
     return msgspec.msgpack.decode(data[4 : 4 + length], type=AnyReply)
 
 
@@ -126,7 +126,7 @@ def test_report_json_shape_and_list_and_status(tmp_path, daemon):
 
 
 def test_interrupted_enqueue_leaves_nothing_behind(tmp_path, daemon):
-    from mailerd.protocol import CampaignSpec, EnqueueBegin, EnqueueRows, Row
+    from mailerd.schema.control import CampaignSpec, EnqueueBegin, EnqueueRows, Row
     from mailerctl.client import Client
 
     spec = CampaignSpec(name="half", sender="a@example.org", subject="s", text="t",

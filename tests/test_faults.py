@@ -17,7 +17,7 @@ import pytest
 from conftest import relay_server, wait_until
 from hostile import HostileRelay
 from mailerd import wire
-from mailerd.protocol import Status
+from mailerd.schema.control import Status
 from mailerd.testing.relay import Faults
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tmpfs mount, setpriv)")

@@ -22,7 +22,7 @@ from aiosmtpd.controller import Controller
 
 from conftest import relay_server, wait_until
 from mailerctl.campaign import RecipientList
-from mailerd import tokens
+from mailerd.message import tokens
 from mailerd.testing.relay import Faults
 
 RSA_KEY = """-----BEGIN RSA PRIVATE KEY-----
@@ -370,8 +370,8 @@ def test_internationalised_address_fails_clearly_without_smtputf8(tmp_path, daem
 def test_a_version_1_journal_is_upgraded_in_place(tmp_path):
     import sqlite3
 
-    from mailerd import journal as journal_module
-    from mailerd.journal import Journal
+    from mailerd.journal import store as journal_module
+    from mailerd.journal.store import Journal
     path = tmp_path / "journal.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(f"BEGIN;{journal_module._SCHEMA}PRAGMA user_version=1;COMMIT;")

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from conftest import campaign_addresses, relay_server, wait_until
-from mailerd import journald, log, notify
-from mailerd.protocol import DebugFreeze, Status
+from mailerd.system import journald, log, notify
+from mailerd.schema.control import DebugFreeze, Status
 
 STATUS_LINE = re.compile(r"^\d+ campaigns? running, [\d,]+ sent, \d+ servers? parked$")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mailerd.classify import Cause
+from mailerd.pacing.classify import Cause
 from mailerd.config import ServerConfig
-from mailerd.pacing import Learned, Pacer, parse_rate
+from mailerd.pacing.pacer import Learned, Pacer, parse_rate
 
 import pytest
 

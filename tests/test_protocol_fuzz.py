@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from mailerctl.campaign import InputError, RecipientList
 from mailerd import wire
-from mailerd.enqueue import store_chunk
-from mailerd.journal import Journal
-from mailerd.protocol import AnyRequest, CampaignSpec, Request, Row, RowsAccepted
+from mailerd.control.enqueue import store_chunk
+from mailerd.journal.store import Journal
+from mailerd.schema.control import AnyRequest, CampaignSpec, Request, Row, RowsAccepted
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mailerd.render import (
+from mailerd.message.render import (
     POLICY,
     RenderError,
     Renderer,
@@ -397,8 +397,8 @@ def test_format_date_is_rfc5322_utc_and_cached_per_second() -> None:
 
 # ------------------------------------------- issue 6: attachments, headers, unsubscribe
 
-from mailerd import tokens  # noqa: E402
-from mailerd.render import (  # noqa: E402
+from mailerd.message import tokens  # noqa: E402
+from mailerd.message.render import (  # noqa: E402
     POLICY_SMTPUTF8,
     Attachment,
     content_type_for,

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from typing import Any, Callable, NamedTuple, TypeVar
 
-from .journal import Journal
+from mailerd.journal.store import Journal
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import pwd
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .commands import Peer
+    from mailerd.control.commands import Peer
 
 
 def resolve_group(name: str) -> int:

@@ -11,13 +11,13 @@ from email.utils import parseaddr
 
 import msgspec
 
-from .addresses import check_address
-from .config import Config
-from .journal import Journal, NewRecipient, suppressed_reply
-from .protocol import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
-from .render import (RenderError, Renderer, TemplateError, header_name_problem,
+from mailerd.message.addresses import check_address
+from mailerd.config import Config
+from mailerd.journal.store import Journal, NewRecipient, suppressed_reply
+from mailerd.schema.control import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
+from mailerd.message.render import (RenderError, Renderer, TemplateError, header_name_problem,
                      list_unsubscribe_value, template_variables)
-from .signing import KeyError_, Signer
+from mailerd.message.signing import KeyError_, Signer
 
 MAX_ATTACHMENT_BYTES = 40 * 1024 * 1024  # all of a campaign's attachments together
 BUILTIN_VARIABLES = {"email", "token"}

@@ -1,6 +1,6 @@
 """A worker process: one SMTP session, many messages.
 
-Started by the supervisor as `python -m mailerd.worker FD`, where FD is its end of
+Started by the supervisor as `python -m mailerd.worker.session FD`, where FD is its end of
 a socketpair. It renders each message itself and drives the SMTP transaction stage
 by stage (MAIL, RCPT, DATA, body, then the final "."), because only then does it
 know whether a broken connection happened before the "." (the relay discarded the
@@ -35,11 +35,11 @@ try:  # imported here, not after the fork, so the template's pages hold it (work
 except ImportError:
     uvloop = None  # type: ignore[assignment]
 
-from . import wire
-from .config import ServerConfig
-from .render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from .signing import KeyError_, Signer, campaign_signer
-from .workerproto import (
+from mailerd import wire
+from mailerd.config import ServerConfig
+from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
+from mailerd.message.signing import KeyError_, Signer, campaign_signer
+from mailerd.schema.workers import (
     AnyToWorker,
     CampaignAttachment,
     CampaignTemplate,
@@ -463,7 +463,7 @@ def run_in_process(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    """`python -m mailerd.worker FD`: a worker started by hand on an inherited socket."""
+    """`python -m mailerd.worker.session FD`: a worker started by hand on an inherited socket."""
     run_in_process(socket.socket(fileno=int(sys.argv[1])))
 
 

@@ -19,20 +19,20 @@ import time
 
 import msgspec
 
-from . import wire
-from .campaignrun import CampaignRun
-from .classify import Cause, Classifier
-from .committer import Committer, JournalWriteError
-from .config import Config, ConfigError, ServerConfig, apply_setting, read_password
-from .journal import Claimed, Journal, Outcome
-from .identity import Identity, template_messages
-from .log import event
-from .pacing import DAY, Decision, Learned, Pacer
-from .protocol import CampaignSpec, ServerInfo, ServerPlan
-from .servers import ServerRun, WorkerSlot
-from .suppression import bounce_rule
-from .spawner import WorkerProcess, spawn_worker, stop_template
-from .workerproto import (
+from mailerd import wire
+from mailerd.supervisor.campaignrun import CampaignRun
+from mailerd.pacing.classify import Cause, Classifier
+from mailerd.journal.committer import Committer, JournalWriteError
+from mailerd.config import Config, ConfigError, ServerConfig, apply_setting, read_password
+from mailerd.journal.store import Claimed, Journal, Outcome
+from mailerd.supervisor.identity import Identity, template_messages
+from mailerd.system.log import event
+from mailerd.pacing.pacer import DAY, Decision, Learned, Pacer
+from mailerd.schema.control import CampaignSpec, ServerInfo, ServerPlan
+from mailerd.supervisor.servers import ServerRun, WorkerSlot
+from mailerd.control.suppression import bounce_rule
+from mailerd.supervisor.spawner import WorkerProcess, spawn_worker, stop_template
+from mailerd.schema.workers import (
     AnyFromWorker,
     Done,
     DotAck,

@@ -27,8 +27,8 @@ from typing import Iterable, NamedTuple
 
 import msgspec
 
-from .addresses import suppression_key
-from .protocol import (
+from mailerd.message.addresses import suppression_key
+from mailerd.schema.control import (
     COUNTED_STATES,
     CampaignReport,
     CampaignSpec,

@@ -2,6 +2,6 @@
 
 import gc
 
-import mailerd.worker  # noqa: F401  (the point: imported before the forks)
+import mailerd.worker.session  # noqa: F401  (the point: imported before the forks)
 
 gc.freeze()  # keep the imported objects out of every later collection: shared, not copied

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .addresses import check_address, suppression_key
-from .config import SuppressionConfig
-from .protocol import (
+from mailerd.message.addresses import check_address, suppression_key
+from mailerd.config import SuppressionConfig
+from mailerd.schema.control import (
     SUPPRESSION_REASONS,
     Error,
     Reply,
@@ -29,7 +29,7 @@ from .protocol import (
 )
 
 if TYPE_CHECKING:
-    from .commands import Commands
+    from mailerd.control.commands import Commands
 
 MAX_PAGE = 10_000
 

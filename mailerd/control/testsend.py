@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING
 
 import aiosmtplib
 
-from .addresses import check_address
-from .enqueue import SpecError, check_message_parts
-from .protocol import Error, Reply, TestSend, TestSent
-from .render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from .signing import campaign_signer
-from .worker import describe, greet, smtp_client, smtputf8_refusal
+from mailerd.message.addresses import check_address
+from mailerd.control.enqueue import SpecError, check_message_parts
+from mailerd.schema.control import Error, Reply, TestSend, TestSent
+from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
+from mailerd.message.signing import campaign_signer
+from mailerd.worker.session import describe, greet, smtp_client, smtputf8_refusal
 
 if TYPE_CHECKING:
-    from .commands import Commands
+    from mailerd.control.commands import Commands
 
 
 async def test_send(commands: "Commands", request: TestSend) -> Reply:

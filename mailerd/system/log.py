@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any
 
-from . import journald
-from .journald import is_secret
+from mailerd.system import journald
+from mailerd.system.journald import is_secret
 
 logger = logging.getLogger("mailerd")
 _listener: logging.handlers.QueueListener | None = None

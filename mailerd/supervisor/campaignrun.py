@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 
-from .journal import Claimed
-from .pacing import forget_before, window_rate
-from .protocol import CampaignSpec
+from mailerd.journal.store import Claimed
+from mailerd.pacing.pacer import forget_before, window_rate
+from mailerd.schema.control import CampaignSpec
 
 RATE_WINDOW = 60.0
 

@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from . import tokens
-from .config import Config, ConfigError, ServerConfig
-from .protocol import DkimKey
-from .signing import KeyError_, Signer
-from .workerproto import CampaignAttachment, CampaignTemplate, ToWorker
+from mailerd.message import tokens
+from mailerd.config import Config, ConfigError, ServerConfig
+from mailerd.schema.control import DkimKey
+from mailerd.message.signing import KeyError_, Signer
+from mailerd.schema.workers import CampaignAttachment, CampaignTemplate, ToWorker
 
 CHUNK = 4 * 1024 * 1024  # well under wire.MAX_FRAME
 

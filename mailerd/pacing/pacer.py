@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from .classify import Cause, retry_hint, window_hint
-from .config import ServerConfig
+from mailerd.pacing.classify import Cause, retry_hint, window_hint
+from mailerd.config import ServerConfig
 
 HOUR = 3600.0
 DAY = 86400.0

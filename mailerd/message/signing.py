@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Callable
 
-    from .protocol import CampaignSpec, DkimKey
+    from mailerd.schema.control import CampaignSpec, DkimKey
 
 # dkimpy (and the dnspython it pulls in) is imported where a key is loaded or a
 # message signed: a worker of a server without DKIM never carries it (4 MB each).

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from . import wire
-from .classify import Cause
-from .config import ServerConfig
-from .journal import Claimed
-from .pacing import Pacer
-from .protocol import ServerInfo, WorkerInfo
-from .spawner import WorkerProcess
-from .workerproto import Stop, ToWorker
+from mailerd import wire
+from mailerd.pacing.classify import Cause
+from mailerd.config import ServerConfig
+from mailerd.journal.store import Claimed
+from mailerd.pacing.pacer import Pacer
+from mailerd.schema.control import ServerInfo, WorkerInfo
+from mailerd.supervisor.spawner import WorkerProcess
+from mailerd.schema.workers import Stop, ToWorker
 
 PREFETCH = 2  # jobs a worker holds: the one in flight and the next
 ACCEPTING_STATES = ("ready", "idle", "sending")

@@ -15,7 +15,7 @@ import multiprocessing
 import socket
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["mailerd.worker_template"])
+_context.set_forkserver_preload(["mailerd.worker.template"])
 
 
 class WorkerProcess:
@@ -76,7 +76,7 @@ def stop_template() -> None:
 
 
 def spawn_worker(child: socket.socket) -> WorkerProcess:
-    from .worker import run_in_process
+    from mailerd.worker.session import run_in_process
 
     process = _context.Process(target=run_in_process, args=(child,), name="mailerd-worker")
     process.start()

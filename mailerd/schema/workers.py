@@ -13,8 +13,8 @@ from typing import Literal
 
 import msgspec
 
-from .config import DeliveryConfig, ServerConfig
-from .protocol import CampaignSpec, DkimKey
+from mailerd.config import DeliveryConfig, ServerConfig
+from mailerd.schema.control import CampaignSpec, DkimKey
 
 Result = Literal["sent", "deferred", "failed", "uncertain", "requeue"]
 

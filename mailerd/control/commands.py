@@ -8,14 +8,14 @@ import secrets
 import time
 from typing import Callable, NamedTuple, TypeVar
 
-from . import __version__
-from .committer import Committer
-from .config import Config, ConfigError
-from .enqueue import SpecError, check_spec, store_chunk
-from .journal import CampaignRow, Journal
-from .log import event
-from .render import message_id_for
-from .protocol import (
+from mailerd import __version__
+from mailerd.journal.committer import Committer
+from mailerd.config import Config, ConfigError
+from mailerd.control.enqueue import SpecError, check_spec, store_chunk
+from mailerd.journal.store import CampaignRow, Journal
+from mailerd.system.log import event
+from mailerd.message.render import message_id_for
+from mailerd.schema.control import (
     COUNTED_STATES,
     CampaignSpec,
     RecipientInfo,
@@ -38,7 +38,7 @@ from .protocol import (
     Resume,
     Cancel,
 )
-from .protocol import (
+from mailerd.schema.control import (
     EnqueueAttachment,
     ExportRecipients,
     RecipientPage,
@@ -47,8 +47,9 @@ from .protocol import (
     SuppressRemove,
     TestSend,
 )
-from . import suppression, testsend
-from .supervisor import Supervisor
+from mailerd.control import suppression
+from mailerd.control import testsend
+from mailerd.supervisor.supervisor import Supervisor
 
 T = TypeVar("T")
 

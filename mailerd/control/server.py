@@ -16,11 +16,11 @@ import struct
 import time
 from pathlib import Path
 
-from . import wire
-from .access import AccessPolicy
-from .commands import ClientSession, Commands, Peer
-from .log import event
-from .protocol import (
+from mailerd import wire
+from mailerd.control.access import AccessPolicy
+from mailerd.control.commands import ClientSession, Commands, Peer
+from mailerd.system.log import event
+from mailerd.schema.control import (
     EnqueueAttachment,
     ExportRecipients,
     SuppressAdd,
@@ -28,7 +28,7 @@ from .protocol import (
     SuppressRemove,
     TestSend,
 )
-from .protocol import (
+from mailerd.schema.control import (
     PROTOCOL_VERSION,
     AnyRequest,
     Cancel,

@@ -39,8 +39,8 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
-from . import tokens
-from .protocol import merge_field_names
+from mailerd.message import tokens
+from mailerd.schema.control import merge_field_names
 
 __all__ = [
     "POLICY",
