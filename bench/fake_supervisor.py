@@ -24,7 +24,8 @@ from mailerd import wire
 from mailerd.journal.committer import Committer
 from mailerd.config import load_config
 from mailerd.control.enqueue import store_chunk
-from mailerd.journal.store import Journal, Outcome
+from mailerd.journal.store import Journal
+from mailerd.schema.records import Outcome
 from mailerd.schema.control import Row
 from mailerd.schema.workers import (
     AnyFromWorker,

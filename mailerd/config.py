@@ -1,160 +1,48 @@
-"""The daemon's configuration: a TOML file parsed into msgspec Structs.
+"""The configuration loader: a TOML file decoded into schema/config.py's Structs.
 
 Every error names the file and the key (`servers.isp.port`), and is raised before
-anything starts. Durations are written "500ms", "30s", "5m", "1h", "1d" or as a
-number of seconds.
+anything starts. The Structs check their own values while decoding; this module
+reads the file, turns msgspec's path into the key's name, checks what needs the
+system (the socket group), applies `mailerctl set` and reads relay passwords.
 """
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
-from mailerd.pacing.classify import PatternConfig, validate_patterns
+from mailerd.schema.config import (
+    PACING_KEYS,
+    Config,
+    DaemonConfig,
+    DeliveryConfig,
+    PatternConfig,
+    ServerConfig,
+    SuppressionConfig,
+    decode_hook,
+    shorten,
+)
 
 
 class ConfigError(Exception):
     pass
 
 
-class Duration(float):
-    """Seconds, written in the config as "30s", "5m", "1h" ..."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(value: object) -> Duration:
-    if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    if isinstance(value, (int, float)):
-        return Duration(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return Duration(float(match[1]) * _UNIT_SECONDS[match[2]])
-    raise ValueError(f'invalid duration {value!r}: use e.g. "30s", "5m", "1h"')
-
-
-def _dec_hook(type_: type, obj: Any) -> Any:
-    if type_ is Duration:
-        return parse_duration(obj)
-    raise NotImplementedError
-
-
-class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class DaemonConfig(Section):
-    state_dir: str | None = None
-    socket: str | None = None
-    socket_mode: int | None = None  # default 0o660 with a socket_group, else 0o600
-    socket_group: str | None = None  # members (and root, and our own user) may use the socket
-    debug_commands: bool = False  # honour debugging requests such as debug-freeze
-    journal_sync: Literal["normal", "full"] = "full"  # "full": a commit survives power loss
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    shutdown_timeout: Duration = Duration(30)
-
-
-class DeliveryConfig(Section):
-    retry_initial: Duration = Duration(60)
-    retry_max: Duration = Duration(3600)
-    max_attempts: int = 10
-    reconnect_initial: Duration = Duration(1)
-    reconnect_max: Duration = Duration(60)
-
-
-class ServerConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = 25
-    security: Literal["none", "starttls", "tls"] = "none"
-    username: str | None = None
-    password_file: str | None = None
-    tls_verify: bool = True
-    connections: int = 1
-    timeout: Duration = Duration(60)
-    helo_name: str | None = None
-    # DKIM for everything sent through this server (a campaign's own `dkim` wins);
-    # the key file is read once at start and never logged
-    dkim_domain: str | None = None
-    dkim_selector: str | None = None
-    dkim_key_file: str | None = None  # $CREDENTIALS_DIRECTORY is expanded
-    # pacing (all live-changeable with `mailerctl set` or SIGHUP)
-    group_size: int = 0  # after this many messages through this account ...
-    group_interval: Duration = Duration(0)  # ... all its sessions pause this long
-    messages_per_connection: int = 0  # QUIT and reconnect after this many (0: no limit)
-    rate: str | None = None  # e.g. "20/s", "30/min", "500/h"
-    hourly_quota: int = 0
-    daily_quota: int = 0
-    idle_timeout: Duration = Duration(30)  # QUIT a session idle this long, before the relay cuts it
-    clean_period: Duration = Duration(60)  # a lowered limit recovers one step after this long
-    quota_cooloff: Duration = Duration(300)  # first park on a quota refusal with no known window
-
-
-PACING_KEYS = (
-    "connections", "group_size", "group_interval", "messages_per_connection", "rate",
-    "hourly_quota", "daily_quota", "idle_timeout", "clean_period", "quota_cooloff",
-)
-
-
-DEFAULT_BOUNCE_PATTERNS = [
-    r"no such (user|mailbox|recipient)", r"user unknown", r"unknown (user|recipient|mailbox)",
-    r"does not exist", r"mailbox unavailable", r"mailbox not found", r"invalid recipient",
-    r"\b5\.1\.(1|2|3|6|10)\b",
-]
-
-
-class SuppressionConfig(Section):
-    auto_bounce: bool = True  # a 5xx matching bounce_patterns suppresses the address ("bounced")
-    bounce_patterns: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_BOUNCE_PATTERNS))
-
-
-class Config(msgspec.Struct, kw_only=True):
-    daemon: DaemonConfig
-    delivery: DeliveryConfig
-    servers: dict[str, ServerConfig]
-    patterns: PatternConfig = msgspec.field(default_factory=PatternConfig)
-    suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
-    path: str | None = None
-
-    @property
-    def state_dir(self) -> Path:
-        if self.daemon.state_dir:
-            return Path(self.daemon.state_dir)
-        if os.environ.get("STATE_DIRECTORY"):
-            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
-        return Path("state")
-
-    @property
-    def socket_path(self) -> Path:
-        if self.daemon.socket:
-            return Path(self.daemon.socket)
-        if os.environ.get("RUNTIME_DIRECTORY"):
-            return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "control.sock"
-        return self.state_dir / "control.sock"
-
-    @property
-    def socket_mode(self) -> int:
-        if self.daemon.socket_mode is not None:
-            return self.daemon.socket_mode
-        return 0o660 if self.daemon.socket_group else 0o600
-
-
 def _section(value: Any, dotted: str, type_: type, where: str) -> Any:
     try:
-        return msgspec.convert(value, type_, dec_hook=_dec_hook)
+        return msgspec.convert(value, type_, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{where}: {_name_key(str(exc), dotted)}") from None
 
 
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
+_PROBLEM = re.compile(r"`([^`]+)`: (.*)", re.DOTALL)  # schema.config.problem(field, why)
 
 
 def _name_key(message: str, prefix: str) -> str:
@@ -162,12 +50,18 @@ def _name_key(message: str, prefix: str) -> str:
     text, sep, path = message.rpartition(" - at `")
     if not sep:
         text, path = message, ""
-    key = path.rstrip("`").removeprefix("$").lstrip(".")
-    full = f"{prefix}.{key}" if key else prefix
+    keys = [prefix, path.rstrip("`").removeprefix("$").lstrip(".")]
     unknown = _UNKNOWN.match(text)
     if unknown:
-        return f"unknown key {full}.{unknown[1]}"
-    return f"key {full}: {text}"
+        return f"unknown key {_dotted(*keys, unknown[1])}"
+    field_problem = _PROBLEM.fullmatch(text)
+    if field_problem:
+        return f"key {_dotted(*keys, field_problem[1])}: {field_problem[2]}"
+    return f"key {_dotted(*keys)}: {text}"
+
+
+def _dotted(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
 
 
 _TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression"}
@@ -201,67 +95,28 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         servers=servers,
         path=str(path) if path else None,
     )
-    _check_values(config, where)
+    _check_socket_group(config, where)
     return config
 
 
-def _check_values(config: Config, where: str) -> None:
-    problems = [f"servers.{name}.{p}" for name, s in config.servers.items()
-                for p in server_problems(s)]
-    bad_pattern = validate_patterns(config.patterns)
-    if bad_pattern:
-        problems.append(bad_pattern)
-    if config.daemon.socket_group:
-        from mailerd.control.access import resolve_group
-
-        try:
-            resolve_group(config.daemon.socket_group)
-        except ValueError as exc:
-            problems.append(f"daemon.socket_group: {exc}")
-    if config.daemon.socket_mode is not None and not 0 <= config.daemon.socket_mode <= 0o777:
-        problems.append("daemon.socket_mode must be a file mode such as 0o660")
-    for name, server in config.servers.items():
-        if not 1 <= server.port <= 65535:
-            problems.append(f"servers.{name}.port must be between 1 and 65535")
-        if server.password_file and not server.username:
-            problems.append(f"servers.{name}.password_file needs servers.{name}.username")
-        dkim_keys = (server.dkim_domain, server.dkim_selector, server.dkim_key_file)
-        if any(dkim_keys) and not all(dkim_keys):
-            problems.append(f"servers.{name}: dkim_domain, dkim_selector and dkim_key_file "
-                            "go together")
-        if server.timeout <= 0:
-            problems.append(f"servers.{name}.timeout must be positive")
-    if config.delivery.max_attempts < 1:
-        problems.append("delivery.max_attempts must be at least 1")
-    if config.delivery.retry_max < config.delivery.retry_initial:
-        problems.append("delivery.retry_max must not be less than delivery.retry_initial")
-    for i, pattern in enumerate(config.suppression.bounce_patterns):
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            problems.append(f"suppression.bounce_patterns[{i}]: {exc}")
-    if problems:
-        raise ConfigError(f"{where}: {problems[0]}")
+def _check_socket_group(config: Config, where: str) -> None:
+    """The one check the Structs cannot make: it asks the system's group database."""
+    if not config.daemon.socket_group:
+        return
+    try:
+        resolve_group(config.daemon.socket_group)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: key daemon.socket_group: {exc}") from None
 
 
-def server_problems(server: ServerConfig) -> list[str]:
-    """Pacing values that parse but make no sense, as 'key: why' strings."""
-    problems = []
-    for key in ("group_size", "messages_per_connection", "hourly_quota", "daily_quota"):
-        if getattr(server, key) < 0:
-            problems.append(f"{key} must not be negative")
-    if server.rate is not None:
-        from mailerd.pacing.pacer import parse_rate
-
-        try:
-            parse_rate(server.rate)
-        except ValueError as exc:
-            problems.append(f"rate: {exc}")
-    if server.group_size and not server.group_interval:
-        problems.append("group_size needs group_interval")
-    if not 1 <= server.connections <= 256:
-        problems.append("connections must be between 1 and 256")
-    return problems
+def resolve_group(name: str) -> int:
+    """The gid of a group name (or a number); ValueError names what is wrong."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ValueError(f"no group named {name!r}") from None
 
 
 def apply_setting(server: ServerConfig, key: str, value: str) -> ServerConfig:
@@ -271,24 +126,26 @@ def apply_setting(server: ServerConfig, key: str, value: str) -> ServerConfig:
     raw = msgspec.to_builtins(server, enc_hook=float)
     raw[key] = _setting_value(key, value)
     try:
-        updated = msgspec.convert(raw, ServerConfig, dec_hook=_dec_hook)
+        return msgspec.convert(raw, ServerConfig, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{key}={value}: {_name_key(str(exc), key)}") from None
-    problems = server_problems(updated)
-    if problems:
-        raise ConfigError(problems[0])
-    return updated
+        raise ConfigError(f"{key}={shorten(value)}: {_name_key(str(exc), '')}") from None
+
+
+_SERVER_FIELDS = {field.name: field.type
+                  for field in msgspec.inspect.type_info(ServerConfig).fields}
 
 
 def _setting_value(key: str, value: str) -> object:
-    field_type = ServerConfig.__annotations__[key]
-    if value.lower() in ("none", "off", "") and "None" in field_type:
+    field_type = _SERVER_FIELDS[key]
+    nullable = isinstance(field_type, msgspec.inspect.UnionType) and any(
+        isinstance(t, msgspec.inspect.NoneType) for t in field_type.types)
+    if value.lower() in ("none", "off", "") and nullable:
         return None
-    if field_type == "int":
+    if isinstance(field_type, msgspec.inspect.IntType):
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{key}={value}: expected a whole number") from None
+            raise ConfigError(f"{key}={shorten(value)}: expected a whole number") from None
     return value
 
 

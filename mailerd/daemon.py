@@ -26,7 +26,8 @@ from mailerd.system import activation
 from mailerd.system import notify
 from mailerd.control.commands import Commands
 from mailerd.journal.committer import Committer
-from mailerd.config import Config, ConfigError, load_config
+from mailerd.config import ConfigError, load_config
+from mailerd.schema.config import Config
 from mailerd.control.server import ControlServer
 from mailerd.journal.store import Journal, JournalError
 from mailerd.system.log import event, setup_logging, stop_logging

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mailerd.pacing.classify import Cause, Classifier, PatternConfig, retry_hint, window_hint
+from mailerd.pacing.classify import Cause, Classifier, retry_hint, window_hint
+from mailerd.schema.config import PatternConfig
 
 S, R, Q, L = Cause.SESSIONS, Cause.RATE, Cause.QUOTA, Cause.SESSION_LENGTH
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from mailerd.pacing.classify import Cause
-from mailerd.config import ServerConfig
-from mailerd.pacing.pacer import Learned, Pacer, parse_rate
+from mailerd.pacing.pacer import Pacer
+from mailerd.schema.config import ServerConfig, parse_rate
+from mailerd.schema.records import Learned
 
 import pytest
 

@@ -14,18 +14,10 @@ import os
 import pwd
 from typing import TYPE_CHECKING
 
+from mailerd.config import resolve_group
+
 if TYPE_CHECKING:
     from mailerd.control.commands import Peer
-
-
-def resolve_group(name: str) -> int:
-    """The gid of a group name (or a number); ValueError names what is wrong."""
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        if name.isdigit():
-            return int(name)
-        raise ValueError(f"no group named {name!r}") from None
 
 
 class AccessPolicy:

@@ -10,9 +10,11 @@ from typing import Callable, NamedTuple, TypeVar
 
 from mailerd import __version__
 from mailerd.journal.committer import Committer
-from mailerd.config import Config, ConfigError
+from mailerd.config import ConfigError
 from mailerd.control.enqueue import SpecError, check_spec, store_chunk
-from mailerd.journal.store import CampaignRow, Journal
+from mailerd.journal.store import Journal
+from mailerd.schema.config import Config
+from mailerd.schema.records import CampaignRow
 from mailerd.system.log import event
 from mailerd.message.render import message_id_for
 from mailerd.schema.control import (

@@ -12,8 +12,9 @@ from email.utils import parseaddr
 import msgspec
 
 from mailerd.message.addresses import check_address
-from mailerd.config import Config
-from mailerd.journal.store import Journal, NewRecipient, suppressed_reply
+from mailerd.schema.config import Config
+from mailerd.journal.store import Journal, suppressed_reply
+from mailerd.schema.records import NewRecipient
 from mailerd.schema.control import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
 from mailerd.message.render import (RenderError, Renderer, TemplateError, header_name_problem,
                      list_unsubscribe_value, template_variables)

@@ -6,16 +6,15 @@ recorded as `suppressed` at enqueue (enqueue.py); a recipient still waiting when
 its address is added is skipped when its turn comes (journal.claim), or at once
 when it is already in the supervisor's dispatch buffer (here). A permanent failure
 whose reply matches `[suppression] bounce_patterns` adds the address with reason
-`bounced`, in the journal operation that records the failure.
+`bounced`, in the journal operation that records the failure (journal/store.py
+bounce_rule).
 """
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 from mailerd.message.addresses import check_address, suppression_key
-from mailerd.config import SuppressionConfig
 from mailerd.schema.control import (
     SUPPRESSION_REASONS,
     Error,
@@ -32,12 +31,6 @@ if TYPE_CHECKING:
     from mailerd.control.commands import Commands
 
 MAX_PAGE = 10_000
-
-
-def bounce_rule(config: SuppressionConfig) -> re.Pattern[str] | None:
-    if not config.auto_bounce or not config.bounce_patterns:
-        return None
-    return re.compile("|".join(f"(?:{p})" for p in config.bounce_patterns), re.IGNORECASE)
 
 
 async def add(commands: "Commands", request: SuppressAdd) -> Reply:

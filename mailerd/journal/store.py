@@ -1,7 +1,10 @@
 """The journal: every campaign and every recipient's delivery state, in SQLite.
 
-This is the only module that speaks SQL. Its methods are synchronous and are run
-by exactly one thread (see committer.py), so they need no locking of their own.
+Every query and every change of data is here. committer.py adds only the
+transaction statements around them (BEGIN, SAVEPOINT, RELEASE, COMMIT, ROLLBACK).
+The methods are synchronous and are run by exactly one thread, the committer's, so
+they need no locking of their own. The rows they take and give are in
+schema/records.py.
 
 Recipient states and who moves them:
   queued     -> sending    the supervisor hands the recipient to a worker
@@ -23,7 +26,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import msgspec
 
@@ -34,6 +37,15 @@ from mailerd.schema.control import (
     CampaignSpec,
     Counts,
     RecipientInfo,
+)
+from mailerd.schema.config import SuppressionConfig
+from mailerd.schema.records import (
+    CampaignRow,
+    Claimed,
+    ClaimResult,
+    NewRecipient,
+    Outcome,
+    Recovery,
 )
 
 SCHEMA_VERSION = 2
@@ -126,53 +138,11 @@ class JournalError(Exception):
     """The journal cannot be opened or used; the message says why."""
 
 
-class NewRecipient(NamedTuple):
-    line: int
-    email: str
-    key: str | None
-    fields: bytes | None
-    state: str  # "queued" or "invalid"
-    reply: str | None
-
-
-class Claimed(NamedTuple):
-    campaign: int
-    line: int
-    email: str
-    fields: bytes
-    attempts: int
-
-
-class ClaimResult(NamedTuple):
-    recipients: list[Claimed]
-    cursor: int  # highest queued line looked at
-    suppressed: list[tuple[int, int, str]]  # (campaign, line, reason): suppressed since enqueue
-
-
-class Outcome(NamedTuple):
-    campaign: int
-    line: int
-    state: str  # sent | deferred | failed | uncertain
-    code: int | None
-    reply: str
-    next_at: float | None = None
-
-
-class Recovery(NamedTuple):
-    requeued: int
-    uncertain: int
-    discarded_campaigns: int
-
-
-class CampaignRow(NamedTuple):
-    id: int
-    uid: str
-    name: str
-    state: str
-    spec: CampaignSpec
-    total: int
-    created: float
-    updated: float
+def bounce_rule(config: SuppressionConfig) -> re.Pattern[str] | None:
+    """One regular expression of all `[suppression] bounce_patterns`; None with auto_bounce off."""
+    if not config.auto_bounce or not config.bounce_patterns:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in config.bounce_patterns), re.IGNORECASE)
 
 
 _spec_decoder = msgspec.msgpack.Decoder(CampaignSpec)
@@ -184,7 +154,8 @@ class Journal:
         self._synchronous = synchronous.upper()
         self.db: sqlite3.Connection | None = None
         # [suppression]: a permanent failure whose reply matches this suppresses the
-        # address (reason "bounced"); None: auto_bounce is off (set by commands.py)
+        # address (reason "bounced"); None: auto_bounce is off. The supervisor sets it
+        # from bounce_rule(config.suppression) at start and on every reload.
         self.bounce_rule: re.Pattern[str] | None = None
 
     # ------------------------------------------------------------ lifecycle

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 
-import msgspec
+from mailerd.schema.config import PatternConfig
 
 
 class Cause(str, enum.Enum):
@@ -19,15 +19,6 @@ class Cause(str, enum.Enum):
     RATE = "rate"
     QUOTA = "quota"
     SESSION_LENGTH = "session length"
-
-
-class PatternConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Extra regular expressions (case-insensitive), tried before the defaults."""
-
-    too_many_sessions: list[str] = []
-    rate: list[str] = []
-    quota: list[str] = []
-    session_length: list[str] = []
 
 
 # The cause each PatternConfig field adds patterns for, in the order they are tried.
@@ -130,15 +121,4 @@ def window_hint(text: str) -> float | None:
         return 86400.0
     if "hourly" in lowered or "per hour" in lowered:
         return 3600.0
-    return None
-
-
-def validate_patterns(patterns: PatternConfig) -> str | None:
-    """The first pattern that does not compile, described; None when all do."""
-    for key in _FIELD_CAUSES:
-        for pattern in getattr(patterns, key):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                return f"patterns.{key}: {pattern!r} is not a valid regular expression ({exc})"
     return None

@@ -12,20 +12,19 @@ Signals it learns from, and what each does:
   session length    -> the same count of messages twice before a drop: rotate at it
   rate              -> slow down to 70 % of the recent rate, pause briefly
   quota             -> park until the quota window reopens, or an exponential cool-off
-What was learned is a msgspec Struct the journal stores per server.
+What was learned is a msgspec Struct (schema/records.py Learned) the journal stores
+per server.
 """
 
 from __future__ import annotations
 
 import collections
 import math
-import re
 from typing import NamedTuple
 
-import msgspec
-
 from mailerd.pacing.classify import Cause, retry_hint, window_hint
-from mailerd.config import ServerConfig
+from mailerd.schema.config import Rate, ServerConfig, parse_rate
+from mailerd.schema.records import Learned
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -34,39 +33,6 @@ RATE_RECOVERY = 1.1
 RATE_PAUSE = 5.0  # seconds of silence after a rate refusal without a hint
 SAME_LENGTH_TO_LEARN = 2
 SESSIONS_SIGNAL_GUARD = 1.0  # seconds: one halving per burst of "too many sessions"
-
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$")
-_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-        "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
-
-
-class Rate(NamedTuple):
-    count: float
-    per: float  # seconds
-
-    @property
-    def per_second(self) -> float:
-        return self.count / self.per
-
-
-def parse_rate(text: str) -> Rate:
-    match = _RATE.match(text)
-    if not match or float(match[1]) <= 0:
-        raise ValueError(f'invalid rate {text!r}: use e.g. "20/s", "30/min", "500/h"')
-    return Rate(float(match[1]), float(_PER[match[2]]))
-
-
-class Learned(msgspec.Struct, kw_only=True):
-    """What the relay taught us about this account; stored in the journal."""
-
-    connections: int | None = None
-    messages_per_connection: int | None = None
-    rate: float | None = None  # messages per second
-    hourly_quota: int | None = None
-    daily_quota: int | None = None
-    parked_until: float | None = None
-    park_reason: str | None = None
-    cooloffs: int = 0  # consecutive quota parks without a known window
 
 
 class Decision(NamedTuple):

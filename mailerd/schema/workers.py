@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from mailerd.config import DeliveryConfig, ServerConfig
+from mailerd.schema.config import DeliveryConfig, ServerConfig
 from mailerd.schema.control import CampaignSpec, DkimKey
 
 Result = Literal["sent", "deferred", "failed", "uncertain", "requeue"]

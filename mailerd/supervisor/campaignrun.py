@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 
-from mailerd.journal.store import Claimed
+from mailerd.schema.records import Claimed
 from mailerd.pacing.pacer import forget_before, window_rate
 from mailerd.schema.control import CampaignSpec
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 from mailerd.message import tokens
-from mailerd.config import Config, ConfigError, ServerConfig
+from mailerd.config import ConfigError
+from mailerd.schema.config import Config, ServerConfig
 from mailerd.schema.control import DkimKey
 from mailerd.message.signing import KeyError_, Signer
 from mailerd.schema.workers import CampaignAttachment, CampaignTemplate, ToWorker

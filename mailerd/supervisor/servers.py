@@ -6,8 +6,8 @@ import asyncio
 
 from mailerd import wire
 from mailerd.pacing.classify import Cause
-from mailerd.config import ServerConfig
-from mailerd.journal.store import Claimed
+from mailerd.schema.config import ServerConfig
+from mailerd.schema.records import Claimed
 from mailerd.pacing.pacer import Pacer
 from mailerd.schema.control import ServerInfo, WorkerInfo
 from mailerd.supervisor.spawner import WorkerProcess

@@ -23,14 +23,15 @@ from mailerd import wire
 from mailerd.supervisor.campaignrun import CampaignRun
 from mailerd.pacing.classify import Cause, Classifier
 from mailerd.journal.committer import Committer, JournalWriteError
-from mailerd.config import Config, ConfigError, ServerConfig, apply_setting, read_password
-from mailerd.journal.store import Claimed, Journal, Outcome
+from mailerd.config import ConfigError, apply_setting, read_password
+from mailerd.schema.config import Config, ServerConfig
+from mailerd.journal.store import Journal, bounce_rule
+from mailerd.schema.records import Claimed, Learned, Outcome
 from mailerd.supervisor.identity import Identity, template_messages
 from mailerd.system.log import event
-from mailerd.pacing.pacer import DAY, Decision, Learned, Pacer
+from mailerd.pacing.pacer import DAY, Decision, Pacer
 from mailerd.schema.control import CampaignSpec, ServerInfo, ServerPlan
 from mailerd.supervisor.servers import ServerRun, WorkerSlot
-from mailerd.control.suppression import bounce_rule
 from mailerd.supervisor.spawner import WorkerProcess, spawn_worker, stop_template
 from mailerd.schema.workers import (
     AnyFromWorker,

@@ -36,7 +36,7 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from mailerd import wire
-from mailerd.config import ServerConfig
+from mailerd.schema.config import ServerConfig
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 from mailerd.message.signing import KeyError_, Signer, campaign_signer
 from mailerd.schema.workers import (

@@ -1,0 +1,75 @@
+"""Rows the journal hands out and takes in, and what pacing stores per server.
+
+Pure data: journal/store.py reads and writes them, the supervisor and the control
+commands pass them around. States are those of journal/store.py's state machine.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+
+from mailerd.schema.control import CampaignSpec
+
+
+class NewRecipient(NamedTuple):
+    line: int
+    email: str
+    key: str | None
+    fields: bytes | None
+    state: str  # "queued" or "invalid"
+    reply: str | None
+
+
+class Claimed(NamedTuple):
+    campaign: int
+    line: int
+    email: str
+    fields: bytes
+    attempts: int
+
+
+class ClaimResult(NamedTuple):
+    recipients: list[Claimed]
+    cursor: int  # highest queued line looked at
+    suppressed: list[tuple[int, int, str]]  # (campaign, line, reason): suppressed since enqueue
+
+
+class Outcome(NamedTuple):
+    campaign: int
+    line: int
+    state: str  # sent | deferred | failed | uncertain
+    code: int | None
+    reply: str
+    next_at: float | None = None
+
+
+class Recovery(NamedTuple):
+    requeued: int
+    uncertain: int
+    discarded_campaigns: int
+
+
+class CampaignRow(NamedTuple):
+    id: int
+    uid: str
+    name: str
+    state: str
+    spec: CampaignSpec
+    total: int
+    created: float
+    updated: float
+
+
+class Learned(msgspec.Struct, kw_only=True):
+    """What the relay taught pacing about one account; stored in the journal."""
+
+    connections: int | None = None
+    messages_per_connection: int | None = None
+    rate: float | None = None  # messages per second
+    hourly_quota: int | None = None
+    daily_quota: int | None = None
+    parked_until: float | None = None
+    park_reason: str | None = None
+    cooloffs: int = 0  # consecutive quota parks without a known window
