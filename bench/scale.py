@@ -110,7 +110,7 @@ def _sent(daemon: Mailerd, campaign: int) -> int:
 def _kill_and_restart(daemon: Mailerd, campaign: int) -> float:
     time.sleep(random.uniform(1.0, 2.0))  # mid-campaign, at no particular moment
     killed = time.time()
-    daemon.kill9()
+    daemon.kill_group()
     sent_before = _sent(daemon, campaign)  # nothing changes it until the restart
     daemon.start(wait_workers=False)
     wait_for(lambda: _sent(daemon, campaign) > sent_before, 60,

@@ -2,110 +2,40 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import msgspec
 import pytest
 
-from mailerctl.client import Client, Refused, Unreachable
-from mailerd.schema.control import CampaignReport, DaemonStatus, Report, Request, Status
+from mailerctl.client import Refused
+from mailerd.schema.control import CampaignReport
+from mailerd.testing.daemon import DaemonProcess, toml_value, write_config
 from mailerd.testing.relay import Faults, FakeRelay
 from mailerd.testing.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
-
-
-class Daemon:
-    """A mailerd process in its own process group, with its own state dir.
-
-    env: extra environment variables; stderr: where its stderr goes (default: the log
-    file, with stdout); prefix: a command line that execs the daemon's ("$@");
-    pass_fds: file descriptors it inherits.
-    """
+class Daemon(DaemonProcess):
+    """A test's mailerd: `servers` are the [servers.NAME] tables; short timeouts and
+    retry delays unless `daemon` or `delivery` say otherwise (other keyword arguments
+    as for DaemonProcess)."""
 
     def __init__(self, workdir: Path, servers: dict[str, dict[str, Any]],
                  daemon: dict[str, Any] | None = None,
-                 delivery: dict[str, Any] | None = None, *,
-                 env: dict[str, str] | None = None, stderr: Any = None,
-                 prefix: list[str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
-        self.workdir = workdir
-        self.env = env or {}
-        self.stderr = stderr
-        self.prefix = prefix or []
-        self.pass_fds = tuple(pass_fds)
-        self.state_dir = workdir / "state"
-        self.socket = str(workdir / "control.sock")
+                 delivery: dict[str, Any] | None = None, **kwargs: Any) -> None:
         sections: dict[str, dict[str, Any]] = {
-            "daemon": {"state_dir": str(self.state_dir), "socket": self.socket,
-                       "log_level": "info", "shutdown_timeout": "10s", **(daemon or {})},
+            "daemon": {"log_level": "info", "shutdown_timeout": "10s", **(daemon or {})},
             "delivery": {"retry_initial": "1s", "retry_max": "2s", "reconnect_initial": "0.2s",
                          "reconnect_max": "2s", **(delivery or {})},
         }
         for name, values in servers.items():
             sections[f"servers.{name}"] = {"timeout": "5s", **values}
-        self.config = write_config(workdir / "mailerd.toml", sections)
-        self.log_path = workdir / "mailerd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir, sections, **kwargs)
 
-    def command(self) -> list[str]:
-        return [*self.prefix, sys.executable, "-m", "mailerd", "--config", str(self.config)]
-
-    def environment(self) -> dict[str, str] | None:
-        return {**os.environ, **self.env} if self.env else None
-
-    def start(self, wait: bool = True) -> "Daemon":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            self.command(), cwd=self.workdir, stdout=log,
-            stderr=log if self.stderr is None else self.stderr, start_new_session=True,
-            env=self.environment(), pass_fds=self.pass_fds,
-        )
-        log.close()
-        if wait:
-            wait_until(self._answers, 20, "the daemon to answer on its socket")
+    def start(self, wait: bool = True, timeout: float = 20) -> "Daemon":
+        super().start(wait, timeout)
         return self
-
-    def start_expecting_failure(self) -> subprocess.CompletedProcess[str]:
-        """Run mailerd in the foreground, for a start that must fail: its exit code and output."""
-        return subprocess.run(self.command(), capture_output=True, text=True, timeout=30,
-                              cwd=self.workdir, env=self.environment(), pass_fds=self.pass_fds)
-
-    def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"mailerd exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            self.call(Status())
-            return True
-        except Unreachable:
-            return False
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_line(self, *needles: str, timeout: float = 10) -> str:
         """The first log line holding every needle; logging is asynchronous, so wait for it."""
@@ -114,25 +44,12 @@ class Daemon:
                          if all(n in line for n in needles)), None)
         return wait_until(find, timeout, f"a log line with {needles}")
 
-    def call(self, request: Request) -> Any:
-        with Client(self.socket, timeout=30) as client:
-            return client.call(request)
-
-    def status(self) -> DaemonStatus:
-        return self.call(Status())
-
-    def report(self, campaign: int, state: str | None = None) -> CampaignReport:
-        return self.call(Report(campaign=campaign, state=state))
-
     def emails(self, campaign: int, state: str) -> set[str]:
         """The addresses of the campaign's recipients in that state."""
         return {r.email for r in self.report(campaign, state).recipients}
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "mailerctl", "--socket", self.socket, *args],
-            capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
-        )
+        result = self.mailerctl(*args, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"mailerctl {' '.join(args)} exited {result.returncode}:\n"
                                  f"{result.stdout}\n{result.stderr}")
@@ -159,39 +76,6 @@ class Daemon:
             # it may have finished between the report and the pause: then there is nothing to pause
             assert paused.returncode == 0 or self.report(campaign).state == "done", paused.stderr
         wait_until(lambda: self.report(campaign).counts.sending == 0, timeout, "in-flight work to end")
-
-    def worker_pids(self) -> list[int]:
-        return [w.pid for s in self.status().servers for w in s.workers if w.pid]
-
-    def kill_group(self) -> None:
-        """kill -9 of the daemon and every worker (its whole process group)."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        wait_until(lambda: not _group_alive(self.proc.pid), 10, "the process group to die")
-
-    def terminate(self, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        return code
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(10)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def make_campaign(directory: Path, count: int, *, domain: str = "example.com",
