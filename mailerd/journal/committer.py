@@ -7,6 +7,9 @@ does not undo the others) and resolves their futures only after COMMIT returned.
 A caller that awaited `run` therefore knows its change is durable. No delay is
 added to gather work: whatever arrives while a commit is in progress forms the
 next batch, which is what makes batches grow with load.
+
+The transaction statements (BEGIN, SAVEPOINT, RELEASE, COMMIT, ROLLBACK) are the
+only SQL here; every query and change of data is a Journal method (store.py).
 """
 
 from __future__ import annotations
