@@ -5,6 +5,8 @@
 - mailerd/schema/ is the ground floor: it imports nothing of mailerd outside itself.
 - mailerctl is a thin client: what it loads of mailerd (directly or through what
   that imports) is mailerd.schema.*, mailerd.message.* and mailerd.wire only.
+- The demo runs on the runtime dependencies: nothing it loads imports a package
+  of pyproject.toml's `test` extra.
 
 The checker itself is tested on small generated packages, so a rule that can no
 longer fail is noticed.
@@ -13,6 +15,8 @@ longer fail is noticed.
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -174,6 +178,23 @@ def reachable(graph: dict[str, list[Import]], start: str) -> dict[str, list[Impo
     return chains
 
 
+def packages_imported(path: Path) -> set[str]:
+    """The top-level names of every absolute import in the file (`a.b` -> `a`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def packages_of_the_test_extra(pyproject: Path) -> set[str]:
+    """Import names of the `test` extra's distributions (pytest-timeout -> pytest_timeout)."""
+    extra = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["test"]
+    return {re.split(r"[<>=!~\[;\s]", requirement)[0].replace("-", "_") for requirement in extra}
+
+
 def describe(chain: list[Import]) -> str:
     return " -> ".join([chain[0].source] + [f"{i.target} ({i.where})" for i in chain])
 
@@ -225,6 +246,17 @@ def test_schema_imports_nothing_of_mailerd_outside_schema():
 def test_mailerctl_loads_only_schema_message_and_wire():
     problems = client_problems(ROOT, "mailerctl", "mailerd", CLIENT_MAY_LOAD)
     assert not problems, "mailerctl loads more of mailerd than it may:\n" + "\n".join(problems)
+
+
+def test_the_demo_needs_no_test_only_package():
+    graph = import_graph(ROOT, ["mailerd", "mailerctl"])
+    known = module_names(ROOT, ["mailerd", "mailerctl"])
+    test_only = packages_of_the_test_extra(ROOT / "pyproject.toml")
+    assert "aiosmtpd" in test_only
+    problems = [f"{describe(chain) if chain else module} imports {sorted(needed)}"
+                for module, chain in reachable(graph, "mailerd.demo").items()
+                if (needed := packages_imported(known[module]) & test_only)]
+    assert not problems, "\n".join(problems)
 
 
 # ---------------------------------------------------------------- the checker itself
