@@ -76,7 +76,7 @@ def stop_template() -> None:
 
 
 def spawn_worker(child: socket.socket) -> WorkerProcess:
-    # Lazy: the worker's modules run in the fork server (preloaded by worker/template.py); the daemon loads them only here, to name the target
+    # Lazy: workers get it preloaded by the fork server (worker/template.py); here it only names the target
     from mailerd.worker.session import run_in_process
 
     process = _context.Process(target=run_in_process, args=(child,), name="mailerd-worker")
