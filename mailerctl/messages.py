@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from mailerd.message.addresses import check_address
-from mailerd.control.enqueue import SpecError, check_message_parts
+from mailerd.message.check import SpecError, check_message_parts
 from mailerd.schema.control import (
     SUPPRESSION_REASONS,
     CampaignSpec,
