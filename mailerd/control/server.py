@@ -12,43 +12,22 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 
 from mailerd import wire
-from mailerd.control.access import AccessPolicy
-from mailerd.control.commands import ClientSession, Commands, Peer
-from mailerd.system.log import event
-from mailerd.schema.control import (
-    EnqueueAttachment,
-    ExportRecipients,
-    SuppressAdd,
-    SuppressList,
-    SuppressRemove,
-    TestSend,
-)
+from mailerd.control.access import AccessPolicy, peer_credentials
+from mailerd.control.commands import ClientSession, Commands, Handler
 from mailerd.schema.control import (
     PROTOCOL_VERSION,
     AnyRequest,
-    Cancel,
     DebugFreeze,
-    EnqueueBegin,
-    EnqueueCommit,
-    EnqueueRows,
     Error,
-    ListCampaigns,
     Ok,
-    Pause,
     Reply,
-    Report,
     Request,
-    Plan,
-    Resume,
-    SetPacing,
-    Settle,
-    Status,
 )
+from mailerd.system.log import event
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
 BACKLOG = 1024  # many clients may connect at once (watchers, scripts)
@@ -58,11 +37,6 @@ REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answe
 def _freeze(seconds: float) -> None:
     """DebugFreeze: the event loop hangs here (faulthandler's traceback names this)."""
     time.sleep(seconds)
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return Peer(*struct.unpack("3i", creds))
 
 
 class ControlServer:
@@ -77,6 +51,8 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
         self._decoder = wire.Decoder(AnyRequest)
+        self._handlers: dict[type[Request], Handler] = {
+            **commands.handlers(), DebugFreeze: self._debug_freeze}
 
     async def start(self) -> None:
         if self.inherited is not None:  # systemd owns the file, its mode and group
@@ -171,49 +147,12 @@ class ControlServer:
             return Error(message=f"internal error while handling {type(request).__name__}: {exc}")
 
     async def _route(self, session: ClientSession, request: Request) -> Reply:
-        commands = self.commands
-        match request:
-            case EnqueueBegin():
-                return await commands.enqueue_begin(session, request)
-            case EnqueueRows():
-                return await commands.enqueue_rows(session, request)
-            case EnqueueCommit():
-                return await commands.enqueue_commit(session, request)
-            case Pause():
-                return await commands.pause(session, request)
-            case Resume():
-                return await commands.resume(session, request)
-            case Cancel():
-                return await commands.cancel(session, request)
-            case Report():
-                return await commands.report(request)
-            case ListCampaigns():
-                return await commands.list_campaigns()
-            case Status():
-                return await commands.status()
-            case SetPacing():
-                return await commands.set_pacing(session, request)
-            case Plan():
-                return await commands.plan(request)
-            case Settle():
-                return await commands.settle(session, request)
-            case EnqueueAttachment():
-                return await commands.enqueue_attachment(session, request)
-            case SuppressAdd():
-                return await commands.suppress_add(session, request)
-            case SuppressRemove():
-                return await commands.suppress_remove(session, request)
-            case SuppressList():
-                return await commands.suppress_list(request)
-            case TestSend():
-                return await commands.test_send(session, request)
-            case ExportRecipients():
-                return await commands.export_recipients(request)
-            case DebugFreeze():
-                return self._debug_freeze(session, request)
-        return Error(message=f"unsupported request {type(request).__name__}")
+        handler = self._handlers.get(type(request))
+        if handler is None:
+            return Error(message=f"unsupported request {type(request).__name__}")
+        return await handler(session, request)
 
-    def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:
+    async def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:
         if not self.debug_commands:
             return Error(message="debug commands are disabled "
                                  "(set [daemon] debug_commands = true to allow them)")
