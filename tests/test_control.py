@@ -151,3 +151,50 @@ def test_second_daemon_on_the_same_state_dir_refuses(daemon):
     assert result.returncode == 4
     assert f"pid {daemon.proc.pid}" in result.stderr
     assert daemon.call(Status()).pid == daemon.proc.pid
+
+
+SLOW_RENDER = "{% for i in range(30000) %}{% for j in range(30000) %}{% endfor %}{% endfor %}done"
+SLOW_COMPILE = "{{ email }}x" * 100_000  # 1.1 MB: compiling it takes far longer than the bound
+
+
+def _slow_request(kind: str):
+    from mailerd.schema.control import CampaignSpec, EnqueueBegin, TestSend
+
+    if kind == "test-send":
+        spec = CampaignSpec(name="slow", sender="a@example.org", subject="s", text=SLOW_RENDER,
+                            columns=["email"])
+        return TestSend(spec=spec, to="me@example.com")
+    spec = CampaignSpec(name="slow", sender="a@example.org", subject="s", text=SLOW_COMPILE,
+                        columns=["email"])
+    return EnqueueBegin(spec=spec)
+
+
+@pytest.mark.parametrize("kind, refusal", [
+    ("test-send", "rendering the message took more than"),
+    ("enqueue", "checking its templates took more than"),
+])
+def test_a_slow_template_does_not_stall_other_clients(daemon, kind, refusal):
+    """Review M3: template work runs off the event loop, and is stopped at a bound."""
+    import select
+    import time
+
+    from mailerctl.client import Client, Refused
+
+    latencies: list[float] = []
+
+    def status_answered_while_slow_one_pending() -> bool:
+        started = time.monotonic()
+        with Client(daemon.socket, timeout=5) as other:
+            assert other.call(Status()).pid == daemon.proc.pid
+        latencies.append(time.monotonic() - started)
+        return bool(select.select([slow.sock], [], [], 0)[0])  # its reply has come
+
+    with Client(daemon.socket, timeout=60) as slow:
+        slow.send(_slow_request(kind))
+        wait_until(status_answered_while_slow_one_pending, 60, "the slow request's reply",
+                   interval=0.2)
+        with pytest.raises(Refused, match=refusal):
+            slow.receive()
+    assert len(latencies) >= 5, latencies  # status answered many times before the slow reply
+    assert max(latencies) < 3.0, latencies
+    assert daemon.ctl("list", "--json").stdout.strip() == "[]"  # nothing half-enqueued kept
