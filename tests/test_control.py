@@ -198,3 +198,16 @@ def test_a_slow_template_does_not_stall_other_clients(daemon, kind, refusal):
     assert len(latencies) >= 5, latencies  # status answered many times before the slow reply
     assert max(latencies) < 3.0, latencies
     assert daemon.ctl("list", "--json").stdout.strip() == "[]"  # nothing half-enqueued kept
+
+
+def test_report_of_a_state_larger_than_a_frame_is_paged(tmp_path, daemon):
+    """Review L6: 6,000 invalid rows of 1.5 KB are more than one 8 MiB frame can carry."""
+    bad = [f"bad-{i}-{'x' * 1500}" for i in range(6000)]
+    cid = daemon.enqueue(*make_campaign(tmp_path / "c", 0, extra_rows=[f"{b},N,C" for b in bad]))
+    listed = json.loads(daemon.ctl("report", str(cid), "--state", "invalid", "--json").stdout)
+    assert [r["email"] for r in listed["recipients"]] == bad  # all of them, in line order
+    text = daemon.ctl("report", str(cid), "--state", "invalid").stdout
+    assert bad[0] in text and bad[-1] in text
+    first = json.loads(daemon.ctl("report", str(cid), "--state", "invalid", "--limit", "10",
+                                  "--json").stdout)
+    assert [r["email"] for r in first["recipients"]] == bad[:10]

@@ -9,7 +9,7 @@ import secrets
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
-from mailerd import __version__
+from mailerd import __version__, wire
 from mailerd.config import Config, ConfigError
 from mailerd.control import testsend
 from mailerd.control.access import Peer
@@ -57,6 +57,10 @@ from mailerd.supervisor.supervisor import Supervisor
 from mailerd.system.log import event
 
 T = TypeVar("T")
+
+MAX_PAGE = 20_000  # recipients in one Report or ExportRecipients reply, at most
+PAGE_BYTES = wire.MAX_FRAME // 2  # and about this many bytes of them
+ROW_OVERHEAD = 256  # a RecipientInfo's bytes besides its email and reply (keys, Message-ID...)
 
 # Every request is answered by one of these: (the connection's session, the request).
 Handler = Callable[["ClientSession", Any], Awaitable[Reply]]
@@ -188,15 +192,16 @@ class Commands:
         return reply
 
     async def export_recipients(self, session: ClientSession, request: ExportRecipients) -> Reply:
-        limit = max(1, min(request.limit, 20_000))
+        limit = _page_limit(request.limit)
         found = await self._read_about(request.campaign, request.state, lambda row: (
             self.journal.recipients(row.id, request.state, limit, request.after_line)))
         if isinstance(found, Error):
             return found
         row, recipients = found
-        _set_message_ids(row, recipients)
-        next_line = recipients[-1].line if len(recipients) == limit else None
-        return RecipientPage(campaign=row.id, recipients=recipients, next_line=next_line)
+        page = _within_frame(recipients)
+        _set_message_ids(row, page)
+        next_line = page[-1].line if len(page) < len(recipients) or len(page) == limit else None
+        return RecipientPage(campaign=row.id, recipients=page, next_line=next_line)
 
     async def abandon(self, session: ClientSession) -> None:
         """The client went away mid-enqueue: nothing of that campaign is kept."""
@@ -257,13 +262,17 @@ class Commands:
     # ------------------------------------------------------------ reading
 
     async def report(self, session: ClientSession, request: Report) -> Reply:
+        """Counts, and with a state the first recipients in it: at most a page that fits
+        a frame (mailerctl pages the rest with ExportRecipients)."""
+        limit = _page_limit(request.limit)
         found = await self._read_about(request.campaign, request.state, lambda row: (
-            self.journal.report(row, request.state, request.limit,
+            self.journal.report(row, request.state, limit,
                                 with_recipients=request.state is not None)))
         if isinstance(found, Error):
             return found
         row, report = found
         if report.recipients:
+            report.recipients = _within_frame(report.recipients)
             _set_message_ids(row, report.recipients)
         return self._with_rate(report)
 
@@ -380,6 +389,22 @@ class Commands:
 
     def _log_change(self, session: ClientSession, what: str, campaign: int, **fields) -> None:
         event(what, logging.INFO, campaign=campaign, **session.peer.log_fields, **fields)
+
+
+def _page_limit(asked: int | None) -> int:
+    """How many recipients one reply may list: what was asked, within 1..MAX_PAGE."""
+    return MAX_PAGE if asked is None else max(1, min(asked, MAX_PAGE))
+
+
+def _within_frame(recipients: list[RecipientInfo]) -> list[RecipientInfo]:
+    """The first of `recipients` whose reply fits well inside one frame (review L6): a
+    relay's reply may be long, so rows are counted by their size, not only by number."""
+    size = 0
+    for count, recipient in enumerate(recipients):
+        size += ROW_OVERHEAD + len(recipient.email.encode()) + len((recipient.reply or "").encode())
+        if size > PAGE_BYTES and count:
+            return recipients[:count]
+    return recipients
 
 
 def _pausable(row: CampaignRow) -> Reply | None:
