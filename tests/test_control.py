@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -211,3 +212,87 @@ def test_report_of_a_state_larger_than_a_frame_is_paged(tmp_path, daemon):
     first = json.loads(daemon.ctl("report", str(cid), "--state", "invalid", "--limit", "10",
                                   "--json").stdout)
     assert [r["email"] for r in first["recipients"]] == bad[:10]
+
+
+def _held_connections(path: str, count: int) -> list[socket.socket]:
+    held = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        held.append(sock)
+    return held
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def test_connections_beyond_the_cap_get_a_clear_refusal_logged_once(daemon):
+    """Review M4: a uid holding many connections is capped; the daemon serves again after."""
+    from mailerd.control.limits import MAX_CLIENTS_PER_UID
+
+    held = _held_connections(daemon.socket, MAX_CLIENTS_PER_UID)
+    try:
+        for _ in range(5):
+            reply = decode_reply(raw_exchange(daemon.socket, wire.pack(Status())))
+            assert isinstance(reply, Error)
+            assert f"too many control connections from uid {os.getuid()}" in reply.message
+    finally:
+        _close_all(held)
+    assert wait_until(lambda: daemon._answers(), 10, "status to be answered again")
+    assert daemon.log().count("control_connections_capped") == 1
+
+
+def test_running_out_of_descriptors_is_logged_once_not_per_accept(daemon):
+    """Review M4: asyncio logs six lines per failed accept(); the daemon logs one event."""
+    import resource
+
+    pid = daemon.proc.pid
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 8, hard))
+    held = _held_connections(daemon.socket, 40)  # > the 8 descriptors left, < the backlog
+    try:
+        daemon.log_line("control_accept_failed", "Too many open files")
+    finally:
+        _close_all(held)
+    # answered again, and after a quiet while the daemon says the trouble is over
+    wait_until(lambda: daemon._answers() and "control_accept_recovered" in daemon.log(), 20,
+               "status to be answered again, and the recovery to be logged")
+    recovered = daemon.log_line("control_accept_recovered")
+    failures = int(recovered.rpartition("failures=")[2])
+    assert failures >= 2  # several accept() calls failed ...
+    log = daemon.log()
+    assert log.count("control_accept_failed") == 1  # ... and were logged once
+    assert "out of system resource" not in log and "Traceback" not in log
+
+
+def test_large_frames_share_a_byte_budget_and_small_requests_still_pass(daemon):
+    """Review L2: stalled, almost complete 8 MiB frames cannot make the daemon hold more
+    than its budget; every other request is still served."""
+    from mailerd.control.limits import BUFFER_BUDGET
+
+    size = wire.MAX_FRAME - 1
+    announce = struct.pack(">I", size) + b"\x00" * 1000  # then nothing more: stalled
+    stalled = _held_connections(daemon.socket, BUFFER_BUDGET // size)
+    try:
+        for sock in stalled:
+            sock.sendall(announce)
+
+        def one_more_is_refused() -> bool:
+            reply = decode_reply(raw_exchange(daemon.socket, announce))
+            return isinstance(reply, Error) and "budget" in reply.message
+
+        wait_until(one_more_is_refused, 10, "a large frame beyond the budget to be refused")
+        assert daemon.status().pid == daemon.proc.pid
+    finally:
+        _close_all(stalled)
+
+    def budget_given_back() -> bool:
+        reply = decode_reply(raw_exchange(daemon.socket, announce))
+        return isinstance(reply, Error) and "truncated frame" in reply.message
+
+    wait_until(budget_given_back, 10, "the stalled frames' budget to be given back")
+    assert daemon.log().count("control_buffer_full") == 1

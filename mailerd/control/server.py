@@ -18,6 +18,7 @@ from pathlib import Path
 from mailerd import wire
 from mailerd.control.access import AccessPolicy, peer_credentials
 from mailerd.control.commands import ClientSession, Commands, Handler
+from mailerd.control.limits import AcceptErrorLog, BufferBudget, BufferFull, ConnectionLimits
 from mailerd.schema.control import (
     PROTOCOL_VERSION,
     AnyRequest,
@@ -30,7 +31,10 @@ from mailerd.schema.control import (
 from mailerd.system.log import event
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
-BACKLOG = 1024  # many clients may connect at once (watchers, scripts)
+# The listen backlog, which asyncio also uses as the number of accept() calls per wake-up;
+# when descriptors run out, each of those calls fails and is retried a second later, so
+# it is kept small (review M4).
+BACKLOG = 64
 REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answer
 
 
@@ -50,11 +54,16 @@ class ControlServer:
         self.debug_commands = debug_commands
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
+        self.limits = ConnectionLimits()
+        self.budget = BufferBudget()
+        self._accept_log: AcceptErrorLog | None = None
         self._decoder = wire.Decoder(AnyRequest)
         self._handlers: dict[type[Request], Handler] = {
             **commands.handlers(), DebugFreeze: self._debug_freeze}
 
     async def start(self) -> None:
+        self._accept_log = AcceptErrorLog(asyncio.get_running_loop())
+        self._accept_log.install()
         if self.inherited is not None:  # systemd owns the file, its mode and group
             self.path = Path(self.inherited.getsockname() or self.path)
             self.server = await asyncio.start_unix_server(
@@ -79,6 +88,8 @@ class ControlServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._accept_log is not None:
+            self._accept_log.uninstall()
         for task in list(self.clients):
             task.cancel()
         if self.inherited is not None:
@@ -92,39 +103,63 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self.clients.add(task)
-        sock = writer.get_extra_info("socket")
-        session = ClientSession(peer_credentials(sock))
+        session = ClientSession(peer_credentials(writer.get_extra_info("socket")))
+        if self._accept_log is not None:
+            self._accept_log.accepted()
+        try:
+            too_many = self.limits.admit(session.peer)
+            if too_many is not None:  # answered fast: the point is to give the descriptor back
+                await self._answer_first_request(reader, writer, Error(message=too_many), 1.0)
+                return
+            try:
+                await self._serve_admitted(session, reader, writer)
+            finally:
+                self.limits.release(session.peer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.clients.discard(task)
+            writer.close()
+
+    async def _serve_admitted(self, session: ClientSession, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
         try:
             refusal = await asyncio.to_thread(self.access.refusal, session.peer)  # NSS may block
             if refusal is not None:
                 await self._refuse(session, refusal, reader, writer)
             else:
                 await self._converse(session, reader, writer)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
         finally:
-            self.clients.discard(task)
             await self.commands.abandon(session)
-            writer.close()
 
     async def _refuse(self, session: ClientSession, refusal: str, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         """Answer the first request (whatever it is) with the refusal, then hang up."""
         event("control_refused", logging.WARNING, peer_uid=session.peer.uid,
               peer_gid=session.peer.gid, peer_pid=session.peer.pid)
+        await self._answer_first_request(reader, writer, Error(message=refusal), 10.0)
+
+    async def _answer_first_request(self, reader: asyncio.StreamReader,
+                                    writer: asyncio.StreamWriter, reply: Reply,
+                                    wait: float) -> None:
+        """Read the first request, unseen (closing a socket with unread data would reset
+        the connection before the client reads the reply), and answer it with `reply`."""
         try:
-            await asyncio.wait_for(wire.read_frame(reader, REFUSED_FRAME_LIMIT), 10)
+            await asyncio.wait_for(wire.read_frame(reader, REFUSED_FRAME_LIMIT), wait)
         except (wire.FrameError, wire.ConnectionClosed, asyncio.TimeoutError):
             pass
-        await self._send(writer, Error(message=refusal))
+        await self._send(writer, reply)
 
     async def _converse(self, session: ClientSession, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                frame = await asyncio.wait_for(wire.read_frame(reader), IDLE_TIMEOUT)
+                frame = await asyncio.wait_for(self._read_request(session, reader), IDLE_TIMEOUT)
                 request = self._decoder.decode(frame)
             except wire.ConnectionClosed:
+                return
+            except BufferFull as exc:
+                await self._send(writer, Error(message=str(exc)))
                 return
             except (wire.FrameError, asyncio.TimeoutError) as exc:
                 reason = str(exc) or "idle for too long"
@@ -134,6 +169,15 @@ class ControlServer:
                 return
             reply = await self._answer(session, request)
             await self._send(writer, reply)
+
+    async def _read_request(self, session: ClientSession, reader: asyncio.StreamReader) -> bytes:
+        """One frame; a large one counts against the budget while its body arrives."""
+        length = await wire.read_length(reader)
+        self.budget.take(length, session.peer)
+        try:
+            return await wire.read_body(reader, length)
+        finally:
+            self.budget.give_back(length)
 
     async def _answer(self, session: ClientSession, request: Request) -> Reply:
         if request.v != PROTOCOL_VERSION:
