@@ -67,7 +67,7 @@ class ControlServer:
         if self.inherited is not None:  # systemd owns the file, its mode and group
             self.path = Path(self.inherited.getsockname() or self.path)
             self.server = await asyncio.start_unix_server(
-                self._serve, sock=self.inherited, limit=wire.MAX_FRAME)
+                self._serve, sock=self.inherited, limit=wire.MAX_FRAME, backlog=BACKLOG)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
