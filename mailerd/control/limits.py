@@ -1,8 +1,9 @@
 """What the control socket's clients may hold: connections, request bytes, and what
 running out of descriptors writes to the log (security review M4, L2).
 
-- Connections: at most MAX_CLIENTS in all and MAX_CLIENTS_PER_UID per user; one more
-  gets an Error saying so and is closed at once, so its descriptor comes back.
+- Connections: at most MAX_CLIENTS in all, and MAX_CLIENTS_PER_UID per user other
+  than root and the daemon's own (they are trusted: they could stop the daemon); one
+  more gets an Error saying so and is closed at once, so its descriptor comes back.
 - Request bytes: a frame larger than SMALL_FRAME (enqueue chunks, attachments) is
   counted against BUFFER_BUDGET from its header until its body is in; a frame that
   does not fit is refused. Small frames (every other request) are always read: the
@@ -32,7 +33,9 @@ REPEAT = 60.0
 
 
 class ConnectionLimits:
-    def __init__(self, total: int = MAX_CLIENTS, per_uid: int = MAX_CLIENTS_PER_UID) -> None:
+    def __init__(self, trusted_uids: set[int], total: int = MAX_CLIENTS,
+                 per_uid: int = MAX_CLIENTS_PER_UID) -> None:
+        self.trusted_uids = trusted_uids  # not capped per uid
         self.total = total
         self.per_uid = per_uid
         self.open: collections.Counter[int] = collections.Counter()
@@ -43,7 +46,7 @@ class ConnectionLimits:
         total = sum(self.open.values())
         if total >= self.total:
             refusal = f"too many control connections ({total} open); try again later"
-        elif self.open[peer.uid] >= self.per_uid:
+        elif self.open[peer.uid] >= self.per_uid and peer.uid not in self.trusted_uids:
             refusal = (f"too many control connections from uid {peer.uid} "
                        f"({self.open[peer.uid]} open); close some and try again")
         else:

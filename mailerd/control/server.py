@@ -31,10 +31,10 @@ from mailerd.schema.control import (
 from mailerd.system.log import event
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
-# The listen backlog, which asyncio also uses as the number of accept() calls per wake-up;
-# when descriptors run out, each of those calls fails and is retried a second later, so
-# it is kept small (review M4).
-BACKLOG = 64
+# Many clients may connect at once (watchers, scripts). asyncio also makes this many
+# accept() calls per wake-up; when descriptors run out each one fails, which is cheap
+# now that limits.AcceptErrorLog logs them once, not six lines each (review M4).
+BACKLOG = 1024
 REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answer
 
 
@@ -54,7 +54,7 @@ class ControlServer:
         self.debug_commands = debug_commands
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
-        self.limits = ConnectionLimits()
+        self.limits = ConnectionLimits(trusted_uids={0, self.access.own_uid})
         self.budget = BufferBudget()
         self._accept_log: AcceptErrorLog | None = None
         self._decoder = wire.Decoder(AnyRequest)
@@ -67,7 +67,7 @@ class ControlServer:
         if self.inherited is not None:  # systemd owns the file, its mode and group
             self.path = Path(self.inherited.getsockname() or self.path)
             self.server = await asyncio.start_unix_server(
-                self._serve, sock=self.inherited, limit=wire.MAX_FRAME, backlog=BACKLOG)
+                self._serve, sock=self.inherited, limit=wire.MAX_FRAME)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_socket():
