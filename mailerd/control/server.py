@@ -1,4 +1,5 @@
-"""The control socket: framing, peer credentials and routing of requests.
+"""The control socket: framing, peer credentials, limits (limits.py) and routing of
+requests through one table of handlers, each called as (session, request) -> Reply.
 
 A bad frame (garbage, truncated, oversize, unknown request, wrong version) gets an
 Error reply where one can still be sent, and that connection is closed; every
