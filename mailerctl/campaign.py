@@ -17,9 +17,10 @@ import msgspec
 
 from mailerd.schema.control import (
     AttachmentInfo,
+    CampaignBase,
     CampaignSpec,
+    DkimBase,
     DkimKey,
-    ListUnsubscribe,
     Row,
     email_column_index,
 )
@@ -31,23 +32,14 @@ class InputError(Exception):
     """A campaign or list file is unusable; the message names the file and the problem."""
 
 
-class DkimFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    domain: str
-    selector: str
+class DkimFile(DkimBase, forbid_unknown_fields=True):
     key_file: str  # relative to the campaign file
 
 
-class CampaignFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    sender: str = msgspec.field(name="from")
-    subject: str
-    text: str | None = None
-    html: str | None = None
-    servers: list[str] | None = None
-    reply_to: str | None = None
-    attachments: list[str] = []  # paths relative to the campaign file
-    headers: dict[str, str] = {}
-    list_unsubscribe: ListUnsubscribe | None = None
+class CampaignFile(CampaignBase, forbid_unknown_fields=True):
+    """A campaign file; text, html, attachments and dkim.key_file are paths relative to it."""
+
+    attachments: list[str] = []
     dkim: DkimFile | None = None
 
 
@@ -69,17 +61,12 @@ def load_campaign_files(path: str | Path, columns: list[str]) -> tuple[CampaignS
     except msgspec.ValidationError as exc:
         raise InputError(f"{path}: {_describe(exc)}") from None
     files = [_attachment(path, i, relative) for i, relative in enumerate(campaign.attachments)]
+    shared = {name: getattr(campaign, name) for name in CampaignBase.__struct_fields__}
+    bodies = {"text": _read_body(path, "text", campaign.text),
+              "html": _read_body(path, "html", campaign.html)}
     spec = CampaignSpec(
-        name=campaign.name,
-        sender=campaign.sender,
-        subject=campaign.subject,
-        text=_read_body(path, "text", campaign.text),
-        html=_read_body(path, "html", campaign.html),
-        servers=campaign.servers,
+        **(shared | bodies),
         columns=columns,
-        reply_to=campaign.reply_to,
-        headers=campaign.headers,
-        list_unsubscribe=campaign.list_unsubscribe,
         dkim=_read_dkim(path, campaign.dkim),
         attachments=[info for info, _ in files],
     )

@@ -222,7 +222,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         with connect(args) as client:
             return messages.report_csv(client, args.id, args.state)
     with connect(args) as client:
-        report = client.call(Report(campaign=args.id, state=args.state, limit=args.limit))
+        report = messages.report_in_pages(client, args.id, args.state, args.limit)
     _show_report(report, args.json)
     return EXIT_OK
 

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 from mailerd.message.addresses import check_address
-from mailerd.control.enqueue import SpecError, check_message_parts
+from mailerd.message.check import SpecError, check_message_parts
 from mailerd.schema.control import (
     SUPPRESSION_REASONS,
+    CampaignReport,
     CampaignSpec,
     EnqueueAttachment,
     ExportRecipients,
     RecipientPage,
+    Report,
     SuppressAdd,
     SuppressionPage,
     SuppressList,
@@ -254,6 +256,31 @@ def _import(client: Client, path: Path, reason: str) -> int:
     for example in examples:
         print(f"  invalid {example}", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------- report
+
+
+def report_in_pages(client: Client, campaign: int | None, state: str | None,
+                    limit: int | None) -> CampaignReport:
+    """A campaign's report; with a state, every recipient in it (or the first `limit`),
+    asked for a page at a time: the daemon's reply is bounded by its frame (review L6)."""
+    report = client.call(Report(campaign=campaign, state=state, limit=limit))
+    assert isinstance(report, CampaignReport)
+    if state is None or report.recipients is None:
+        return report
+    wanted = getattr(report.counts, state)
+    if limit is not None:
+        wanted = min(wanted, limit)
+    while 0 < len(report.recipients) < wanted:
+        page = client.call(ExportRecipients(
+            campaign=report.id, state=state, after_line=report.recipients[-1].line,
+            limit=wanted - len(report.recipients)))
+        assert isinstance(page, RecipientPage)
+        report.recipients += page.recipients
+        if not page.recipients or page.next_line is None:
+            break
+    return report
 
 
 # ---------------------------------------------------------------- report --csv

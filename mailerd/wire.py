@@ -55,6 +55,11 @@ def _check_length(length: int, limit: int) -> None:
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
+    return await read_body(reader, await read_length(reader, limit))
+
+
+async def read_length(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> int:
+    """A frame's header: the length of the body that follows (see read_body)."""
     try:
         header = await reader.readexactly(HEADER.size)
     except asyncio.IncompleteReadError as exc:
@@ -63,6 +68,10 @@ async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> by
         raise ConnectionClosed() from None
     (length,) = HEADER.unpack(header)
     _check_length(length, limit)
+    return length
+
+
+async def read_body(reader: asyncio.StreamReader, length: int) -> bytes:
     try:
         return await reader.readexactly(length)
     except asyncio.IncompleteReadError:

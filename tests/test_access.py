@@ -26,8 +26,7 @@ import pytest
 
 import mailerctl.cli  # imported before any fork: the child may not be able to read it
 from conftest import relay_server
-from mailerd.control.access import AccessPolicy
-from mailerd.control.commands import Peer
+from mailerd.control.access import AccessPolicy, Peer
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not sys.platform.startswith("linux"),

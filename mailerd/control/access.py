@@ -12,12 +12,34 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-from typing import TYPE_CHECKING
+import socket
+import struct
+from typing import NamedTuple
 
 from mailerd.config import resolve_group
 
-if TYPE_CHECKING:
-    from mailerd.control.commands import Peer
+
+class Peer(NamedTuple):
+    """The process at the other end of a control connection (SO_PEERCRED)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def log_fields(self) -> dict[str, int]:
+        """The peer as the events about its requests name it: peer_uid, peer_pid."""
+        return {"peer_uid": self.uid, "peer_pid": self.pid}
+
+    @property
+    def who(self) -> str:
+        """The peer as the journal's records and `mailerctl set` name it."""
+        return f"uid={self.uid} pid={self.pid}"
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Peer(*struct.unpack("3i", creds))
 
 
 class AccessPolicy:
@@ -26,7 +48,7 @@ class AccessPolicy:
         self.gid = resolve_group(group) if group else None
         self.own_uid = os.getuid()
 
-    def refusal(self, peer: "Peer") -> str | None:
+    def refusal(self, peer: Peer) -> str | None:
         """None if `peer` may use the socket, else the message to send it."""
         if peer.uid in (0, self.own_uid):
             return None
@@ -39,7 +61,7 @@ class AccessPolicy:
         return (f"permission denied: uid {peer.uid} is not root, mailerd's own user ({me}), "
                 f"or a member of group {self.group}")
 
-    def _member(self, peer: "Peer") -> bool:
+    def _member(self, peer: Peer) -> bool:
         if peer.gid == self.gid:
             return True
         try:

@@ -1,4 +1,5 @@
-"""What each control request does. The socket handling lives in control.py."""
+"""What each control request does: one handler per request type, each called as
+(session, request) -> Reply. The socket handling lives in server.py."""
 
 from __future__ import annotations
 
@@ -6,70 +7,65 @@ import logging
 import os
 import secrets
 import time
-from typing import Callable, NamedTuple, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
-from mailerd import __version__
-from mailerd.journal.committer import Committer
+from mailerd import __version__, wire
 from mailerd.config import ConfigError
-from mailerd.control.enqueue import SpecError, check_spec, store_chunk
+from mailerd.control import testsend
+from mailerd.control.access import Peer
+from mailerd.control.bounded import TEMPLATE_TIME_LIMIT, TemplateTimeout, run_bounded
+from mailerd.control.enqueue import check_spec, store_chunk
+from mailerd.control.suppression import SuppressionList
+from mailerd.journal.committer import Committer
 from mailerd.journal.store import Journal
+from mailerd.message.check import SpecError
+from mailerd.message.render import message_id_for
 from mailerd.schema.config import Config
 from mailerd.schema.records import CampaignRow
-from mailerd.system.log import event
-from mailerd.message.render import message_id_for
 from mailerd.schema.control import (
     COUNTED_STATES,
-    CampaignSpec,
-    RecipientInfo,
-    Settle,
-    CampaignPlan,
-    Plan,
-    SetPacing,
     CampaignList,
+    CampaignPlan,
     CampaignReport,
+    CampaignSpec,
+    Cancel,
     DaemonStatus,
+    EnqueueAttachment,
     Enqueued,
     EnqueueBegin,
     EnqueueCommit,
     EnqueueRows,
     Error,
+    ExportRecipients,
+    ListCampaigns,
     Ok,
     Pause,
+    Plan,
+    RecipientInfo,
+    RecipientPage,
     Reply,
     Report,
+    Request,
     Resume,
-    Cancel,
-)
-from mailerd.schema.control import (
-    EnqueueAttachment,
-    ExportRecipients,
-    RecipientPage,
+    SetPacing,
+    Settle,
+    Status,
     SuppressAdd,
     SuppressList,
     SuppressRemove,
     TestSend,
 )
-from mailerd.control import suppression
-from mailerd.control import testsend
 from mailerd.supervisor.supervisor import Supervisor
+from mailerd.system.log import event
 
 T = TypeVar("T")
 
+MAX_PAGE = 20_000  # recipients in one Report or ExportRecipients reply, at most
+PAGE_BYTES = wire.MAX_FRAME // 2  # and about this many bytes of them
+ROW_OVERHEAD = 256  # a RecipientInfo's bytes besides its email and reply (keys, Message-ID...)
 
-class Peer(NamedTuple):
-    pid: int
-    uid: int
-    gid: int
-
-    @property
-    def log_fields(self) -> dict[str, int]:
-        """The peer as the events about its requests name it: peer_uid, peer_pid."""
-        return {"peer_uid": self.uid, "peer_pid": self.pid}
-
-    @property
-    def who(self) -> str:
-        """The peer as the journal's records and `mailerctl set` name it."""
-        return f"uid={self.uid} pid={self.pid}"
+# Every request is answered by one of these: (the connection's session, the request).
+Handler = Callable[["ClientSession", Any], Awaitable[Reply]]
 
 
 class ClientSession:
@@ -87,7 +83,31 @@ class Commands:
         self.journal = journal
         self.committer = committer
         self.supervisor = supervisor
+        self.suppressions = SuppressionList(journal, committer, supervisor.drop_suppressed)
         self.started = time.time()
+
+    def handlers(self) -> dict[type[Request], Handler]:
+        """The handler of each request type (the socket adds its own, DebugFreeze)."""
+        return {
+            EnqueueBegin: self.enqueue_begin,
+            EnqueueRows: self.enqueue_rows,
+            EnqueueAttachment: self.enqueue_attachment,
+            EnqueueCommit: self.enqueue_commit,
+            Pause: self.pause,
+            Resume: self.resume,
+            Cancel: self.cancel,
+            Settle: self.settle,
+            Report: self.report,
+            ExportRecipients: self.export_recipients,
+            ListCampaigns: self.list_campaigns,
+            Status: self.status,
+            Plan: self.plan,
+            SetPacing: self.set_pacing,
+            SuppressAdd: self.suppress_add,
+            SuppressRemove: self.suppress_remove,
+            SuppressList: self.suppress_list,
+            TestSend: self.test_send,
+        }
 
     @property
     def config(self) -> Config:
@@ -100,9 +120,12 @@ class Commands:
         if session.loading is not None:
             return Error(message="this connection is already loading a campaign")
         try:
-            check_spec(request.spec, self.config)
+            await run_bounded(check_spec, request.spec, self.config)
         except SpecError as exc:
             return Error(message=f"campaign refused: {exc}")
+        except TemplateTimeout:
+            return Error(message=f"campaign refused: checking its templates took more than "
+                                 f"{TEMPLATE_TIME_LIMIT:g} s")
         uid = secrets.token_hex(8)
         campaign = await self.committer.run(self.journal.begin_campaign, uid, request.spec)
         session.loading, session.spec, session.attachment_chunks = campaign, request.spec, {}
@@ -149,36 +172,38 @@ class Commands:
         return Ok()
 
     async def suppress_add(self, session: ClientSession, request: SuppressAdd) -> Reply:
-        reply = await suppression.add(self, request)
+        reply = await self.suppressions.add(request)
         event("suppression_added", **session.peer.log_fields, reason=request.reason,
               addresses=len(request.emails), added=getattr(reply, "added", None))
         return reply
 
     async def suppress_remove(self, session: ClientSession, request: SuppressRemove) -> Reply:
-        reply = await suppression.remove(self, request)
+        reply = await self.suppressions.remove(request)
         event("suppression_removed", **session.peer.log_fields,
               addresses=len(request.emails), removed=getattr(reply, "removed", None))
         return reply
 
-    async def suppress_list(self, request: SuppressList) -> Reply:
-        return await suppression.listing(self, request)
+    async def suppress_list(self, session: ClientSession, request: SuppressList) -> Reply:
+        return await self.suppressions.listing(request)
 
     async def test_send(self, session: ClientSession, request: TestSend) -> Reply:
-        reply = await testsend.test_send(self, request)
+        reply = await testsend.test_send(request, self.config, self.supervisor.identity,
+                                         self.supervisor.passwords.get)
         event("test_send", **session.peer.log_fields,
               smtp_code=getattr(reply, "code", None), error=getattr(reply, "message", None))
         return reply
 
-    async def export_recipients(self, request: ExportRecipients) -> Reply:
-        limit = max(1, min(request.limit, 20_000))
+    async def export_recipients(self, session: ClientSession, request: ExportRecipients) -> Reply:
+        limit = _page_limit(request.limit)
         found = await self._read_about(request.campaign, request.state, lambda row: (
             self.journal.recipients(row.id, request.state, limit, request.after_line)))
         if isinstance(found, Error):
             return found
         row, recipients = found
-        _set_message_ids(row, recipients)
-        next_line = recipients[-1].line if len(recipients) == limit else None
-        return RecipientPage(campaign=row.id, recipients=recipients, next_line=next_line)
+        page = _within_frame(recipients)
+        _set_message_ids(row, page)
+        next_line = page[-1].line if len(page) < len(recipients) or len(page) == limit else None
+        return RecipientPage(campaign=row.id, recipients=page, next_line=next_line)
 
     async def abandon(self, session: ClientSession) -> None:
         """The client went away mid-enqueue: nothing of that campaign is kept."""
@@ -190,22 +215,16 @@ class Commands:
     # ------------------------------------------------------------ control
 
     async def pause(self, session: ClientSession, request: Pause) -> Reply:
-        row = await self._campaign(request.campaign)
-        if isinstance(row, Error):
-            return row
-        if row.state != "running":
-            return Error(message=f"campaign {row.id} is {row.state}, not running")
-        await self.committer.run(self.journal.set_campaign_state, row.id, "paused")
-        self.supervisor.halt_campaign(row.id, "paused")
-        self._log_change(session, "campaign_paused", row.id)
-        return await self._report(row.id)
+        return await self._halt(session, request.campaign, _pausable, "paused", "campaign_paused")
+
+    async def cancel(self, session: ClientSession, request: Cancel) -> Reply:
+        return await self._halt(session, request.campaign, _cancellable, "cancelled",
+                                "campaign_cancelled")
 
     async def resume(self, session: ClientSession, request: Resume) -> Reply:
-        row = await self._campaign(request.campaign)
-        if isinstance(row, Error):
+        row = await self._changeable(request.campaign, _resumable)
+        if not isinstance(row, CampaignRow):
             return row
-        if row.state == "cancelled":
-            return Error(message=f"campaign {row.id} was cancelled; it cannot be resumed")
 
         def resume_in_journal() -> int:
             changed = self.journal.resume(row.id, request.include_uncertain, request.retry_failed)
@@ -222,27 +241,40 @@ class Commands:
                          retry_failed=request.retry_failed)
         return await self._report(row.id)
 
-    async def cancel(self, session: ClientSession, request: Cancel) -> Reply:
-        row = await self._campaign(request.campaign)
+    async def _halt(self, session: ClientSession, campaign: int,
+                    refusal: Callable[[CampaignRow], Reply | None], state: str, what: str) -> Reply:
+        """Pause or cancel: the campaign stops being dispatched and is left in `state`."""
+        row = await self._changeable(campaign, refusal)
+        if not isinstance(row, CampaignRow):
+            return row
+        await self.committer.run(self.journal.set_campaign_state, row.id, state)
+        self.supervisor.halt_campaign(row.id, state)
+        self._log_change(session, what, row.id)
+        return await self._report(row.id)
+
+    async def _changeable(self, campaign: int,
+                          refusal: Callable[[CampaignRow], Reply | None]) -> CampaignRow | Reply:
+        """The campaign's row if it exists and its state allows the change (`refusal`
+        finds nothing to say), else the reply to send instead."""
+        row = await self._campaign(campaign)
         if isinstance(row, Error):
             return row
-        if row.state == "cancelled":
-            return Ok(message=f"campaign {row.id} was already cancelled")
-        await self.committer.run(self.journal.set_campaign_state, row.id, "cancelled")
-        self.supervisor.halt_campaign(row.id, "cancelled")
-        self._log_change(session, "campaign_cancelled", row.id)
-        return await self._report(row.id)
+        return refusal(row) or row
 
     # ------------------------------------------------------------ reading
 
-    async def report(self, request: Report) -> Reply:
+    async def report(self, session: ClientSession, request: Report) -> Reply:
+        """Counts, and with a state the first recipients in it: at most a page that fits
+        a frame (mailerctl pages the rest with ExportRecipients)."""
+        limit = _page_limit(request.limit)
         found = await self._read_about(request.campaign, request.state, lambda row: (
-            self.journal.report(row, request.state, request.limit,
+            self.journal.report(row, request.state, limit,
                                 with_recipients=request.state is not None)))
         if isinstance(found, Error):
             return found
         row, report = found
         if report.recipients:
+            report.recipients = _within_frame(report.recipients)
             _set_message_ids(row, report.recipients)
         return self._with_rate(report)
 
@@ -268,10 +300,10 @@ class Commands:
             return Error(message=f"unknown state {state!r}; use one of {', '.join(COUNTED_STATES)}")
         return latest if latest is not None else self._existing(campaign)
 
-    async def list_campaigns(self) -> Reply:
+    async def list_campaigns(self, session: ClientSession, request: ListCampaigns) -> Reply:
         return CampaignList(campaigns=await self._reports())
 
-    async def status(self) -> Reply:
+    async def status(self, session: ClientSession, request: Status) -> Reply:
         return DaemonStatus(
             version=__version__, pid=os.getpid(), uptime=time.time() - self.started,
             state_dir=str(self.config.state_dir.resolve()),
@@ -314,7 +346,7 @@ class Commands:
         return Ok(message=f"servers.{server.name}: " + ", ".join(
             f"{k}={v}" for k, v in request.settings.items()))
 
-    async def plan(self, request: Plan) -> Reply:
+    async def plan(self, session: ClientSession, request: Plan) -> Reply:
         row = await self._campaign(request.campaign)
         if isinstance(row, Error):
             return row
@@ -359,6 +391,37 @@ class Commands:
 
     def _log_change(self, session: ClientSession, what: str, campaign: int, **fields) -> None:
         event(what, logging.INFO, campaign=campaign, **session.peer.log_fields, **fields)
+
+
+def _page_limit(asked: int | None) -> int:
+    """How many recipients one reply may list: what was asked, within 1..MAX_PAGE."""
+    return MAX_PAGE if asked is None else max(1, min(asked, MAX_PAGE))
+
+
+def _within_frame(recipients: list[RecipientInfo]) -> list[RecipientInfo]:
+    """The first of `recipients` whose reply fits well inside one frame (review L6): a
+    relay's reply may be long, so rows are counted by their size, not only by number."""
+    size = 0
+    for count, recipient in enumerate(recipients):
+        size += ROW_OVERHEAD + len(recipient.email.encode()) + len((recipient.reply or "").encode())
+        if size > PAGE_BYTES and count:
+            return recipients[:count]
+    return recipients
+
+
+def _pausable(row: CampaignRow) -> Reply | None:
+    return None if row.state == "running" else Error(
+        message=f"campaign {row.id} is {row.state}, not running")
+
+
+def _resumable(row: CampaignRow) -> Reply | None:
+    return None if row.state != "cancelled" else Error(
+        message=f"campaign {row.id} was cancelled; it cannot be resumed")
+
+
+def _cancellable(row: CampaignRow) -> Reply | None:
+    return None if row.state != "cancelled" else Ok(
+        message=f"campaign {row.id} was already cancelled")
 
 
 def _set_message_ids(row: CampaignRow, recipients: list[RecipientInfo]) -> None:

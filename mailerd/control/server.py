@@ -1,4 +1,5 @@
-"""The control socket: framing, peer credentials and routing of requests.
+"""The control socket: framing, peer credentials, limits (limits.py) and routing of
+requests through one table of handlers, each called as (session, request) -> Reply.
 
 A bad frame (garbage, truncated, oversize, unknown request, wrong version) gets an
 Error reply where one can still be sent, and that connection is closed; every
@@ -12,57 +13,35 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 
 from mailerd import wire
-from mailerd.control.access import AccessPolicy
-from mailerd.control.commands import ClientSession, Commands, Peer
-from mailerd.system.log import event
-from mailerd.schema.control import (
-    EnqueueAttachment,
-    ExportRecipients,
-    SuppressAdd,
-    SuppressList,
-    SuppressRemove,
-    TestSend,
-)
+from mailerd.control.access import AccessPolicy, peer_credentials
+from mailerd.control.commands import ClientSession, Commands, Handler
+from mailerd.control.limits import AcceptErrorLog, BufferBudget, BufferFull, ConnectionLimits
 from mailerd.schema.control import (
     PROTOCOL_VERSION,
     AnyRequest,
-    Cancel,
     DebugFreeze,
-    EnqueueBegin,
-    EnqueueCommit,
-    EnqueueRows,
     Error,
-    ListCampaigns,
     Ok,
-    Pause,
     Reply,
-    Report,
     Request,
-    Plan,
-    Resume,
-    SetPacing,
-    Settle,
-    Status,
 )
+from mailerd.system.log import event
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
-BACKLOG = 1024  # many clients may connect at once (watchers, scripts)
+# Many clients may connect at once (watchers, scripts). asyncio also makes this many
+# accept() calls per wake-up; when descriptors run out each one fails, which is cheap
+# now that limits.AcceptErrorLog logs them once, not six lines each (review M4).
+BACKLOG = 1024
 REFUSED_FRAME_LIMIT = 64 * 1024  # what a refused peer may send before its answer
 
 
 def _freeze(seconds: float) -> None:
     """DebugFreeze: the event loop hangs here (faulthandler's traceback names this)."""
     time.sleep(seconds)
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return Peer(*struct.unpack("3i", creds))
 
 
 class ControlServer:
@@ -76,9 +55,16 @@ class ControlServer:
         self.debug_commands = debug_commands
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
+        self.limits = ConnectionLimits(trusted_uids={0, self.access.own_uid})
+        self.budget = BufferBudget()
+        self._accept_log: AcceptErrorLog | None = None
         self._decoder = wire.Decoder(AnyRequest)
+        self._handlers: dict[type[Request], Handler] = {
+            **commands.handlers(), DebugFreeze: self._debug_freeze}
 
     async def start(self) -> None:
+        self._accept_log = AcceptErrorLog(asyncio.get_running_loop())
+        self._accept_log.install()
         if self.inherited is not None:  # systemd owns the file, its mode and group
             self.path = Path(self.inherited.getsockname() or self.path)
             self.server = await asyncio.start_unix_server(
@@ -103,6 +89,8 @@ class ControlServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._accept_log is not None:
+            self._accept_log.uninstall()
         for task in list(self.clients):
             task.cancel()
         if self.inherited is not None:
@@ -116,39 +104,63 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self.clients.add(task)
-        sock = writer.get_extra_info("socket")
-        session = ClientSession(peer_credentials(sock))
+        session = ClientSession(peer_credentials(writer.get_extra_info("socket")))
+        if self._accept_log is not None:
+            self._accept_log.accepted()
+        try:
+            too_many = self.limits.admit(session.peer)
+            if too_many is not None:  # answered fast: the point is to give the descriptor back
+                await self._answer_first_request(reader, writer, Error(message=too_many), 1.0)
+                return
+            try:
+                await self._serve_admitted(session, reader, writer)
+            finally:
+                self.limits.release(session.peer)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.clients.discard(task)
+            writer.close()
+
+    async def _serve_admitted(self, session: ClientSession, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
         try:
             refusal = await asyncio.to_thread(self.access.refusal, session.peer)  # NSS may block
             if refusal is not None:
                 await self._refuse(session, refusal, reader, writer)
             else:
                 await self._converse(session, reader, writer)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
         finally:
-            self.clients.discard(task)
             await self.commands.abandon(session)
-            writer.close()
 
     async def _refuse(self, session: ClientSession, refusal: str, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         """Answer the first request (whatever it is) with the refusal, then hang up."""
         event("control_refused", logging.WARNING, peer_uid=session.peer.uid,
               peer_gid=session.peer.gid, peer_pid=session.peer.pid)
+        await self._answer_first_request(reader, writer, Error(message=refusal), 10.0)
+
+    async def _answer_first_request(self, reader: asyncio.StreamReader,
+                                    writer: asyncio.StreamWriter, reply: Reply,
+                                    wait: float) -> None:
+        """Read the first request, unseen (closing a socket with unread data would reset
+        the connection before the client reads the reply), and answer it with `reply`."""
         try:
-            await asyncio.wait_for(wire.read_frame(reader, REFUSED_FRAME_LIMIT), 10)
+            await asyncio.wait_for(wire.read_frame(reader, REFUSED_FRAME_LIMIT), wait)
         except (wire.FrameError, wire.ConnectionClosed, asyncio.TimeoutError):
             pass
-        await self._send(writer, Error(message=refusal))
+        await self._send(writer, reply)
 
     async def _converse(self, session: ClientSession, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                frame = await asyncio.wait_for(wire.read_frame(reader), IDLE_TIMEOUT)
+                frame = await asyncio.wait_for(self._read_request(session, reader), IDLE_TIMEOUT)
                 request = self._decoder.decode(frame)
             except wire.ConnectionClosed:
+                return
+            except BufferFull as exc:
+                await self._send(writer, Error(message=str(exc)))
                 return
             except (wire.FrameError, asyncio.TimeoutError) as exc:
                 reason = str(exc) or "idle for too long"
@@ -158,6 +170,15 @@ class ControlServer:
                 return
             reply = await self._answer(session, request)
             await self._send(writer, reply)
+
+    async def _read_request(self, session: ClientSession, reader: asyncio.StreamReader) -> bytes:
+        """One frame; a large one counts against the budget while its body arrives."""
+        length = await wire.read_length(reader)
+        self.budget.take(length, session.peer)
+        try:
+            return await wire.read_body(reader, length)
+        finally:
+            self.budget.give_back(length)
 
     async def _answer(self, session: ClientSession, request: Request) -> Reply:
         if request.v != PROTOCOL_VERSION:
@@ -171,49 +192,12 @@ class ControlServer:
             return Error(message=f"internal error while handling {type(request).__name__}: {exc}")
 
     async def _route(self, session: ClientSession, request: Request) -> Reply:
-        commands = self.commands
-        match request:
-            case EnqueueBegin():
-                return await commands.enqueue_begin(session, request)
-            case EnqueueRows():
-                return await commands.enqueue_rows(session, request)
-            case EnqueueCommit():
-                return await commands.enqueue_commit(session, request)
-            case Pause():
-                return await commands.pause(session, request)
-            case Resume():
-                return await commands.resume(session, request)
-            case Cancel():
-                return await commands.cancel(session, request)
-            case Report():
-                return await commands.report(request)
-            case ListCampaigns():
-                return await commands.list_campaigns()
-            case Status():
-                return await commands.status()
-            case SetPacing():
-                return await commands.set_pacing(session, request)
-            case Plan():
-                return await commands.plan(request)
-            case Settle():
-                return await commands.settle(session, request)
-            case EnqueueAttachment():
-                return await commands.enqueue_attachment(session, request)
-            case SuppressAdd():
-                return await commands.suppress_add(session, request)
-            case SuppressRemove():
-                return await commands.suppress_remove(session, request)
-            case SuppressList():
-                return await commands.suppress_list(request)
-            case TestSend():
-                return await commands.test_send(session, request)
-            case ExportRecipients():
-                return await commands.export_recipients(request)
-            case DebugFreeze():
-                return self._debug_freeze(session, request)
-        return Error(message=f"unsupported request {type(request).__name__}")
+        handler = self._handlers.get(type(request))
+        if handler is None:
+            return Error(message=f"unsupported request {type(request).__name__}")
+        return await handler(session, request)
 
-    def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:
+    async def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:
         if not self.debug_commands:
             return Error(message="debug commands are disabled "
                                  "(set [daemon] debug_commands = true to allow them)")

@@ -8,23 +8,25 @@ from __future__ import annotations
 import secrets
 import time
 from email.utils import parseaddr
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import aiosmtplib
 
+from mailerd.config import Config
+from mailerd.control.bounded import TEMPLATE_TIME_LIMIT, TemplateTimeout, run_bounded
 from mailerd.message.addresses import check_address
-from mailerd.control.enqueue import SpecError, check_message_parts
-from mailerd.schema.control import Error, Reply, TestSend, TestSent
+from mailerd.message.check import SpecError, check_message_parts
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 from mailerd.message.signing import campaign_signer
+from mailerd.schema.control import CampaignSpec, DkimKey, Error, Reply, TestSend, TestSent
+from mailerd.supervisor.identity import Identity
 from mailerd.worker.session import describe, greet, smtp_client, smtputf8_refusal
 
-if TYPE_CHECKING:
-    from mailerd.control.commands import Commands
 
-
-async def test_send(commands: "Commands", request: TestSend) -> Reply:
-    config = commands.config
+async def test_send(request: TestSend, config: Config, identity: Identity,
+                    password_of: Callable[[str], str | None]) -> Reply:
+    """`config` as the daemon runs now, `identity` its keys, `password_of(server)` the
+    relay password of a server (None: no AUTH)."""
     spec = request.spec
     names = spec.servers or list(config.servers)
     if not names or names[0] not in config.servers:
@@ -36,10 +38,6 @@ async def test_send(commands: "Commands", request: TestSend) -> Reply:
         return Error(message=f"test-send: --to {request.to!r}: {to.reason}")
     if len(request.attachments) != len(spec.attachments):
         return Error(message="test-send: the attachments' bytes do not match the campaign's list")
-    try:
-        check_message_parts(spec)
-    except SpecError as exc:
-        return Error(message=f"test-send refused: {exc}")
     uid = f"test-{secrets.token_hex(6)}"
     fields = dict(request.fields)
     spec.columns = ["email", *[k for k in fields if k.lower() != "email"]]
@@ -48,18 +46,19 @@ async def test_send(commands: "Commands", request: TestSend) -> Reply:
     sender = parseaddr(spec.sender)[1]
     utf8 = needs_smtputf8(sender, to.address)
     try:
-        renderer = Renderer.from_spec(spec, uid, attachments, commands.supervisor.identity.unsubscribe_key)
-        message = renderer.render(line=0, email=to.address,
-                                  fields=[fields[c] for c in spec.columns[1:]],
-                                  date=format_date(time.time()), smtputf8=utf8)
+        message, msgid = await run_bounded(
+            _build, spec, uid, attachments, identity.unsubscribe_key,
+            lambda: identity.server_dkim(name, server),
+            to.address, [fields[c] for c in spec.columns[1:]], utf8)
+    except SpecError as exc:
+        return Error(message=f"test-send refused: {exc}")
     except (TemplateError, RenderError) as exc:
         return Error(message=f"test-send: cannot render the message: {exc} "
                              "(give merge fields with --fields NAME=VALUE)")
-    signer = campaign_signer(spec, lambda: commands.supervisor.identity.server_dkim(name, server))
-    if signer is not None:
-        message = signer.sign(message)
-    smtp = smtp_client(server, commands.supervisor.passwords.get(name))
-    msgid = renderer.message_id(0)
+    except TemplateTimeout:
+        return Error(message=f"test-send: rendering the message took more than "
+                             f"{TEMPLATE_TIME_LIMIT:g} s; it was stopped")
+    smtp = smtp_client(server, password_of(name))
     try:
         await smtp.connect()
         await greet(smtp)  # as a worker does: the extensions are known only after EHLO
@@ -82,3 +81,18 @@ async def test_send(commands: "Commands", request: TestSend) -> Reply:
             except (aiosmtplib.SMTPException, OSError):
                 smtp.close()
     return TestSent(code=code, reply=text, message_id=msgid, server=name)
+
+
+def _build(spec: CampaignSpec, uid: str, attachments: list[Attachment], unsubscribe_key: bytes,
+           server_key: Callable[[], DkimKey | None], to: str, fields: list[str],
+           utf8: bool) -> tuple[bytes, str]:
+    """The test message, signed, and its Message-ID. Runs member-written template
+    code, so it runs bounded (bounded.py)."""
+    check_message_parts(spec)
+    renderer = Renderer.from_spec(spec, uid, attachments, unsubscribe_key)
+    message = renderer.render(line=0, email=to, fields=fields, date=format_date(time.time()),
+                              smtputf8=utf8)
+    signer = campaign_signer(spec, server_key)
+    if signer is not None:
+        message = signer.sign(message)
+    return message, renderer.message_id(0)

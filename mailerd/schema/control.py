@@ -39,11 +39,16 @@ class ListUnsubscribe(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: str | None = None  # https://...; also gives List-Unsubscribe-Post (RFC 8058)
 
 
-class DkimKey(msgspec.Struct, kw_only=True):
-    """A campaign's DKIM signing key, read from its key_file by mailerctl."""
+class DkimBase(msgspec.Struct, kw_only=True):
+    """A campaign's DKIM signing identity, as its file and the wire both give it."""
 
     domain: str
     selector: str
+
+
+class DkimKey(DkimBase):
+    """A campaign's DKIM signing key, read from its key_file by mailerctl."""
+
     key: str  # PEM (RSA or Ed25519) or a base64 Ed25519 seed; never logged
 
     def __repr__(self) -> str:
@@ -58,8 +63,11 @@ class AttachmentInfo(msgspec.Struct, kw_only=True):
     size: int
 
 
-class CampaignSpec(msgspec.Struct, kw_only=True):
-    """What a campaign file says, with its body files read in by mailerctl."""
+class CampaignBase(msgspec.Struct, kw_only=True):
+    """The fields a campaign file and a CampaignSpec share, under the same names.
+
+    `text` and `html` are the bodies' file paths in a campaign file (mailerctl's
+    CampaignFile) and the bodies themselves in a CampaignSpec."""
 
     name: str
     sender: str = msgspec.field(name="from")
@@ -67,12 +75,18 @@ class CampaignSpec(msgspec.Struct, kw_only=True):
     text: str | None = None
     html: str | None = None
     servers: list[str] | None = None
-    columns: list[str] = []  # the CSV header, in file order
     reply_to: str | None = None
     headers: dict[str, str] = {}  # extra headers; values are templates
     list_unsubscribe: ListUnsubscribe | None = None
+
+
+class CampaignSpec(CampaignBase):
+    """What a campaign file says, with its body, key and attachment files read in by
+    mailerctl (the daemon never opens a path a client names)."""
+
+    columns: list[str] = []  # the CSV header, in file order
     dkim: DkimKey | None = None
-    attachments: list[AttachmentInfo] = []
+    attachments: list[AttachmentInfo] = []  # their bytes follow as EnqueueAttachment chunks
 
 
 class Row(msgspec.Struct, array_like=True):

@@ -32,6 +32,7 @@ from mailerd.system.log import event
 from mailerd.pacing.pacer import DAY, Decision, Pacer
 from mailerd.schema.control import CampaignSpec, ServerInfo, ServerPlan
 from mailerd.supervisor.servers import ServerRun, WorkerSlot
+from mailerd.message.addresses import suppression_key
 from mailerd.supervisor.spawner import WorkerProcess, spawn_worker, stop_template
 from mailerd.schema.workers import (
     AnyFromWorker,
@@ -766,3 +767,20 @@ class Supervisor:
         parked = sum(1 for s in self.servers.values() if s.pacer.state(time.time())[0] == "parked")
         return (f"{running} campaign{'s' if running != 1 else ''} running, "
                 f"{self.sent_total:,} sent, {parked} server{'s' if parked != 1 else ''} parked")
+
+    def drop_suppressed(self, keys: set[str]) -> list[tuple[int, int]]:
+        """Take the buffered recipients whose suppression key is in `keys` out of the
+        dispatch buffers; their (campaign, line), for the caller to record."""
+        dropped: list[tuple[int, int]] = []
+        for run in self.campaigns.values():
+            keep = []
+            for claimed in run.buffer:
+                if suppression_key(claimed.email) in keys:
+                    run.held.discard(claimed.line)
+                    dropped.append((claimed.campaign, claimed.line))
+                else:
+                    keep.append(claimed)
+            if len(keep) != len(run.buffer):
+                run.buffer.clear()
+                run.buffer.extend(keep)
+        return dropped
