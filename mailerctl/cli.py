@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Callable, Iterator
 
+from mailerd import wire
 from mailerd.schema.control import (
     COUNTED_STATES,
     Plan,
@@ -32,8 +33,6 @@ from mailerd.schema.control import (
     RowsAccepted,
     Status,
 )
-
-from mailerd import wire
 
 from . import output
 from .campaign import InputError, RecipientList, load_campaign_files
@@ -176,7 +175,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     recipients = RecipientList(args.recipients)
     try:
         spec, files = load_campaign_files(args.campaign_file, recipients.columns)
-        with connect(args) as client, _named_if_too_large(args):
+        with connect(args) as client, _named_if_too_large(args, len(recipients.columns)):
             started = client.call(EnqueueBegin(spec=spec))
             assert isinstance(started, Enqueued)
             messages.send_attachments(client, started.campaign, files)
@@ -199,15 +198,15 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _named_if_too_large(args: argparse.Namespace) -> Iterator[None]:
+def _named_if_too_large(args: argparse.Namespace, columns: int) -> Iterator[None]:
     """A request over the frame limit, refused before sending: say which files made it."""
     try:
         yield
     except wire.FrameTooLarge as exc:
         raise InputError(
             f"{args.recipients} (with {args.campaign_file}): a request of {exc.size:,} bytes "
-            f"would exceed the daemon's frame limit of {exc.limit:,} bytes; "
-            "use fewer or shorter columns") from None
+            f"would exceed the daemon's frame limit of {exc.limit:,} bytes "
+            f"(the list has {columns:,} columns)") from None
 
 
 def _stream_rows(client: Client, campaign: int, recipients: RecipientList,

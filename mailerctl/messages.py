@@ -178,7 +178,7 @@ def _show_added(result: object, given: int) -> int:
     print(f"added {result.added} of {given} (already listed: {given - result.added - result.invalid}, "
           f"invalid: {result.invalid})")
     for example in result.examples:
-        print(f"  invalid {example}", file=sys.stderr)
+        output.show(f"  invalid {example}", file=sys.stderr)
     return 0
 
 
@@ -252,7 +252,7 @@ def _import(client: Client, path: Path, reason: str) -> int:
     print(f"imported {path}: {given} addresses, {added} added, "
           f"{given - added - invalid} already listed, {invalid} invalid")
     for example in examples:
-        print(f"  invalid {example}", file=sys.stderr)
+        output.show(f"  invalid {example}", file=sys.stderr)
     return 0
 
 
