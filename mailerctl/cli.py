@@ -7,10 +7,13 @@ input files, 3 the daemon cannot be reached.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
+from mailerd import wire
 from mailerd.schema.control import (
     COUNTED_STATES,
     Plan,
@@ -34,16 +37,18 @@ from mailerd.schema.control import (
 from . import output
 from .campaign import InputError, RecipientList, load_campaign_files
 from . import messages
-from .client import Client, Refused, Unreachable, socket_path
+from .client import SYSTEM_SOCKET, Client, Refused, Unreachable, socket_path
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_CLOSED_PIPE = 128 + 13  # what a shell shows for a command ended by SIGPIPE
 CHUNK_ROWS = 2000
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailerctl", description="Control a running mailerd.")
-    parser.add_argument("--socket", help="control socket (default: $MAILERD_SOCKET, "
-                        "/run/mailerd/control.sock, ./state/control.sock)")
+    parser.add_argument("--socket", help=f"control socket (default: $MAILERD_SOCKET, else "
+                        f"{SYSTEM_SOCKET}); it must belong to root, you, or the daemon's user "
+                        "(mailerd, or $MAILERD_USER)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("enqueue", help="add a campaign and its recipient list")
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", action="store_true",
                    help="every recipient (or those in --state) as CSV: email, state, attempts, "
                         "code, reply, sent_at, line, message_id")
+    p.add_argument("--raw-csv", action="store_true",
+                   help="with --csv: write cells starting with = + - @ as they are (by default "
+                        "they get a leading ' so that a spreadsheet does not run them as formulas)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("list", help="all campaigns")
@@ -122,18 +130,38 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        code = _quiet_after_closed_pipe()
     except InputError as exc:
-        print(f"mailerctl: {exc}", file=sys.stderr)
-        code = EXIT_USAGE
+        code = _fail(str(exc), EXIT_USAGE)
+    except wire.FrameTooLarge as exc:
+        code = _fail(f"request too large for the daemon: {exc}", EXIT_USAGE)
     except Refused as exc:
-        print(f"mailerctl: {exc}", file=sys.stderr)
-        code = EXIT_REFUSED
+        code = _fail(str(exc), EXIT_REFUSED)
     except Unreachable as exc:
-        print(f"mailerctl: {exc}", file=sys.stderr)
-        code = EXIT_UNREACHABLE
+        code = _fail(str(exc), EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
+
+
+def _fail(message: str, code: int) -> int:
+    """One line on stderr; the daemon's messages may quote relays and lists, so escaped."""
+    try:
+        print(f"mailerctl: {output.printable(message)}", file=sys.stderr)
+    except BrokenPipeError:
+        pass
+    return code
+
+
+def _quiet_after_closed_pipe() -> int:
+    """The reader went away (`| head`): stop quietly. stdout now points at /dev/null so
+    that the interpreter's final flush does not complain either (Python docs, SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_CLOSED_PIPE
 
 
 def connect(args: argparse.Namespace) -> Client:
@@ -147,7 +175,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     recipients = RecipientList(args.recipients)
     try:
         spec, files = load_campaign_files(args.campaign_file, recipients.columns)
-        with connect(args) as client:
+        with connect(args) as client, _named_if_too_large(args, len(recipients.columns)):
             started = client.call(EnqueueBegin(spec=spec))
             assert isinstance(started, Enqueued)
             messages.send_attachments(client, started.campaign, files)
@@ -167,6 +195,18 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             print(f"mailerctl: {invalid} of {report.total} rows are invalid; "
                   f"see: mailerctl report {report.id} --state invalid", file=sys.stderr)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _named_if_too_large(args: argparse.Namespace, columns: int) -> Iterator[None]:
+    """A request over the frame limit, refused before sending: say which files made it."""
+    try:
+        yield
+    except wire.FrameTooLarge as exc:
+        raise InputError(
+            f"{args.recipients} (with {args.campaign_file}): a request of {exc.size:,} bytes "
+            f"would exceed the daemon's frame limit of {exc.limit:,} bytes "
+            f"(the list has {columns:,} columns)") from None
 
 
 def _stream_rows(client: Client, campaign: int, recipients: RecipientList,
@@ -220,7 +260,7 @@ cmd_settle = _campaign_command(lambda a: Settle(
 def cmd_report(args: argparse.Namespace) -> int:
     if args.csv:
         with connect(args) as client:
-            return messages.report_csv(client, args.id, args.state)
+            return messages.report_csv(client, args.id, args.state, raw=args.raw_csv)
     with connect(args) as client:
         report = messages.report_in_pages(client, args.id, args.state, args.limit)
     _show_report(report, args.json)
@@ -229,19 +269,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _show_report(report: object, as_json: bool) -> None:
     if not isinstance(report, CampaignReport):
-        print(getattr(report, "message", ""))
+        output.show(getattr(report, "message", ""))
         return
     if as_json:
         output.print_json(output.report_json(report))
     else:
-        print(output.report_text(report))
+        output.show(output.report_text(report))
 
 
 def cmd_debug_freeze(args: argparse.Namespace) -> int:
     """Block the daemon's event loop for SECONDS (to see the systemd watchdog act)."""
     with connect(args) as client:
         reply = client.call(DebugFreeze(seconds=args.seconds))
-    print(getattr(reply, "message", "") or "ok")
+    output.show(getattr(reply, "message", "") or "ok")
     return EXIT_OK
 
 
@@ -252,7 +292,7 @@ def _query(args: argparse.Namespace, request: object, as_json: Callable, as_text
     if args.json:
         output.print_json(as_json(reply))
     else:
-        print(as_text(reply))
+        output.show(as_text(reply))
     return EXIT_OK
 
 
@@ -275,7 +315,7 @@ def cmd_set(args: argparse.Namespace) -> int:
         settings[key.strip()] = value.strip()
     with connect(args) as client:
         reply = client.call(SetPacing(server=args.server, settings=settings))
-    print(getattr(reply, "message", ""))
+    output.show(getattr(reply, "message", ""))
     return EXIT_OK
 
 

@@ -137,7 +137,7 @@ def cmd_test_send(args: argparse.Namespace, connect: Callable[[argparse.Namespac
         output.print_json({"server": reply.server, "code": reply.code, "reply": reply.reply,
                            "message_id": reply.message_id})
     else:
-        print(f"{reply.server}: {reply.code} {reply.reply}  (Message-ID {reply.message_id})")
+        output.show(f"{reply.server}: {reply.code} {reply.reply}  (Message-ID {reply.message_id})")
     return 0 if reply.code is not None and 200 <= reply.code < 300 else 1
 
 
@@ -180,13 +180,13 @@ def _show_added(result: object, given: int) -> int:
     print(f"added {result.added} of {given} (already listed: {given - result.added - result.invalid}, "
           f"invalid: {result.invalid})")
     for example in result.examples:
-        print(f"  invalid {example}", file=sys.stderr)
+        output.show(f"  invalid {example}", file=sys.stderr)
     return 0
 
 
 def _list(client: Client, as_json: bool) -> int:
     after, rows = "", []
-    writer = None if as_json else csv.writer(sys.stdout)
+    writer = None if as_json else output.CsvOutput(sys.stdout)
     if writer is not None:
         writer.writerow(["email", "reason", "added", "detail"])
     while True:
@@ -254,7 +254,7 @@ def _import(client: Client, path: Path, reason: str) -> int:
     print(f"imported {path}: {given} addresses, {added} added, "
           f"{given - added - invalid} already listed, {invalid} invalid")
     for example in examples:
-        print(f"  invalid {example}", file=sys.stderr)
+        output.show(f"  invalid {example}", file=sys.stderr)
     return 0
 
 
@@ -288,8 +288,8 @@ def report_in_pages(client: Client, campaign: int | None, state: str | None,
 CSV_COLUMNS = ("email", "state", "attempts", "code", "reply", "sent_at", "line", "message_id")
 
 
-def report_csv(client: Client, campaign: int | None, state: str | None) -> int:
-    writer = csv.writer(sys.stdout)
+def report_csv(client: Client, campaign: int | None, state: str | None, raw: bool = False) -> int:
+    writer = output.CsvOutput(sys.stdout, raw=raw)
     writer.writerow(CSV_COLUMNS)
     after = 0
     while True:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import re
 import shutil
 import sys
 import time
@@ -24,7 +27,34 @@ from mailerd.schema.control import (
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not math.isfinite(ts):
+        return "never" if ts > 0 else "-"
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):  # beyond what the platform's time_t holds
+        return "after 9999" if ts > 0 else "before 0001"
+
+
+# Terminal controls: C0, DEL, C1, and the Unicode line separators and bidi overrides that
+# can hide or reorder what a reader sees. Strings from lists, relays and campaign files
+# are untrusted: an ESC ] 0 ; ... BEL retitles the terminal, ESC [ 2 J clears it.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """text with every terminal control shown as a visible escape (ESC -> \\x1b)."""
+    return _CONTROLS.sub(_escape, text)
+
+
+def show(text: str, file: TextIO | None = None) -> None:
+    """print() for human output: lines kept, any control inside a line made visible."""
+    print("\n".join(printable(line) for line in text.split("\n")),
+          file=sys.stdout if file is None else file)
 
 
 def duration(seconds: float | None) -> str:
@@ -41,13 +71,41 @@ def print_json(value: Any) -> None:
 
 def table(headers: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
     headers = list(headers)
-    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    cells = [["" if v is None else printable(str(v)) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CSV
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP: CSV injection
+
+
+def neutralised(cell: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula, prefixed with ' so it stays text."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
+        return "'" + cell
+    return cell
+
+
+class CsvOutput:
+    """csv.writer for untrusted values: formula cells neutralised unless raw; on a
+    terminal, controls are made visible as everywhere else."""
+
+    def __init__(self, stream: TextIO, raw: bool = False) -> None:
+        self.writer = csv.writer(stream)
+        self.raw = raw
+        self.tty = stream.isatty()
+
+    def writerow(self, row: Iterable[Any]) -> None:
+        cells = list(row) if self.raw else [neutralised(c) for c in row]
+        if self.tty:
+            cells = [printable(c) if isinstance(c, str) else c for c in cells]
+        self.writer.writerow(cells)
 
 
 # ---------------------------------------------------------------- reports

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import faulthandler
 import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -36,6 +38,13 @@ from mailerd.supervisor.supervisor import Supervisor
 EXIT_CONFIG = 2
 EXIT_STATE = 3
 EXIT_LOCKED = 4
+
+JOURNAL_FILE = "journal.sqlite3"
+# what must stay the daemon's alone: the journal holds lists, merge values and campaign
+# DKIM keys; its WAL and shared memory hold the same pages; the key files are keys
+PRIVATE_FILES = (JOURNAL_FILE, f"{JOURNAL_FILE}-wal", f"{JOURNAL_FILE}-shm",
+                 f"{JOURNAL_FILE}-journal", "mailerd.lock")
+PRIVATE_SUFFIXES = (".key",)
 
 
 class StartupError(Exception):
@@ -64,6 +73,69 @@ def lock_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_journal(path: Path) -> int | None:
+    """Lock the journal file itself (its inode), for the daemon's lifetime.
+
+    The state-dir lock alone lets a second daemon whose state dir holds a link to a live
+    daemon's journal serve it too. A symlink is refused; a hard link (or any other path to
+    the same file) finds the inode locked. The descriptor is never closed: closing any
+    descriptor of the file would drop SQLite's own (POSIX) locks on it. Something that is
+    not a regular file is left to the journal's own checks.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise StartupError(f"cannot use journal {path}: {exc.strerror}", EXIT_STATE) from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"journal {path} is a symbolic link; the journal must be a file of "
+                           "the state directory itself", EXIT_STATE)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise StartupError(f"cannot use journal {path}: {reason}", EXIT_STATE) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"journal {path} is already in use by another mailerd (the same "
+                           "file is reachable from another state directory)", EXIT_LOCKED) from None
+    return fd
+
+
+def secure_state_dir(state_dir: Path) -> None:
+    """The state dir 0700 and the journal, WAL and key files 0600, whatever umask or
+    earlier hand made them; each change is logged. Run before and after the journal opens."""
+    try:
+        st = os.stat(state_dir)
+        if st.st_uid not in (os.geteuid(), 0):
+            raise StartupError(f"state directory {state_dir} belongs to uid {st.st_uid}, not to "
+                               f"the daemon's user (uid {os.geteuid()})", EXIT_STATE)
+        tighten(state_dir, 0o700)
+        for entry in state_dir.iterdir():
+            if entry.name in PRIVATE_FILES or entry.name.endswith(PRIVATE_SUFFIXES):
+                tighten(entry, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot secure state directory {state_dir}: "
+                           f"{exc.strerror or exc} ({exc.filename})", EXIT_STATE) from None
+
+
+def tighten(path: Path, allowed: int) -> None:
+    """Drop any permission bit outside `allowed` (symlinks are not followed)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & ~allowed:
+        os.chmod(path, mode & allowed)
+        event("state_permissions_tightened", logging.WARNING, path=str(path),
+              mode_was=f"{mode:04o}", mode=f"{mode & allowed:04o}")
 
 
 class Daemon:
@@ -152,12 +224,17 @@ def start(args: argparse.Namespace) -> int:
         print(f"{args.config or '<built-in defaults>'}: ok")
         return 0
     setup_logging(config.daemon.log_level)
+    os.umask(0o077)  # whatever started us: new state files are the daemon's alone
     lock_state_dir(config.state_dir)
-    journal = Journal(config.state_dir / "journal.sqlite3", config.daemon.journal_sync)
+    journal_path = config.state_dir / JOURNAL_FILE
+    secure_state_dir(config.state_dir)
+    lock_journal(journal_path)
+    journal = Journal(journal_path, config.daemon.journal_sync)
     try:
         recovery = journal.open()
     except JournalError as exc:
         raise StartupError(str(exc), EXIT_STATE) from None
+    secure_state_dir(config.state_dir)  # the WAL and shared-memory files are new now
     event("journal_recovered", path=str(journal.path), requeued=recovery.requeued,
           uncertain=recovery.uncertain, discarded_campaigns=recovery.discarded_campaigns)
     try:

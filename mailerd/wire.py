@@ -25,6 +25,15 @@ class FrameError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
+class FrameTooLarge(FrameError):
+    """A message that would make a frame over the limit: refused before anything is sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
 class ConnectionClosed(Exception):
     """The peer closed the connection at a frame boundary."""
 
@@ -49,9 +58,16 @@ def pack(message: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def pack_within(message: Any, limit: int = MAX_FRAME) -> bytes:
+    """pack(), refusing (FrameTooLarge) a message the reader would refuse anyway."""
+    frame = pack(message)
+    _check_length(len(frame) - HEADER.size, limit)
+    return frame
+
+
 def _check_length(length: int, limit: int) -> None:
     if length > limit:
-        raise FrameError(f"frame of {length} bytes exceeds the limit of {limit}")
+        raise FrameTooLarge(length, limit)
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> bytes:
@@ -110,4 +126,8 @@ class Decoder(Generic[T]):
         try:
             return self._decoder.decode(body)
         except msgspec.DecodeError as exc:
+            raise FrameError(f"undecodable frame: {exc}") from None
+        except RecursionError:  # msgspec's depth guard on deeply nested arrays or maps
+            raise FrameError("undecodable frame: nested too deeply") from None
+        except ValueError as exc:
             raise FrameError(f"undecodable frame: {exc}") from None

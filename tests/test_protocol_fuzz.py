@@ -13,7 +13,7 @@ from mailerctl.campaign import InputError, RecipientList
 from mailerd import wire
 from mailerd.control.enqueue import store_chunk
 from mailerd.journal.store import Journal
-from mailerd.schema.control import AnyRequest, CampaignSpec, Request, Row, RowsAccepted
+from mailerd.schema.control import AnyRequest, CampaignSpec, Request, Row, RowsAccepted, Settle
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -140,3 +140,20 @@ def test_daemon_side_row_check_stores_every_row_as_queued_or_invalid(tmp_path_fa
             assert info.reply  # every rejection says why
     finally:
         journal.close()
+
+
+def test_deeply_nested_frames_are_frame_errors_not_recursion_errors():
+    for body in (b"\x81\xa1a" * 1_000_000 + b"\xc0",  # 1M nested maps (security review L8)
+                 b"\x91" * 1_000_000 + b"\xc0"):      # 1M nested arrays
+        decode_or_frame_error(body)
+
+
+def test_a_frame_over_the_limit_is_refused_before_it_is_sent():
+    request = Settle(campaign=1, as_sent=True, emails=["x" * 100] * 1000)
+    assert len(wire.pack_within(request, limit=200_000)) > 100_000
+    try:
+        wire.pack_within(request, limit=50_000)
+    except wire.FrameTooLarge as exc:
+        assert exc.limit == 50_000 and exc.size > 100_000
+    else:
+        raise AssertionError("an oversized frame was packed")

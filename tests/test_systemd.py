@@ -184,6 +184,8 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
     assert (mode, group) == ("660", "mailerd")
     assert ns.run(["stat", "-c", "%U", "/var/lib/mailerd/journal.sqlite3"]).stdout.strip() == "mailerd"
     first_pid = ns.show("mailerd", "MainPID")
+    assert ns.show("mailerd", "LimitNOFILE") == "8192"  # the unit's resource ceilings are in force
+    assert ns.show("mailerd", "MemoryMax") == str(1536 * 2**20)
 
     # ---- a campaign, killed with SIGKILL halfway
     make_campaign(host / "c", COUNT, servers=["relay"])

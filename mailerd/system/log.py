@@ -7,15 +7,22 @@ systemd connected stderr to the journal, one journald entry with structured fiel
 log sink (journald can block its writers) never stalls the event loop; records that
 do not fit are counted and reported as `log_records_dropped`. Fields named like
 passwords, secrets, credentials or keys are never logged.
+
+In the text line, fields that hold a moment (`until`, `deadline`, `since`, `*_at`) are
+written as ISO 8601 UTC (`until=2026-12-01T12:00:00Z`); journald's structured fields keep
+the epoch value. Control characters in values are escaped, so a relay's reply or a list's
+value cannot drive the terminal of whoever reads the log.
 """
 
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import math
 import queue
+import re
 import sys
-import time
+from datetime import datetime, timezone
 from typing import Any
 
 from mailerd.system import journald
@@ -35,21 +42,53 @@ def readable(record: logging.LogRecord) -> str:
     """'what key=value ...' (then any traceback): the text of one event, unstamped."""
     fields: dict[str, Any] = getattr(record, "fields", {})
     head, sep, tail = record.getMessage().partition("\n")
-    parts = [head] + [f"{key}={_quote(value)}" for key, value in fields.items()
+    parts = [head] + [f"{key}={_quote(_readable_value(key, value))}"
+                      for key, value in fields.items()
                       if value is not None and not is_secret(key)]
     return " ".join(parts) + sep + tail
 
 
+_MOMENT_FIELD = re.compile(r"^(until|deadline|since|expires)$|_(at|until)$")
+_PLAUSIBLE_EPOCH = 946684800  # 2000-01-01: smaller numbers are counts or "not set" (0)
+
+
+def _readable_value(key: str, value: Any) -> Any:
+    """An epoch time in a field that names a moment, as ISO 8601 UTC; anything else as is."""
+    if (_MOMENT_FIELD.search(key) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)
+            and value >= _PLAUSIBLE_EPOCH):
+        return iso8601(value)
+    return value
+
+
+def iso8601(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return str(ts)
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]|[^\x20-\x7e\xa0-\U0010ffff]')
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_CONTROL = re.compile("[\\\\\"\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\x{ord(char):02x}"
+
+
 def _quote(value: Any) -> str:
+    """A value as one token of the line: quoted when needed, controls escaped (\\x1b)."""
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n\t'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if text == "" or _NEEDS_QUOTES.search(text):
+        return '"' + _CONTROL.sub(_escape_control, text) + '"'
     return text
 
 
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        stamp = datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="seconds")
         parts = [stamp, record.levelname.lower(), readable(record)]
         line = " ".join(parts)
         if record.exc_info:
