@@ -95,18 +95,20 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         servers=servers,
         path=str(path) if path else None,
     )
-    _check_socket_group(config, where)
+    _check_groups(config, where)
     return config
 
 
-def _check_socket_group(config: Config, where: str) -> None:
+def _check_groups(config: Config, where: str) -> None:
     """The one check the Structs cannot make: it asks the system's group database."""
-    if not config.daemon.socket_group:
-        return
-    try:
-        resolve_group(config.daemon.socket_group)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: key daemon.socket_group: {exc}") from None
+    for key in ("socket_group", "admin_group"):
+        name = getattr(config.daemon, key)
+        if not name:
+            continue
+        try:
+            resolve_group(name)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: key daemon.{key}: {exc}") from None
 
 
 def resolve_group(name: str) -> int:

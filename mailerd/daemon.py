@@ -148,7 +148,7 @@ class Daemon:
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,
             group=config.daemon.socket_group, debug_commands=config.daemon.debug_commands,
-            inherited=activation.control_socket(),
+            inherited=activation.control_socket(), admin_group=config.daemon.admin_group,
         )
         self.stop_requested = asyncio.Event()
         self.notifier: asyncio.Task[None] | None = None

@@ -24,8 +24,10 @@ from typing import Any, Iterator
 
 import pytest
 
+import encodings.utf_8_sig  # noqa: F401  (enqueue reads lists with it; the child cannot load it)
 import mailerctl.cli  # imported before any fork: the child may not be able to read it
-from conftest import relay_server
+from conftest import make_campaign, relay_server
+from mailerd.testing.relay import Faults
 from mailerd.control.access import AccessPolicy, Peer
 
 pytestmark = pytest.mark.skipif(
@@ -117,7 +119,8 @@ def test_group_members_are_served_and_their_changes_logged_with_uid_and_pid(
     uid, gid = nobody_ids()
     group = grp.getgrgid(gid).gr_name
     relay = relay_factory()
-    daemon = served({"isp": relay_server(relay)}, {"socket_group": group})
+    # members of admin_group may change any campaign (here: one that root enqueued)
+    daemon = served({"isp": relay_server(relay)}, {"socket_group": group, "admin_group": group})
     mode = os.stat(daemon.socket)
     assert stat.S_IMODE(mode.st_mode) == 0o660 and mode.st_gid == gid
     cid = daemon.send_campaign(tmp_path / "c", 5)
@@ -155,3 +158,58 @@ def test_policy_rules():
     assert "member of group" in AccessPolicy("root").refusal(Peer(pid=1, uid=uid, gid=gid))
     with pytest.raises(ValueError, match="no group named"):
         AccessPolicy("no-such-group-mailerd")
+
+
+def readable_campaign(count: int) -> tuple[Path, Path]:
+    """make_campaign's files in a directory any user may read (pytest's tmp is root-only)."""
+    directory = Path(tempfile.mkdtemp(prefix="mailerd-access-campaign-"))
+    directory.chmod(0o755)
+    files = make_campaign(directory, count)
+    for path in directory.iterdir():
+        path.chmod(0o644)
+    return files
+
+
+def test_a_member_changes_only_its_own_campaigns_and_no_global_settings(
+        tmp_path, relay_factory, served):
+    """Review I1: members read and enqueue; another member's (here root's) campaign, suppress
+    remove, set and debug-freeze need the admin role."""
+    uid, gid = nobody_ids()
+    group = grp.getgrgid(gid).gr_name
+    relay = relay_factory(Faults(reply_delay=0.05))
+    daemon = served({"isp": relay_server(relay)},
+                    {"socket_group": group, "debug_commands": True})
+    roots = daemon.send_campaign(tmp_path / "c", 200)
+    member = ["--socket", daemon.socket]
+
+    for argv in (["pause", str(roots)], ["cancel", str(roots)], ["resume", str(roots)],
+                 ["settle", str(roots), "--as", "resend"], ["suppress", "remove", "a@example.com"],
+                 ["set", "isp", "rate=1/s"], ["debug-freeze", "1"]):
+        code, out, err = run_as(uid, gid, member + argv)
+        assert code != 0 and "permission denied" in err, (argv, code, out, err)
+        assert "admin role" in err, (argv, err)
+    assert daemon.report(roots).state == "running"   # nothing of it changed hands
+    code, out, err = run_as(uid, gid, member + ["report", str(roots), "--json"])
+    assert code == 0 and json.loads(out)["id"] == roots, err   # reading is a member's right
+
+    campaign, recipients = readable_campaign(5)
+    code, out, err = run_as(uid, gid, member + ["enqueue", str(campaign), "-r", str(recipients),
+                                                "--json"])
+    assert code == 0, err
+    own = json.loads(out)["id"]
+    code, out, err = run_as(uid, gid, member + ["pause", str(own)])
+    assert code == 0 or daemon.report(own).state == "done", err
+    daemon.log_line("control_denied", f"peer_uid={uid}")
+    daemon.ctl("cancel", str(roots))   # root, the admin, may change any campaign
+
+
+def test_policy_roles():
+    uid, gid = nobody_ids()
+    group = grp.getgrgid(gid).gr_name
+    members_only = AccessPolicy(group)
+    assert members_only.is_admin(Peer(pid=1, uid=0, gid=0))
+    assert members_only.is_admin(Peer(pid=1, uid=os.getuid(), gid=1))
+    assert not members_only.is_admin(Peer(pid=1, uid=uid, gid=gid))
+    assert AccessPolicy(group, admin_group=group).is_admin(Peer(pid=1, uid=uid, gid=gid))
+    with pytest.raises(ValueError, match="no group named"):
+        AccessPolicy(group, admin_group="no-such-group-mailerd")

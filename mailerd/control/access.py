@@ -4,7 +4,8 @@ The socket's file mode (0660 with a group, else 0600) is the first gate; the
 second is the peer's credentials (SO_PEERCRED), checked on every connection:
 root, the daemon's own user, and members of `[daemon] socket_group` (by the
 peer's gid, its user's primary group, or the group's member list) are served;
-anyone else gets one clear Error reply and the connection is closed.
+anyone else gets one clear Error reply and the connection is closed. Who is
+served holds one of two roles (AccessPolicy), decided once per connection.
 """
 
 from __future__ import annotations
@@ -43,16 +44,28 @@ def peer_credentials(sock: socket.socket) -> Peer:
 
 
 class AccessPolicy:
-    def __init__(self, group: str | None) -> None:
+    """Two roles. Members (of `socket_group`) may read everything, enqueue, add to the
+    suppression list, test-send, and change their own campaigns. Admins (root, the
+    daemon's own user, members of `admin_group`) may also change anyone's campaign,
+    remove suppressions, change pacing and use the debug commands."""
+
+    def __init__(self, group: str | None, admin_group: str | None = None) -> None:
         self.group = group
+        self.admin_group = admin_group
         self.gid = resolve_group(group) if group else None
+        self.admin_gid = resolve_group(admin_group) if admin_group else None
         self.own_uid = os.getuid()
+
+    def is_admin(self, peer: Peer) -> bool:
+        if peer.uid in (0, self.own_uid):
+            return True
+        return self.admin_gid is not None and _member(peer, self.admin_gid)
 
     def refusal(self, peer: Peer) -> str | None:
         """None if `peer` may use the socket, else the message to send it."""
-        if peer.uid in (0, self.own_uid):
+        if self.is_admin(peer):
             return None
-        if self.gid is not None and self._member(peer):
+        if self.gid is not None and _member(peer, self.gid):
             return None
         me = _user_name(self.own_uid)
         if self.group is None:
@@ -61,20 +74,27 @@ class AccessPolicy:
         return (f"permission denied: uid {peer.uid} is not root, mailerd's own user ({me}), "
                 f"or a member of group {self.group}")
 
-    def _member(self, peer: Peer) -> bool:
-        if peer.gid == self.gid:
-            return True
-        try:
-            user = pwd.getpwuid(peer.uid)
-        except KeyError:
-            return False
-        if user.pw_gid == self.gid:
-            return True
-        try:
-            members = grp.getgrgid(self.gid).gr_mem
-        except KeyError:
-            return False
-        return user.pw_name in members
+    def admins(self) -> str:
+        """Who holds the admin role, as a refusal names them."""
+        who = f"root or mailerd's own user ({_user_name(self.own_uid)})"
+        return f"{who} or a member of group {self.admin_group}" if self.admin_group else who
+
+
+def _member(peer: Peer, gid: int) -> bool:
+    """Is the peer in group `gid`: by its gid, its user's primary group, or the member list."""
+    if peer.gid == gid:
+        return True
+    try:
+        user = pwd.getpwuid(peer.uid)
+    except KeyError:
+        return False
+    if user.pw_gid == gid:
+        return True
+    try:
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+    return user.pw_name in members
 
 
 def _user_name(uid: int) -> str:

@@ -73,6 +73,7 @@ class ClientSession:
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+        self.admin = False  # the connection's role (access.AccessPolicy), set once it is served
         self.loading: int | None = None
         self.spec: CampaignSpec | None = None  # of the campaign being loaded (set with loading)
         self.attachment_chunks: dict[int, tuple[int, int, bool]] = {}  # index -> (chunks, bytes, last)
@@ -127,7 +128,8 @@ class Commands:
             return Error(message=f"campaign refused: checking its templates took more than "
                                  f"{TEMPLATE_TIME_LIMIT:g} s")
         uid = secrets.token_hex(8)
-        campaign = await self.committer.run(self.journal.begin_campaign, uid, request.spec)
+        campaign = await self.committer.run(self.journal.begin_campaign, uid, request.spec,
+                                            session.peer.uid)
         session.loading, session.spec, session.attachment_chunks = campaign, request.spec, {}
         self._log_change(session, "enqueue_started", campaign, name=request.spec.name)
         return Enqueued(campaign=campaign)
@@ -222,7 +224,7 @@ class Commands:
                                 "campaign_cancelled")
 
     async def resume(self, session: ClientSession, request: Resume) -> Reply:
-        row = await self._changeable(request.campaign, _resumable)
+        row = await self._changeable(session, request.campaign, _resumable)
         if not isinstance(row, CampaignRow):
             return row
 
@@ -244,7 +246,7 @@ class Commands:
     async def _halt(self, session: ClientSession, campaign: int,
                     refusal: Callable[[CampaignRow], Reply | None], state: str, what: str) -> Reply:
         """Pause or cancel: the campaign stops being dispatched and is left in `state`."""
-        row = await self._changeable(campaign, refusal)
+        row = await self._changeable(session, campaign, refusal)
         if not isinstance(row, CampaignRow):
             return row
         await self.committer.run(self.journal.set_campaign_state, row.id, state)
@@ -252,14 +254,14 @@ class Commands:
         self._log_change(session, what, row.id)
         return await self._report(row.id)
 
-    async def _changeable(self, campaign: int,
+    async def _changeable(self, session: ClientSession, campaign: int,
                           refusal: Callable[[CampaignRow], Reply | None]) -> CampaignRow | Reply:
-        """The campaign's row if it exists and its state allows the change (`refusal`
-        finds nothing to say), else the reply to send instead."""
+        """The campaign's row if it exists, the peer may change it and its state allows the
+        change (`refusal` finds nothing to say), else the reply to send instead."""
         row = await self._campaign(campaign)
         if isinstance(row, Error):
             return row
-        return refusal(row) or row
+        return _not_owner(session, row) or refusal(row) or row
 
     # ------------------------------------------------------------ reading
 
@@ -313,8 +315,8 @@ class Commands:
         )
 
     async def settle(self, session: ClientSession, request: Settle) -> Reply:
-        row = await self._campaign(request.campaign)
-        if isinstance(row, Error):
+        row = await self._changeable(session, request.campaign, lambda row: None)
+        if not isinstance(row, CampaignRow):
             return row
         who = session.peer.who
 
@@ -407,6 +409,15 @@ def _within_frame(recipients: list[RecipientInfo]) -> list[RecipientInfo]:
         if size > PAGE_BYTES and count:
             return recipients[:count]
     return recipients
+
+
+def _not_owner(session: ClientSession, row: CampaignRow) -> Reply | None:
+    """A member changes only the campaigns it enqueued; admins change any."""
+    if session.admin or row.owner_uid == session.peer.uid:
+        return None
+    owner = "nobody recorded" if row.owner_uid is None else f"uid {row.owner_uid}"
+    return Error(message=f"permission denied: campaign {row.id} belongs to {owner}; "
+                         f"changing it needs the admin role")
 
 
 def _pausable(row: CampaignRow) -> Reply | None:

@@ -28,8 +28,18 @@ from mailerd.schema.control import (
     Ok,
     Reply,
     Request,
+    SetPacing,
+    SuppressRemove,
 )
 from mailerd.system.log import event
+
+# Requests only admins may make (access.AccessPolicy), and how a refusal names them.
+# Changing another member's campaign is checked in Commands, where the owner is known.
+ADMIN_ONLY: dict[type[Request], str] = {
+    SuppressRemove: "suppress remove",
+    SetPacing: "set",
+    DebugFreeze: "debug-freeze",
+}
 
 IDLE_TIMEOUT = 300.0  # a client that says nothing for this long is dropped
 # Many clients may connect at once (watchers, scripts). asyncio also makes this many
@@ -46,12 +56,13 @@ def _freeze(seconds: float) -> None:
 
 class ControlServer:
     def __init__(self, commands: Commands, path: Path, mode: int, group: str | None = None,
-                 debug_commands: bool = False, inherited: socket.socket | None = None) -> None:
+                 debug_commands: bool = False, inherited: socket.socket | None = None,
+                 admin_group: str | None = None) -> None:
         self.commands = commands
         self.path = path
         self.mode = mode
         self.inherited = inherited  # a listening socket from systemd (activation.py)
-        self.access = AccessPolicy(group)
+        self.access = AccessPolicy(group, admin_group)
         self.debug_commands = debug_commands
         self.server: asyncio.AbstractServer | None = None
         self.clients: set[asyncio.Task[None]] = set()
@@ -126,6 +137,7 @@ class ControlServer:
                               writer: asyncio.StreamWriter) -> None:
         try:
             refusal = await asyncio.to_thread(self.access.refusal, session.peer)  # NSS may block
+            session.admin = await asyncio.to_thread(self.access.is_admin, session.peer)
             if refusal is not None:
                 await self._refuse(session, refusal, reader, writer)
             else:
@@ -195,6 +207,11 @@ class ControlServer:
         handler = self._handlers.get(type(request))
         if handler is None:
             return Error(message=f"unsupported request {type(request).__name__}")
+        if type(request) in ADMIN_ONLY and not session.admin:
+            event("control_denied", logging.WARNING, request=type(request).__name__,
+                  **session.peer.log_fields)
+            return Error(message=f"permission denied: {ADMIN_ONLY[type(request)]} needs the admin "
+                                 f"role ({self.access.admins()})")
         return await handler(session, request)
 
     async def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:

@@ -48,7 +48,7 @@ from mailerd.schema.records import (
     Recovery,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 2 (issue 6): attachments stored once per campaign, the global suppression list.
 _SCHEMA_V2 = """
@@ -66,6 +66,12 @@ CREATE TABLE suppressions (
     detail TEXT,
     added  REAL NOT NULL
 ) WITHOUT ROWID;
+"""
+
+# Version 3 (issue 11): who enqueued each campaign (SO_PEERCRED uid), for the roles on the
+# control socket; campaigns from before it have none and only admins may change them.
+_SCHEMA_V3 = """
+ALTER TABLE campaigns ADD COLUMN owner_uid INTEGER;
 """
 
 _SCHEMA = """
@@ -116,6 +122,9 @@ CREATE TABLE audit (
 );
 """
 
+# (version, what takes a journal from the one before to it); a new journal runs them all
+_MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_V2), (3, _SCHEMA_V3))
+
 UNCERTAIN_AFTER_RESTART = (
     "no reply recorded: the daemon stopped after the final '.' was sent, "
     "the relay may have delivered the message"
@@ -131,6 +140,7 @@ def suppressed_reply(reason: str) -> str:
 
 # Lets a state-only search use recipients_by_state (campaign, state, line) per campaign
 # instead of scanning every recipient: recovery after kill -9 stays instant at 1M rows.
+_CAMPAIGN_COLUMNS = "id, uid, name, state, spec, total, created, updated, owner_uid"
 _EVERY_CAMPAIGN = "campaign IN (SELECT id FROM campaigns)"
 
 
@@ -218,8 +228,8 @@ class Journal:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        new_tables = _SCHEMA_V2 if version == 1 else _SCHEMA + _SCHEMA_V2
-        self._db.executescript(f"BEGIN;{new_tables}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+        steps = "".join(sql for step, sql in _MIGRATIONS if step > version)
+        self._db.executescript(f"BEGIN;{steps}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
 
     def close(self) -> None:
         if self.db is not None:
@@ -258,12 +268,12 @@ class Journal:
 
     # ------------------------------------------------------------ enqueue
 
-    def begin_campaign(self, uid: str, spec: CampaignSpec) -> int:
+    def begin_campaign(self, uid: str, spec: CampaignSpec, owner_uid: int | None = None) -> int:
         now = time.time()
         cursor = self._db.execute(
-            "INSERT INTO campaigns (uid, name, state, spec, created, updated) "
-            "VALUES (?, ?, 'loading', ?, ?, ?)",
-            (uid, spec.name, msgspec.msgpack.encode(spec), now, now),
+            "INSERT INTO campaigns (uid, name, state, spec, created, updated, owner_uid) "
+            "VALUES (?, ?, 'loading', ?, ?, ?, ?)",
+            (uid, spec.name, msgspec.msgpack.encode(spec), now, now, owner_uid),
         )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -311,13 +321,13 @@ class Journal:
 
     def campaign(self, campaign: int) -> CampaignRow | None:
         row = self._db.execute(
-            "SELECT id, uid, name, state, spec, total, created, updated FROM campaigns WHERE id=?",
+            f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns WHERE id=?",
             (campaign,),
         ).fetchone()
         return self._campaign_row(row) if row else None
 
     def campaigns(self, states: tuple[str, ...] | None = None) -> list[CampaignRow]:
-        sql = "SELECT id, uid, name, state, spec, total, created, updated FROM campaigns"
+        sql = f"SELECT {_CAMPAIGN_COLUMNS} FROM campaigns"
         params: tuple[str, ...] = ()
         if states:
             sql += f" WHERE state IN ({','.join('?' * len(states))})"

@@ -115,6 +115,7 @@ class DaemonConfig(Section):
     socket: str | None = None
     socket_mode: int | None = None  # default 0o660 with a socket_group, else 0o600
     socket_group: str | None = None  # members (and root, and our own user) may use the socket
+    admin_group: str | None = None  # members may also change others' campaigns, suppress remove, set
     debug_commands: bool = False  # honour debugging requests such as debug-freeze
     journal_sync: Literal["normal", "full"] = "full"  # "full": a commit survives power loss
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -60,6 +60,7 @@ class CampaignRow(NamedTuple):
     total: int
     created: float
     updated: float
+    owner_uid: int | None = None  # who enqueued it (None: before journal version 3)
 
 
 class Learned(msgspec.Struct, kw_only=True):
