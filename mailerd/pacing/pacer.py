@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from mailerd.pacing.classify import Cause, retry_hint, window_hint
+from mailerd.pacing.classify import Cause, Classifier, PatternConfig, Verdict, retry_hint, window_hint
 from mailerd.config import ServerConfig
 
 HOUR = 3600.0
@@ -78,6 +78,13 @@ class Decision(NamedTuple):
     reply: str | None = None
 
 
+class Reaction(NamedTuple):
+    """A relay's reply as the pacer took it: how it was read, and what changed (if anything)."""
+
+    verdict: Verdict
+    decision: Decision | None
+
+
 def count_since(times: collections.deque[float], since: float) -> int:
     """How many of the (sorted) times are at or after `since`."""
     count = 0
@@ -103,9 +110,11 @@ def window_rate(times: collections.deque[float], now: float, window: float) -> f
 
 class Pacer:
     def __init__(self, name: str, server: ServerConfig, learned: Learned | None = None,
-                 sends: list[float] | None = None) -> None:
+                 sends: list[float] | None = None,
+                 patterns: PatternConfig | None = None) -> None:
         self.name = name
         self.configure(server)
+        self.classifier = Classifier(patterns)
         self.learned = learned or Learned()
         self.starts: collections.deque[float] = collections.deque(sorted(sends or []))
         self.group_count = 0
@@ -122,6 +131,9 @@ class Pacer:
     def configure(self, server: ServerConfig) -> None:
         self.server = server
         self.rate: Rate | None = parse_rate(server.rate) if server.rate else None  # parsed once, used per message
+
+    def set_patterns(self, patterns: PatternConfig) -> None:
+        self.classifier = Classifier(patterns)
 
     def effective_rate(self) -> float | None:
         """Messages per second allowed now: the lower of the set and the learned rate."""
@@ -224,6 +236,15 @@ class Pacer:
             self.changed = True
             decisions.append(Decision("speed up", "rate", self._rate_text()))
         return decisions
+
+    def on_reply(self, stage: str, code: int | None, text: str, now: float) -> Reaction:
+        """The one entry for a relay's reply: classify it by stage and words, act on a limit."""
+        verdict = self.classifier.classify(stage, code, text)
+        decision = None
+        if verdict.cause is not None:
+            reply = text if code is None or text.startswith(str(code)) else f"{code} {text}"
+            decision = self.on_refusal(verdict.cause, reply, now)
+        return Reaction(verdict, decision)
 
     def on_refusal(self, cause: Cause, reply: str, now: float) -> Decision | None:
         """What a refusal of this cause changes; None for a repeat of a burst just acted on."""

@@ -329,19 +329,19 @@ class Worker:
             return
         try:
             mail_from = (campaign.mail_from + b" SMTPUTF8") if smtputf8 else campaign.mail_from
-            code, reply = await self.transaction(job, message, mail_from)
+            stage, code, reply = await self.transaction(job, message, mail_from)
         except SessionLost as lost:
             if self.session_replies == 0:
                 self.unproductive = lost.reason
             result: Result = "uncertain" if lost.after_dot else "requeue"
-            self.send(Done(job.campaign, job.line, result, lost.code, lost.reason))
+            self.send(Done(job.campaign, job.line, result, lost.code, lost.reason, lost.stage))
             self.lose_session(lost)  # reported after the Done it explains
             return
         self.session_replies += 1
         self.failures = 0
         if code == 250:
             self.session_messages += 1
-        self.send(Done(job.campaign, job.line, classify(code), code, reply))
+        self.send(Done(job.campaign, job.line, classify(code), code, reply, stage))
 
     def render(self, job: Job, campaign: Campaign, smtputf8: bool = False) -> bytes:
         if campaign.renderer is None:
@@ -353,9 +353,9 @@ class Worker:
         )
         return message if campaign.signer is None else campaign.signer.sign(message)
 
-    async def transaction(self, job: Job, message: bytes, mail_from: bytes) -> tuple[int, str]:
+    async def transaction(self, job: Job, message: bytes, mail_from: bytes) -> tuple[str, int, str]:
         """Run MAIL..DATA..'.' (`mail_from`: MAIL's argument); return the deciding
-        reply, or raise SessionLost."""
+        reply with the stage it answered, or raise SessionLost."""
         smtp = self.smtp
         assert smtp is not None
         self.state("sending")  # a frame only on the change: the supervisor knows the job
@@ -394,14 +394,14 @@ class Worker:
             raise SessionLost(f"{reply.code} {reply.message}", False, "dot", 421)
         if reply.code != 250:
             self.needs_reset = True
-        return reply.code, reply.message
+        return "dot", reply.code, reply.message
 
-    def refused(self, stage: str, code: int, text: str) -> tuple[int, str]:
+    def refused(self, stage: str, code: int, text: str) -> tuple[str, int, str]:
         """A refusal before the '.': 421 ends the session, anything else needs RSET."""
         if code == 421:
             raise SessionLost(f"{code} {text}", False, stage, code)
         self.needs_reset = True
-        return code, text
+        return stage, code, text
 
     def request_dot(self, job: Job) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
