@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,9 @@ class ServerConfig(Section):
     username: str | None = None
     password_file: str | None = None
     tls_verify: bool = True
+    tls_ca_file: str | None = None  # PEM bundle of the CAs to trust for this relay (private CA)
+    tls_server_name: str | None = None  # the name its certificate must carry (default: host)
+    allow_plaintext_auth: bool = False  # AUTH without TLS (a loopback relay); else a config error
     connections: int = 1
     timeout: Duration = Duration(60)
     helo_name: str | None = None
@@ -231,6 +235,7 @@ def _check_values(config: Config, where: str) -> None:
                             "go together")
         if server.timeout <= 0:
             problems.append(f"servers.{name}.timeout must be positive")
+        problems += [f"servers.{name}{p}" for p in tls_problems(server)]
     if config.delivery.max_attempts < 1:
         problems.append("delivery.max_attempts must be at least 1")
     if config.delivery.retry_max < config.delivery.retry_initial:
@@ -242,6 +247,38 @@ def _check_values(config: Config, where: str) -> None:
             problems.append(f"suppression.bounce_patterns[{i}]: {exc}")
     if problems:
         raise ConfigError(f"{where}: {problems[0]}")
+
+
+def tls_problems(server: ServerConfig) -> list[str]:
+    """TLS trust and AUTH settings that cannot work or would leak the password, as '.key: why'."""
+    problems = []
+    if server.username and server.security == "none" and not server.allow_plaintext_auth:
+        problems.append(': username with security = "none" would send the password in plaintext; '
+                        'use security = "starttls" or "tls" (or allow_plaintext_auth = true for a '
+                        'relay on this host)')
+    for key in ("tls_ca_file", "tls_server_name"):
+        if getattr(server, key) and server.security == "none":
+            problems.append(f'.{key} needs security = "starttls" or "tls"')
+    if server.tls_ca_file and not server.tls_verify:
+        problems.append(".tls_ca_file is not used with tls_verify = false")
+    if server.tls_ca_file:
+        problem = ca_file_problem(os.path.expandvars(server.tls_ca_file))
+        if problem:
+            problems.append(f".tls_ca_file: {problem}")
+    return problems
+
+
+def ca_file_problem(path: str) -> str | None:
+    """Why a PEM bundle cannot be used to verify relays, or None."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        return f"cannot read {path}: no such file"
+    except PermissionError:
+        return f"cannot read {path}: permission denied"
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        return f"{path} is not a PEM bundle of CA certificates ({exc})"
+    return None
 
 
 def server_problems(server: ServerConfig) -> list[str]:

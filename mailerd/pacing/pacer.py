@@ -122,6 +122,7 @@ class Pacer:
         self.pause_reason: str | None = None
         self.last_sessions_signal = 0.0
         self.last_decrease = -math.inf  # one halving per burst of "too many sessions"
+        self.last_raise = -math.inf  # a refusal soon after a raise undoes just that raise
         self.last_rate_signal = 0.0
         self.session_ends: collections.deque[int] = collections.deque(maxlen=SAME_LENGTH_TO_LEARN)
         self.changed = False  # learned state needs saving
@@ -223,7 +224,7 @@ class Pacer:
         learned = self.learned.connections
         if learned and now - self.last_sessions_signal >= clean:
             self.learned.connections = learned + 1 if learned + 1 < self.server.connections else None
-            self.last_sessions_signal = now
+            self.last_sessions_signal = self.last_raise = now
             self.changed = True
             decisions.append(Decision("raise", "too many sessions",
                                       f"connections {self.effective_connections()}"))
@@ -260,7 +261,9 @@ class Pacer:
 
     def on_too_many_sessions(self, reply: str, now: float) -> Decision:
         current = self.effective_connections()
-        self.learned.connections = max(1, current // 2)
+        probing = now - self.last_raise < self.server.clean_period
+        self.learned.connections = max(1, current - 1 if probing else current // 2)
+        self.last_raise = -math.inf
         self.last_sessions_signal = self.last_decrease = now
         self.changed = True
         return Decision("lower", "too many sessions",

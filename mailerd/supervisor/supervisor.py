@@ -54,6 +54,7 @@ TICK = 1.0
 PRUNE_EVERY = 3600.0  # drop send times older than the longest quota window (a day)
 RESPAWN_MAX = 30.0
 CONNECTION_KEYS = ("host", "port", "security", "username", "password_file", "tls_verify",
+                   "tls_ca_file", "tls_server_name", "allow_plaintext_auth",
                    "timeout", "helo_name")
 
 _learned_decoder = msgspec.msgpack.Decoder(Learned)
@@ -375,6 +376,7 @@ class Supervisor:
         now = time.time()
         if ended.stage == "connect":
             server.refused += 1
+            slot.state = "refused"  # until the worker reports its back-off: not chosen as active
             if ended.code:
                 decision = server.pacer.on_reply("connect", ended.code, ended.reply, now).decision
                 if decision is not None:

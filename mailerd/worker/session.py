@@ -36,7 +36,7 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from mailerd import wire
-from mailerd.config import ServerConfig
+from mailerd.worker.connect import greet, smtp_client
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 from mailerd.message.signing import KeyError_, Signer, campaign_signer
 from mailerd.schema.workers import (
@@ -86,21 +86,6 @@ def relay_mailmax(smtp: aiosmtplib.SMTP) -> int:
     """RFC 9422 `LIMITS MAILMAX=n` from the EHLO reply, or 0."""
     match = _MAILMAX.search(smtp.esmtp_extensions.get("limits", ""))
     return int(match[1]) if match else 0
-
-
-def smtp_client(server: ServerConfig, password: str | None) -> aiosmtplib.SMTP:
-    """An unconnected SMTP client for a configured server (the workers' and test-send's)."""
-    return aiosmtplib.SMTP(
-        hostname=server.host,
-        port=server.port,
-        username=server.username,
-        password=password,
-        timeout=server.timeout,
-        use_tls=server.security == "tls",
-        start_tls=server.security == "starttls",
-        validate_certs=server.tls_verify,
-        local_hostname=server.helo_name or socket.gethostname(),
-    )
 
 
 def smtputf8_refusal(sender: str, recipient: str) -> str:
@@ -408,18 +393,6 @@ class Worker:
         self.dot_acks[(job.campaign, job.line)] = future
         self.send(DotRequest(job.campaign, job.line))
         return future
-
-
-async def greet(smtp: aiosmtplib.SMTP) -> None:
-    """EHLO (HELO for old relays) unless STARTTLS or AUTH already did it on connect."""
-    if smtp.last_ehlo_response is not None or smtp.last_helo_response is not None:
-        return
-    try:
-        await smtp.ehlo()
-    except aiosmtplib.SMTPHeloError as exc:
-        if exc.code == 421:
-            raise
-        await smtp.helo()
 
 
 def classify(code: int) -> Result:
