@@ -7,8 +7,10 @@ shared/reference/relay-replies.md or documented by the provider.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
+from conftest import relay_server
 from mailerd.pacing.classify import Cause, Classifier, PatternConfig, Scope, enhanced_code, \
     retry_hint, validate_patterns, window_hint
 from mailerd.pacing.pacer import Pacer
@@ -195,3 +197,33 @@ def test_the_pacer_takes_a_reply_once_and_decides():
     session = pacer.on_reply("connect", 421, "421 4.7.0 x Error: too many connections from y", 1000.0)
     assert session.decision is not None and pacer.effective_connections() == 2
     assert pacer.on_reply("rcpt", 550, "5.1.1 unknown user", 1000.0).decision is None
+
+
+def test_explain_through_a_real_daemon_uses_its_configured_patterns(tmp_path, relay_factory,
+                                                                    daemon_factory):
+    daemon = daemon_factory({"isp": relay_server(relay_factory())})
+    daemon.config.write_text(daemon.config.read_text() + '[patterns]\nrate = ["#TR-\\\\d+"]\n')
+    daemon.start()
+
+    postfix = daemon.ctl("explain", "450 4.7.1 Error: too much mail from 192.0.2.1", "--stage", "mail")
+    assert "at mail: account, rate" in postfix.stdout
+    assert "no attempt counted" in postfix.stdout and "slow this server" in postfix.stdout
+    assert "postfix 3.7 smtpd" in postfix.stdout  # the wording's source
+
+    custom = msgspec.json.decode(daemon.ctl("explain", "451 busy #TR-17", "--stage", "dot",
+                                            "--json").stdout)
+    assert custom["code"] == 451
+    [reading] = custom["readings"]
+    assert (reading["scope"], reading["cause"], reading["source"]) == \
+        ("account", "rate", "[patterns] in the config")
+
+    busy = daemon.ctl("explain", "450 4.2.0 <a@example.com>: mailbox busy", "--stage", "rcpt")
+    assert "at rcpt: recipient:" in busy.stdout and "an attempt counted" in busy.stdout
+
+    every = daemon.ctl("explain", "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred")
+    assert [line.split(":")[0] for line in every.stdout.splitlines() if line.startswith("at ")] == \
+        ["at connect", "at mail", "at rcpt", "at data", "at dot"]
+
+    no_code = daemon.ctl("explain", "too many connections", check=False)
+    assert no_code.returncode == 1 and "with its code" in no_code.stderr
+    assert "Traceback" not in no_code.stderr

@@ -47,6 +47,8 @@ from mailerd.schema.control import (
     SuppressRemove,
     TestSend,
 )
+from mailerd.schema.control import Explain
+from mailerd.pacing.explain import explain_reply
 from mailerd.control import suppression
 from mailerd.control import testsend
 from mailerd.supervisor.supervisor import Supervisor
@@ -166,6 +168,10 @@ class Commands:
         event("test_send", **session.peer.log_fields,
               smtp_code=getattr(reply, "code", None), error=getattr(reply, "message", None))
         return reply
+
+    async def explain(self, request: Explain) -> Reply:
+        """How the configured patterns read a relay's reply (nothing changes)."""
+        return explain_reply(request, self.config.patterns)
 
     async def export_recipients(self, request: ExportRecipients) -> Reply:
         limit = max(1, min(request.limit, 20_000))

@@ -44,6 +44,7 @@ from mailerd.schema.control import (
     Report,
     Request,
     Plan,
+    Explain,
     Resume,
     SetPacing,
     Settle,
@@ -211,6 +212,8 @@ class ControlServer:
                 return await commands.export_recipients(request)
             case DebugFreeze():
                 return self._debug_freeze(session, request)
+            case Explain():
+                return await commands.explain(request)
         return Error(message=f"unsupported request {type(request).__name__}")
 
     def _debug_freeze(self, session: ClientSession, request: DebugFreeze) -> Reply:

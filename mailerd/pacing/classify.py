@@ -171,6 +171,15 @@ class Classifier:
                        "being held back")
 
 
+_REPLY = re.compile(r"^\s*([2-5]\d\d)(?:[ -]|$)\s*(.*)$", re.DOTALL)
+
+
+def split_reply(reply: str) -> tuple[int, str] | None:
+    """'450 4.7.1 too much mail' -> (450, '4.7.1 too much mail'); None without a code."""
+    match = _REPLY.match(reply)
+    return (int(match[1]), match[2].strip()) if match else None
+
+
 def retry_hint(text: str) -> float | None:
     """Seconds from a reply such as '422 try again in 15 seconds'."""
     match = _HINT.search(text)

@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from mailerd.pacing.classify import Cause, Classifier, PatternConfig, Verdict, retry_hint, window_hint
+from mailerd.pacing.classify import Cause, Classifier, PatternConfig, Scope, Verdict, retry_hint, \
+    window_hint
 from mailerd.config import ServerConfig
 
 HOUR = 3600.0
@@ -83,6 +84,39 @@ class Reaction(NamedTuple):
 
     verdict: Verdict
     decision: Decision | None
+
+
+_NOT_CHARGED = "not the recipient's fault: no attempt counted, it goes back to the queue " \
+    "(another server of the campaign may take it)"
+_LIMIT_ACTIONS = {
+    Cause.SESSIONS: "halve this server's sessions (never below 1; a refusal right after a raise "
+                    "undoes only that raise), one more after each clean_period without refusals",
+    Cause.RATE: "slow this server to 70 % of its recent rate and pause ({pause}), "
+                "10 % faster after each clean_period without refusals",
+    Cause.QUOTA: "park this server until the {window} reopens (counted from the journal's send "
+                 "times), else for quota_cooloff, doubling; it resumes by itself",
+    Cause.SESSION_LENGTH: "learn how many messages a session carries here and close sessions "
+                          "after that many",
+}
+
+
+def action_for(verdict: Verdict, reply: str) -> str:
+    """What mailerd does on a reply read as `verdict` (for `mailerctl explain`)."""
+    if verdict.scope is Scope.NONE:
+        return "nothing: not a refusal"
+    if verdict.scope is Scope.RECIPIENT:
+        if verdict.code is not None and verdict.code >= 500:
+            return "fail this recipient, keeping the reply (and suppress it if it matches " \
+                   "bounce_patterns)"
+        return "defer this recipient: an attempt counted, retried after retry_initial " \
+               "(doubling up to retry_max), failed after max_attempts"
+    if verdict.cause is None:
+        return f"{_NOT_CHARGED}; the session is closed, and its drops are learned from"
+    hint = retry_hint(reply)
+    window = {DAY: "day", HOUR: "hour"}.get(window_hint(reply) or 0.0, "quota window")
+    action = _LIMIT_ACTIONS[verdict.cause].format(
+        pause=f"{hint:g}s, the relay's hint" if hint else f"{RATE_PAUSE:g}s", window=window)
+    return f"{_NOT_CHARGED}; {action}"
 
 
 def count_since(times: collections.deque[float], since: float) -> int:
