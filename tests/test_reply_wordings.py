@@ -227,3 +227,14 @@ def test_explain_through_a_real_daemon_uses_its_configured_patterns(tmp_path, re
     no_code = daemon.ctl("explain", "too many connections", check=False)
     assert no_code.returncode == 1 and "with its code" in no_code.stderr
     assert "Traceback" not in no_code.stderr
+
+
+def test_a_refused_probe_for_one_more_session_undoes_only_that_step():
+    pacer = Pacer("isp", ServerConfig(connections=4, clean_period=60))
+    refusal = "421 4.7.0 relay.test Error: too many connections from 127.0.0.1"
+    pacer.on_reply("connect", 421, refusal, 1000.0)
+    assert pacer.effective_connections() == 2
+    pacer.tick(1061.0)  # a clean period later: try one more
+    assert pacer.effective_connections() == 3
+    pacer.on_reply("connect", 421, refusal, 1062.0)
+    assert pacer.effective_connections() == 2  # not 3 // 2 == 1

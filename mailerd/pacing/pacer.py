@@ -6,9 +6,12 @@ session may carry (`messages_per_connection`). It is pure logic on a clock passe
 in, so it can be tested without a relay. The supervisor asks it before handing a
 recipient to a worker, which is the one place every server's traffic passes.
 
-Signals it learns from, and what each does:
-  too many sessions -> halve the effective connections (never below 1); +1 again
-                       after `clean_period` without that signal (never above `connections`)
+Every relay reply comes in once, through `on_reply(stage, code, text)`: the pacer's
+Classifier reads it with its stage (classify.py) and the pacer acts on the limit it
+names. Signals it learns from, and what each does:
+  too many sessions -> halve the effective connections (never below 1; a refusal within
+                       `clean_period` of a raise undoes only that raise); +1 again after
+                       `clean_period` without that signal (never above `connections`)
   session length    -> the same count of messages twice before a drop: rotate at it
   rate              -> slow down to 70 % of the recent rate, pause briefly
   quota             -> park until the quota window reopens, or an exponential cool-off
