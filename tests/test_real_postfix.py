@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_campaign, write_config
+from conftest import write_config
 from mailerd.testing.relay import FakeRelay
 from mailerd.testing.waiting import wait_until
 from postfix import TLS_NAME, PrivatePostfix, missing
