@@ -82,6 +82,7 @@ def make_test_ca(directory: Path, name: str = TLS_NAME) -> tuple[Path, Path, Pat
 
 MASTER_CF = """\
 {listen} inet n - n - - smtpd
+{listen_tls} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n -  0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -146,7 +147,8 @@ class PrivatePostfix:
         self.base = Path(tempfile.mkdtemp(prefix="mailerd-postfix-", dir="/var/tmp"))
         self.base.chmod(0o755)  # postfix and dovecot users must reach their files
         self.conf = self.base / "conf"
-        self.port = free_port()
+        self.port = free_port()  # SMTP with STARTTLS
+        self.tls_port = free_port()  # implicit TLS (smtpd_tls_wrappermode)
         self.relayhost_port = relayhost_port
         self.settings = settings or {}
         self.recipient_access = recipient_access or {}
@@ -206,7 +208,8 @@ class PrivatePostfix:
             (self.base / sub).mkdir(parents=True)
         self.ca_file, cert, key = make_test_ca(self.base / "tls")
         (self.conf / "main.cf").write_text(self._main_cf(cert, key))
-        (self.conf / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.conf / "master.cf").write_text(MASTER_CF.format(
+            listen=f"127.0.0.1:{self.port}", listen_tls=f"127.0.0.1:{self.tls_port}"))
         (self.conf / "recipient_access").write_text(
             "".join(f"{address} {reply}\n" for address, reply in self.recipient_access.items()))
         self._start_dovecot()

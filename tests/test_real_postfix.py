@@ -153,3 +153,15 @@ def test_a_bad_ca_file_is_named(tmp_path):
     assert junk.returncode != 0 and "not a PEM bundle" in junk.stderr
     no_tls = check_config(tmp_path, {"host": "127.0.0.1", "tls_server_name": "relay.test"})
     assert no_tls.returncode != 0 and "servers.isp.tls_server_name" in no_tls.stderr
+
+
+@needs_postfix
+def test_implicit_tls_checked_against_tls_server_name(tmp_path, sink, postfix, daemon_factory):
+    daemon = daemon_factory({"smtps": postfix_server(postfix, tmp_path, security="tls",
+                                                     port=postfix.tls_port, connections=1)}).start()
+    cid = daemon.send_campaign(tmp_path / "c", 5)
+    daemon.wait_done(cid, timeout=60)
+    assert daemon.report(cid).counts.sent == 5
+    wait_until(lambda: len(sink.count_by_rcpt()) == 5, 30, "Postfix to relay the 5 messages")
+    assert set(sink.count_by_rcpt().values()) == {1}
+    assert postfix.count(f"sasl_username={USER}") >= 1
