@@ -97,6 +97,11 @@ class Verdict(NamedTuple):
     def charges_recipient(self) -> bool:
         return self.scope is Scope.RECIPIENT
 
+    @property
+    def spares_recipient(self) -> bool:
+        """About the account or the session: the recipient goes back, no attempt counted."""
+        return self.scope is Scope.ACCOUNT
+
 
 def enhanced_code(text: str) -> str | None:
     match = _ENHANCED.search(text)

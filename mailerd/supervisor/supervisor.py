@@ -418,7 +418,7 @@ class Supervisor:
         if reaction is not None and reaction.decision is not None:
             self._decided(server, reaction.decision)
         if done.result == "requeue" or (reaction is not None and done.result != "uncertain"
-                                        and not reaction.verdict.charges_recipient):
+                                        and reaction.verdict.spares_recipient):
             # the relay's limit or the session's trouble, not the recipient's fault: no attempt
             self._requeue(run, claimed, done)
         else:
