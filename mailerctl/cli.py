@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Callable, Iterator
 
+import msgspec
+
 from mailerd import wire
 from mailerd.schema.control import (
     COUNTED_STATES,
@@ -22,6 +24,8 @@ from mailerd.schema.control import (
     Cancel,
     CampaignReport,
     DebugFreeze,
+    Explain,
+    Explained,
     Enqueued,
     EnqueueBegin,
     EnqueueCommit,
@@ -114,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     # hidden: only a daemon with [daemon] debug_commands = true honours it
     p = sub.add_parser("debug-freeze")
     p.add_argument("seconds", type=float)
+
+    p = sub.add_parser("explain", help="how mailerd reads a relay's reply, and what it would do")
+    p.add_argument("reply", metavar="'REPLY TEXT'", help="the reply with its code, e.g. "
+                   "'450 4.7.1 Error: too much mail from 192.0.2.1'")
+    p.add_argument("--stage", choices=("connect", "mail", "rcpt", "data", "dot"),
+                   help="the command it answered (default: show every stage)")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("watch", help="live progress until the campaign is done")
     p.add_argument("id", type=int)
@@ -323,6 +334,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return _query(args, Plan(campaign=args.id), output.plan_json, output.plan_text)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    return _query(args, Explain(reply=args.reply, stage=args.stage), _explained_json,
+                  _explained_text)
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
+
+
+def _explained_json(explained: Explained) -> dict[str, object]:
+    data = msgspec.to_builtins(explained)
+    data.pop("kind", None)
+    return data
+
+
+def _explained_text(explained: Explained) -> str:
+    code = f" (RFC 3463 {explained.enhanced})" if explained.enhanced else ""
+    lines = [f"reply: {explained.code} {_printable(explained.text)}{code}"]
+    for r in explained.readings:
+        about = f"{r.scope}, {r.cause}" if r.cause else r.scope
+        lines.append(f"at {r.stage}: {about}: {r.reason}")
+        if r.pattern:
+            lines.append(f"  matched {r.pattern!r} ({_printable(r.source or '')})")
+        lines.append(f"  mailerd would: {r.action}")
+    return "\n".join(lines)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     view = output.WatchView(sys.stdout)
     with connect(args) as client:
@@ -351,6 +389,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "watch": cmd_watch,
     "set": cmd_set,
     "plan": cmd_plan,
+    "explain": cmd_explain,
     "settle": cmd_settle,
     "debug-freeze": cmd_debug_freeze,
     "preview": messages.cmd_preview,

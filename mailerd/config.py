@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         path=str(path) if path else None,
     )
     _check_groups(config, where)
+    _check_ca_files(config, where)
     return config
 
 
@@ -109,6 +111,28 @@ def _check_groups(config: Config, where: str) -> None:
             resolve_group(name)
         except ValueError as exc:
             raise ConfigError(f"{where}: key daemon.{key}: {exc}") from None
+
+
+def _check_ca_files(config: Config, where: str) -> None:
+    """Each server's tls_ca_file is read now, so a bad one is a config error, not a failed send."""
+    for name, server in config.servers.items():
+        if server.tls_ca_file:
+            problem = ca_file_problem(os.path.expandvars(server.tls_ca_file))
+            if problem:
+                raise ConfigError(f"{where}: key servers.{name}.tls_ca_file: {problem}")
+
+
+def ca_file_problem(path: str) -> str | None:
+    """Why a PEM bundle cannot be used to verify relays, or None."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        return f"cannot read {path}: no such file"
+    except PermissionError:
+        return f"cannot read {path}: permission denied"
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        return f"{path} is not a PEM bundle of CA certificates ({exc})"
+    return None
 
 
 def resolve_group(name: str) -> int:

@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
+# tests/test_real_postfix.py: a private Postfix with Dovecot's SASL auth and a test CA (openssl).
+# They are installed unconfigured and never started as system services.
+APT_PACKAGES+=(postfix dovecot-core openssl)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -13,6 +16,14 @@ done
 if ((${#missing[@]})); then
     SUDO=""
     [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    # keep the packages' services from starting: the tests run their own private instances
+    POLICY=/usr/sbin/policy-rc.d
+    if [[ ! -e $POLICY ]]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee $POLICY >/dev/null
+        $SUDO chmod 755 $POLICY
+        trap "$SUDO rm -f $POLICY" EXIT
+    fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

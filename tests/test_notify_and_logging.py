@@ -334,6 +334,7 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory,
         {"relay": relay_server(relay, connections=2),
          # only there to make the daemon read a password; nothing is sent through it
          "other": {"host": "127.0.0.1", "port": 9, "username": "me", "connections": 1,
+                   "security": "starttls",
                    "password_file": str(tmp_path / "secret")}},
         env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
         stderr=stream_daemons,

@@ -96,6 +96,7 @@ timeout = "5s"
 [servers.auth]
 host = "127.0.0.1"
 port = 1
+security = "starttls"
 username = "me"
 password_file = "$CREDENTIALS_DIRECTORY/relay_auth"
 connections = 1

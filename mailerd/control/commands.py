@@ -36,6 +36,7 @@ from mailerd.schema.control import (
     EnqueueCommit,
     EnqueueRows,
     Error,
+    Explain,
     ExportRecipients,
     ListCampaigns,
     Ok,
@@ -55,6 +56,7 @@ from mailerd.schema.control import (
     SuppressRemove,
     TestSend,
 )
+from mailerd.pacing.explain import explain_reply
 from mailerd.supervisor.supervisor import Supervisor
 from mailerd.system.log import event
 
@@ -108,6 +110,7 @@ class Commands:
             SuppressRemove: self.suppress_remove,
             SuppressList: self.suppress_list,
             TestSend: self.test_send,
+            Explain: self.explain,
         }
 
     @property
@@ -194,6 +197,10 @@ class Commands:
         event("test_send", **session.peer.log_fields,
               smtp_code=getattr(reply, "code", None), error=getattr(reply, "message", None))
         return reply
+
+    async def explain(self, session: ClientSession, request: Explain) -> Reply:
+        """How the configured patterns read a relay's reply (nothing changes)."""
+        return explain_reply(request, self.config.patterns)
 
     async def export_recipients(self, session: ClientSession, request: ExportRecipients) -> Reply:
         limit = _page_limit(request.limit)

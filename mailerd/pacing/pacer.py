@@ -6,9 +6,12 @@ session may carry (`messages_per_connection`). It is pure logic on a clock passe
 in, so it can be tested without a relay. The supervisor asks it before handing a
 recipient to a worker, which is the one place every server's traffic passes.
 
-Signals it learns from, and what each does:
-  too many sessions -> halve the effective connections (never below 1); +1 again
-                       after `clean_period` without that signal (never above `connections`)
+Every relay reply comes in once, through `on_reply(stage, code, text)`: the pacer's
+Classifier reads it with its stage (classify.py) and the pacer acts on the limit it
+names. Signals it learns from, and what each does:
+  too many sessions -> halve the effective connections (never below 1; a refusal within
+                       `clean_period` of a raise undoes only that raise); +1 again after
+                       `clean_period` without that signal (never above `connections`)
   session length    -> the same count of messages twice before a drop: rotate at it
   rate              -> slow down to 70 % of the recent rate, pause briefly
   quota             -> park until the quota window reopens, or an exponential cool-off
@@ -22,8 +25,8 @@ import collections
 import math
 from typing import NamedTuple
 
-from mailerd.pacing.classify import Cause, retry_hint, window_hint
-from mailerd.schema.config import Rate, ServerConfig, parse_rate
+from mailerd.pacing.classify import Cause, Classifier, Scope, Verdict, retry_hint, window_hint
+from mailerd.schema.config import PatternConfig, Rate, ServerConfig, parse_rate
 from mailerd.schema.records import Learned
 
 HOUR = 3600.0
@@ -42,6 +45,46 @@ class Decision(NamedTuple):
     cause: str
     detail: str
     reply: str | None = None
+
+
+class Reaction(NamedTuple):
+    """A relay's reply as the pacer took it: how it was read, and what changed (if anything)."""
+
+    verdict: Verdict
+    decision: Decision | None
+
+
+_NOT_CHARGED = "not the recipient's fault: no attempt counted, it goes back to the queue " \
+    "(another server of the campaign may take it)"
+_LIMIT_ACTIONS = {
+    Cause.SESSIONS: "halve this server's sessions (never below 1; a refusal right after a raise "
+                    "undoes only that raise), one more after each clean_period without refusals",
+    Cause.RATE: "slow this server to 70 % of its recent rate and pause ({pause}), "
+                "10 % faster after each clean_period without refusals",
+    Cause.QUOTA: "park this server until the {window} reopens (counted from the journal's send "
+                 "times), else for quota_cooloff, doubling; it resumes by itself",
+    Cause.SESSION_LENGTH: "learn how many messages a session carries here and close sessions "
+                          "after that many",
+}
+
+
+def action_for(verdict: Verdict, reply: str) -> str:
+    """What mailerd does on a reply read as `verdict` (for `mailerctl explain`)."""
+    if verdict.scope is Scope.NONE:
+        return "nothing: not a refusal"
+    if verdict.scope is Scope.RECIPIENT:
+        if verdict.code is not None and verdict.code >= 500:
+            return "fail this recipient, keeping the reply (and suppress it if it matches " \
+                   "bounce_patterns)"
+        return "defer this recipient: an attempt counted, retried after retry_initial " \
+               "(doubling up to retry_max), failed after max_attempts"
+    if verdict.cause is None:
+        return f"{_NOT_CHARGED}; the session is closed, and its drops are learned from"
+    hint = retry_hint(reply)
+    window = {DAY: "day", HOUR: "hour"}.get(window_hint(reply) or 0.0, "quota window")
+    action = _LIMIT_ACTIONS[verdict.cause].format(
+        pause=f"{hint:g}s, the relay's hint" if hint else f"{RATE_PAUSE:g}s", window=window)
+    return f"{_NOT_CHARGED}; {action}"
 
 
 def count_since(times: collections.deque[float], since: float) -> int:
@@ -69,9 +112,11 @@ def window_rate(times: collections.deque[float], now: float, window: float) -> f
 
 class Pacer:
     def __init__(self, name: str, server: ServerConfig, learned: Learned | None = None,
-                 sends: list[float] | None = None) -> None:
+                 sends: list[float] | None = None,
+                 patterns: PatternConfig | None = None) -> None:
         self.name = name
         self.configure(server)
+        self.classifier = Classifier(patterns)
         self.learned = learned or Learned()
         self.starts: collections.deque[float] = collections.deque(sorted(sends or []))
         self.group_count = 0
@@ -79,6 +124,7 @@ class Pacer:
         self.pause_reason: str | None = None
         self.last_sessions_signal = 0.0
         self.last_decrease = -math.inf  # one halving per burst of "too many sessions"
+        self.last_raise = -math.inf  # a refusal soon after a raise undoes just that raise
         self.last_rate_signal = 0.0
         self.session_ends: collections.deque[int] = collections.deque(maxlen=SAME_LENGTH_TO_LEARN)
         self.changed = False  # learned state needs saving
@@ -88,6 +134,9 @@ class Pacer:
     def configure(self, server: ServerConfig) -> None:
         self.server = server
         self.rate: Rate | None = parse_rate(server.rate) if server.rate else None  # parsed once, used per message
+
+    def set_patterns(self, patterns: PatternConfig) -> None:
+        self.classifier = Classifier(patterns)
 
     def effective_rate(self) -> float | None:
         """Messages per second allowed now: the lower of the set and the learned rate."""
@@ -177,7 +226,7 @@ class Pacer:
         learned = self.learned.connections
         if learned and now - self.last_sessions_signal >= clean:
             self.learned.connections = learned + 1 if learned + 1 < self.server.connections else None
-            self.last_sessions_signal = now
+            self.last_sessions_signal = self.last_raise = now
             self.changed = True
             decisions.append(Decision("raise", "too many sessions",
                                       f"connections {self.effective_connections()}"))
@@ -190,6 +239,15 @@ class Pacer:
             self.changed = True
             decisions.append(Decision("speed up", "rate", self._rate_text()))
         return decisions
+
+    def on_reply(self, stage: str, code: int | None, text: str, now: float) -> Reaction:
+        """The one entry for a relay's reply: classify it by stage and words, act on a limit."""
+        verdict = self.classifier.classify(stage, code, text)
+        decision = None
+        if verdict.cause is not None:
+            reply = text if code is None or text.startswith(str(code)) else f"{code} {text}"
+            decision = self.on_refusal(verdict.cause, reply, now)
+        return Reaction(verdict, decision)
 
     def on_refusal(self, cause: Cause, reply: str, now: float) -> Decision | None:
         """What a refusal of this cause changes; None for a repeat of a burst just acted on."""
@@ -205,7 +263,9 @@ class Pacer:
 
     def on_too_many_sessions(self, reply: str, now: float) -> Decision:
         current = self.effective_connections()
-        self.learned.connections = max(1, current // 2)
+        probing = now - self.last_raise < self.server.clean_period
+        self.learned.connections = max(1, current - 1 if probing else current // 2)
+        self.last_raise = -math.inf
         self.last_sessions_signal = self.last_decrease = now
         self.changed = True
         return Decision("lower", "too many sessions",

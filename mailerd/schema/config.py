@@ -145,6 +145,9 @@ class ServerConfig(Section):
     username: str | None = None
     password_file: str | None = None
     tls_verify: bool = True
+    tls_ca_file: str | None = None  # PEM bundle of the CAs to trust for this relay (private CA)
+    tls_server_name: str | None = None  # the name its certificate must carry (default: host)
+    allow_plaintext_auth: bool = False  # AUTH without TLS (a loopback relay); else a config error
     connections: Annotated[int, Meta(ge=1, le=256)] = 1
     timeout: Duration = Duration(60)
     helo_name: str | None = None
@@ -179,6 +182,19 @@ class ServerConfig(Section):
         dkim_keys = (self.dkim_domain, self.dkim_selector, self.dkim_key_file)
         if any(dkim_keys) and not all(dkim_keys):
             raise problem("dkim_domain", "dkim_domain, dkim_selector and dkim_key_file go together")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """TLS trust and AUTH settings that cannot work or would leak the password."""
+        if self.username and self.security == "none" and not self.allow_plaintext_auth:
+            raise problem("username", 'with security = "none" the password would go in plaintext; '
+                          'use security = "starttls" or "tls" (or allow_plaintext_auth = true '
+                          'for a relay on this host)')
+        for key in ("tls_ca_file", "tls_server_name"):
+            if getattr(self, key) and self.security == "none":
+                raise problem(key, 'needs security = "starttls" or "tls"')
+        if self.tls_ca_file and not self.tls_verify:
+            raise problem("tls_ca_file", "is not used with tls_verify = false")
 
 
 PACING_KEYS = (

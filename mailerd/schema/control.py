@@ -210,10 +210,18 @@ class ExportRecipients(Request):
     limit: int = 5000
 
 
+class Explain(Request):
+    """How mailerd would read a relay's reply (`mailerctl explain`)."""
+
+    reply: str  # with its code: "450 4.7.1 Error: too much mail from 192.0.2.1"
+    stage: str | None = None  # connect | mail | rcpt | data | dot; None: every stage
+
+
 AnyRequest = (
     EnqueueBegin | EnqueueRows | EnqueueCommit | Pause | Resume | Cancel | Status | Report
     | ListCampaigns | SetPacing | Plan | Settle | DebugFreeze
     | EnqueueAttachment | SuppressAdd | SuppressRemove | SuppressList | TestSend | ExportRecipients
+    | Explain
 )
 
 # ---------------------------------------------------------------- replies
@@ -374,7 +382,26 @@ class RecipientPage(Reply):
     next_line: int | None  # pass as after_line for the next page; None: that was all
 
 
+class StageReading(msgspec.Struct, kw_only=True):
+    """A reply read as the answer to one stage, and what mailerd would do about it."""
+
+    stage: str
+    scope: str  # account | recipient | none
+    cause: str | None  # the relay limit it names: too many sessions, rate, quota, session length
+    reason: str
+    pattern: str | None  # the wording that matched, and where it comes from
+    source: str | None
+    action: str
+
+
+class Explained(Reply):
+    code: int
+    text: str
+    enhanced: str | None  # RFC 3463 code found in the text
+    readings: list[StageReading]
+
+
 AnyReply = (
     Error | Ok | Enqueued | RowsAccepted | CampaignReport | CampaignList | DaemonStatus
-    | CampaignPlan | SuppressResult | SuppressionPage | TestSent | RecipientPage
+    | CampaignPlan | SuppressResult | SuppressionPage | TestSent | RecipientPage | Explained
 )

@@ -112,6 +112,7 @@ class Done(FromWorker):
     result: Result
     code: int | None
     reply: str
+    stage: str = ""  # the command the reply answered: connect | mail | rcpt | data | dot ("": none)
 
 
 class Released(FromWorker):

@@ -86,10 +86,11 @@ class ServerRun:
         return 1 if paced else PREFETCH
 
     def choose_active(self) -> set[int]:
-        """The slots allowed to hold a session: live sessions first, then by number."""
+        """The slots allowed to hold a session: live sessions first, then those not just
+        refused (a session still in STARTTLS/AUTH is not yet `connected`), then by number."""
         wanted = self.pacer.effective_connections()
         candidates = [s for s in self.slots if not s.retired]
-        candidates.sort(key=lambda s: (not s.connected, s.slot))
+        candidates.sort(key=lambda s: (not s.connected, s.state in ("refused", "backoff"), s.slot))
         self.active = {s.slot for s in candidates[:wanted]}
         return self.active
 

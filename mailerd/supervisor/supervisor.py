@@ -21,7 +21,7 @@ import msgspec
 
 from mailerd import wire
 from mailerd.supervisor.campaignrun import CampaignRun
-from mailerd.pacing.classify import Cause, Classifier
+from mailerd.pacing.classify import Cause
 from mailerd.journal.committer import Committer, JournalWriteError
 from mailerd.config import ConfigError, apply_setting, read_password
 from mailerd.schema.config import Config, ServerConfig
@@ -56,6 +56,7 @@ TICK = 1.0
 PRUNE_EVERY = 3600.0  # drop send times older than the longest quota window (a day)
 RESPAWN_MAX = 30.0
 CONNECTION_KEYS = ("host", "port", "security", "username", "password_file", "tls_verify",
+                   "tls_ca_file", "tls_server_name", "allow_plaintext_auth",
                    "timeout", "helo_name")
 
 _learned_decoder = msgspec.msgpack.Decoder(Learned)
@@ -67,7 +68,6 @@ class Supervisor:
         self.config = config
         self.journal = journal
         self.committer = committer
-        self.classifier = Classifier(config.patterns)
         journal.bounce_rule = bounce_rule(config.suppression)  # 5xx "no such user" -> suppressed
         self.campaigns: dict[int, CampaignRun] = {}
         self.servers: dict[str, ServerRun] = {}
@@ -148,7 +148,7 @@ class Supervisor:
         overrides = _overrides_decoder.decode(overrides_blob) if overrides_blob else {}
         config = self._with_overrides(name, config, overrides)
         sends = await self.committer.read(self.journal.sends_since, name, time.time() - DAY)
-        server = ServerRun(name, config, Pacer(name, config, learned, sends))
+        server = ServerRun(name, config, Pacer(name, config, learned, sends, self.config.patterns))
         server.overrides = overrides
         self.servers[name] = server
         self._resize(server)
@@ -223,7 +223,6 @@ class Supervisor:
     async def reload(self, config: Config) -> None:
         """SIGHUP: the config file is the truth again; run-time settings are dropped."""
         self.config = config
-        self.classifier = Classifier(config.patterns)
         self.journal.bounce_rule = bounce_rule(config.suppression)
         for name, server_config in config.servers.items():
             if name not in self.servers:
@@ -231,6 +230,7 @@ class Supervisor:
                 await self._add_server(name, server_config)
                 continue
             server = self.servers[name]
+            server.pacer.set_patterns(config.patterns)
             if server.overrides:
                 server.overrides = {}
                 await self.committer.run(self.journal.save_overrides, name, None)
@@ -378,11 +378,11 @@ class Supervisor:
         now = time.time()
         if ended.stage == "connect":
             server.refused += 1
-            cause = self.classifier.classify(ended.code, ended.reply) if ended.code else None
-            if cause is None and ended.code in (421, 432):
-                cause = Cause.SESSIONS  # refused at the greeting
-            if cause is not None:
-                self._pacing_signal(server, cause, ended.reply, now)
+            slot.state = "refused"  # until the worker reports its back-off: not chosen as active
+            if ended.code:
+                decision = server.pacer.on_reply("connect", ended.code, ended.reply, now).decision
+                if decision is not None:
+                    self._decided(server, decision)
             return
         if ended.dropped:
             server.drops += 1
@@ -400,11 +400,6 @@ class Supervisor:
         if decision is not None:
             self._decided(server, decision)
 
-    def _pacing_signal(self, server: ServerRun, cause: Cause, reply: str, now: float) -> None:
-        decision = server.pacer.on_refusal(cause, reply, now)
-        if decision is not None:
-            self._decided(server, decision)
-
     def _decided(self, server: ServerRun, decision: Decision) -> None:
         self._log_decision(server, decision)
         self._apply_pacing(server)
@@ -419,22 +414,18 @@ class Supervisor:
         server = self.servers[slot.server_name]
         claimed = slot.jobs.pop((done.campaign, done.line), None)
         run = self.campaigns.get(done.campaign)
-        cause = self._refusal_cause(done)
-        slot.refusal = cause
-        if cause is not None:
-            # the relay's limit, not the recipient's fault: no attempt counted
-            self._pacing_signal(server, cause, f"{done.code} {done.reply}", time.time())
-            self._requeue(run, claimed, done)
-        elif done.result == "requeue":
+        reaction = None if done.result == "sent" or done.code is None else \
+            server.pacer.on_reply(done.stage, done.code, done.reply, time.time())
+        slot.refusal = reaction.verdict.cause if reaction else None
+        if reaction is not None and reaction.decision is not None:
+            self._decided(server, reaction.decision)
+        if done.result == "requeue" or (reaction is not None and done.result != "uncertain"
+                                        and reaction.verdict.spares_recipient):
+            # the relay's limit or the session's trouble, not the recipient's fault: no attempt
             self._requeue(run, claimed, done)
         else:
             self._record(slot, run, claimed, done)
         self.kick()
-
-    def _refusal_cause(self, done: Done) -> Cause | None:
-        if done.result == "sent" or done.code is None:
-            return None
-        return self.classifier.classify(done.code, done.reply)
 
     def _record(self, slot: WorkerSlot, run: CampaignRun | None, claimed: Claimed | None,
                 done: Done) -> None:

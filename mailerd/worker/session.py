@@ -37,6 +37,7 @@ except ImportError:
 
 from mailerd import wire
 from mailerd.schema.config import ServerConfig
+from mailerd.worker.connect import greet, smtp_client
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 from mailerd.message.signing import KeyError_, Signer, campaign_signer
 from mailerd.schema.workers import (
@@ -86,21 +87,6 @@ def relay_mailmax(smtp: aiosmtplib.SMTP) -> int:
     """RFC 9422 `LIMITS MAILMAX=n` from the EHLO reply, or 0."""
     match = _MAILMAX.search(smtp.esmtp_extensions.get("limits", ""))
     return int(match[1]) if match else 0
-
-
-def smtp_client(server: ServerConfig, password: str | None) -> aiosmtplib.SMTP:
-    """An unconnected SMTP client for a configured server (the workers' and test-send's)."""
-    return aiosmtplib.SMTP(
-        hostname=server.host,
-        port=server.port,
-        username=server.username,
-        password=password,
-        timeout=server.timeout,
-        use_tls=server.security == "tls",
-        start_tls=server.security == "starttls",
-        validate_certs=server.tls_verify,
-        local_hostname=server.helo_name or socket.gethostname(),
-    )
 
 
 def smtputf8_refusal(sender: str, recipient: str) -> str:
@@ -329,19 +315,19 @@ class Worker:
             return
         try:
             mail_from = (campaign.mail_from + b" SMTPUTF8") if smtputf8 else campaign.mail_from
-            code, reply = await self.transaction(job, message, mail_from)
+            stage, code, reply = await self.transaction(job, message, mail_from)
         except SessionLost as lost:
             if self.session_replies == 0:
                 self.unproductive = lost.reason
             result: Result = "uncertain" if lost.after_dot else "requeue"
-            self.send(Done(job.campaign, job.line, result, lost.code, lost.reason))
+            self.send(Done(job.campaign, job.line, result, lost.code, lost.reason, lost.stage))
             self.lose_session(lost)  # reported after the Done it explains
             return
         self.session_replies += 1
         self.failures = 0
         if code == 250:
             self.session_messages += 1
-        self.send(Done(job.campaign, job.line, classify(code), code, reply))
+        self.send(Done(job.campaign, job.line, classify(code), code, reply, stage))
 
     def render(self, job: Job, campaign: Campaign, smtputf8: bool = False) -> bytes:
         if campaign.renderer is None:
@@ -353,9 +339,9 @@ class Worker:
         )
         return message if campaign.signer is None else campaign.signer.sign(message)
 
-    async def transaction(self, job: Job, message: bytes, mail_from: bytes) -> tuple[int, str]:
+    async def transaction(self, job: Job, message: bytes, mail_from: bytes) -> tuple[str, int, str]:
         """Run MAIL..DATA..'.' (`mail_from`: MAIL's argument); return the deciding
-        reply, or raise SessionLost."""
+        reply with the stage it answered, or raise SessionLost."""
         smtp = self.smtp
         assert smtp is not None
         self.state("sending")  # a frame only on the change: the supervisor knows the job
@@ -394,32 +380,20 @@ class Worker:
             raise SessionLost(f"{reply.code} {reply.message}", False, "dot", 421)
         if reply.code != 250:
             self.needs_reset = True
-        return reply.code, reply.message
+        return "dot", reply.code, reply.message
 
-    def refused(self, stage: str, code: int, text: str) -> tuple[int, str]:
+    def refused(self, stage: str, code: int, text: str) -> tuple[str, int, str]:
         """A refusal before the '.': 421 ends the session, anything else needs RSET."""
         if code == 421:
             raise SessionLost(f"{code} {text}", False, stage, code)
         self.needs_reset = True
-        return code, text
+        return stage, code, text
 
     def request_dot(self, job: Job) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.dot_acks[(job.campaign, job.line)] = future
         self.send(DotRequest(job.campaign, job.line))
         return future
-
-
-async def greet(smtp: aiosmtplib.SMTP) -> None:
-    """EHLO (HELO for old relays) unless STARTTLS or AUTH already did it on connect."""
-    if smtp.last_ehlo_response is not None or smtp.last_helo_response is not None:
-        return
-    try:
-        await smtp.ehlo()
-    except aiosmtplib.SMTPHeloError as exc:
-        if exc.code == 421:
-            raise
-        await smtp.helo()
 
 
 def classify(code: int) -> Result:
