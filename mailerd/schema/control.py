@@ -303,10 +303,10 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     port: int
     connections: int  # configured ceiling
     effective_connections: int
-    state: str  # ok | slowed | paused | parked
+    state: str  # ok | slowed | paused | parked | broken
     reason: str
     until: float | None
-    windows: dict[str, int]  # messages sent in the last minute, hour, day
+    windows: dict[str, int]  # messages the relay accepted (250 after the ".") in the last minute, hour, day
     learned: dict[str, float | int]
     settings: dict[str, str]  # changed at run time with `mailerctl set`
     messages_per_connection: int
@@ -315,6 +315,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     drops: int
     refused: int
     workers: list[WorkerInfo]
+    broken: str | None = None  # why its workers are no longer respawned (until set or reload)
 
 
 class DaemonStatus(Reply):
