@@ -306,7 +306,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     state: str  # ok | slowed | paused | parked | broken
     reason: str
     until: float | None
-    windows: dict[str, int]  # messages the relay accepted (250 after the ".") in the last minute, hour, day
+    windows: dict[str, int]  # 250s after the "." in the last minute, hour, day (since the daemon started)
     learned: dict[str, float | int]
     settings: dict[str, str]  # changed at run time with `mailerctl set`
     messages_per_connection: int
