@@ -19,10 +19,11 @@ password file is read again) and its slots are spawned afresh.
 
 Liveness rule. While a worker holds a job it must not stay silent for longer than
 SILENT_REPLIES times its server's SMTP `timeout` plus LIVENESS_MARGIN: between two of
-its frames a live worker waits for at most SILENT_REPLIES relay replies (connect:
-greeting, EHLO, STARTTLS, EHLO, AUTH in up to two steps; a transaction: RSET, MAIL,
-RCPT, DATA, or the "." pipelined with the next ones), and aiosmtplib bounds each by
-`timeout`; the margin covers rendering, compiling a template and a QUIT. The clock
+its frames a live worker waits for at most SILENT_REPLIES relay answers (opening a
+session: greeting, EHLO, HELO after a refused EHLO, STARTTLS, the TLS handshake, EHLO
+again, AUTH LOGIN's three replies; a transaction needs fewer: RSET, MAIL, RCPT, DATA,
+or the "." pipelined with the next ones), and aiosmtplib bounds each by `timeout`;
+the margin covers rendering and compiling a template. The clock
 starts when the slot gets its first job, restarts at every frame, and stands still
 while the supervisor owes the worker a DotAck (the journal write is ours, not its).
 A worker past the limit is killed (SIGKILL) and its jobs are settled by the usual
@@ -51,7 +52,7 @@ RESPAWN_FIRST = 0.5
 RESPAWN_MAX = 30.0
 LONG_LIFE = 60.0  # a life this long starts the respawn delay again from RESPAWN_FIRST
 RESTART_LIMIT = 5
-SILENT_REPLIES = 6
+SILENT_REPLIES = 9
 LIVENESS_MARGIN = 10.0
 
 

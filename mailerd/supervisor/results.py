@@ -77,7 +77,8 @@ class Results:
     # ------------------------------------------------------------ the final "."
 
     def _confirm_data_sent(self, slot: WorkerSlot, message: DotRequest) -> None:
-        slot.acks_owed += 1  # the worker waits for us: its liveness clock stops meanwhile
+        key = (message.campaign, message.line)
+        slot.acks_owed.add(key)  # the worker waits for us: its liveness clock stops meanwhile
         future = self.committer.run(
             self.journal.mark_data_sent, [(message.campaign, message.line, slot.server_name)]
         )
@@ -87,7 +88,7 @@ class Results:
             if not ok:
                 event("journal_error", logging.ERROR, campaign=message.campaign,
                       error=str(done.exception()))
-            slot.acks_owed -= 1
+            slot.acks_owed.discard(key)
             slot.silent_since = time.monotonic()
             slot.send(DotAck(message.campaign, message.line, ok))
 
@@ -164,7 +165,7 @@ class Results:
     async def settle_slot(self, slot: WorkerSlot) -> None:
         """What a dead worker held: data-sent -> uncertain, the rest back to the queue."""
         held, slot.jobs = slot.jobs, {}
-        slot.acks_owed = 0
+        slot.acks_owed.clear()
         if not held:
             return
         try:

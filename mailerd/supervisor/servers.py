@@ -41,7 +41,7 @@ class WorkerSlot:
         self.in_use = False  # a life is scheduled, starting or running here (processes.py)
         self.reached_relay = False  # this life reported a connected session or a result
         self.silent_since = 0.0  # monotonic: the liveness clock (processes.py), while it holds jobs
-        self.acks_owed = 0  # DotRequests whose journal write is still running: the clock waits
+        self.acks_owed: set[tuple[int, int]] = set()  # DotRequests still being journaled: the clock waits
 
     def started(self, process: WorkerProcess, writer: asyncio.StreamWriter) -> None:
         """A new life in this slot."""
@@ -49,7 +49,7 @@ class WorkerSlot:
         self.state, self.detail, self.connected = "starting", "", False
         self.started_at = self.silent_since = time.monotonic()
         self.reached_relay = False
-        self.acks_owed = 0
+        self.acks_owed.clear()
         self.campaigns_known.clear()
 
     def heard(self, message: FromWorker) -> None:

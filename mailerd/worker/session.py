@@ -28,7 +28,7 @@ Signals and exits, the whole contract between a worker and its supervisor:
 - Exit 0 is a stop on purpose and is respawned at once; any other end is respawned
   with a growing delay. A worker that exits before it reports a connected session or
   a result counts toward the restart limit; one that holds a job and sends no frame
-  for 6 x `timeout` + 10 s is SIGKILLed (the liveness rule). Both rules are written
+  for 9 x `timeout` + 10 s is SIGKILLed (the liveness rule). Both rules are written
   out in supervisor/processes.py.
 """
 from __future__ import annotations
