@@ -14,7 +14,7 @@ before that is a failed start. RESTART_LIMIT failed starts in a row on one serve
 mark the server `broken`: its workers are no longer respawned, `mailerctl status`
 shows the server as broken with the reason, and the log has a `server_broken` event.
 A relay that is down or refuses us does not count: the worker stays alive and backs
-off. `mailerctl set` on the server, `mailerctl reload` or SIGHUP repair it (its
+off. `mailerctl set` on the server or a reload (SIGHUP: `systemctl reload`) repair it (its
 password file is read again) and its slots are spawned afresh.
 
 Liveness rule. While a worker holds a job it must not stay silent for longer than
@@ -210,9 +210,9 @@ class Processes:
 
     def _mark_broken(self, server: ServerRun, code: int) -> None:
         server.broken = (f"{server.failed_starts} workers in a row exited before reaching the "
-                         f"relay (last exit code {code}); mailerctl set or reload to retry")
+                         f"relay (last exit code {code}); mailerctl set or SIGHUP to retry")
         event("server_broken", logging.ERROR, server=server.name, failed_starts=server.failed_starts,
-              exit_code=code, action="workers not respawned until mailerctl set or reload")
+              exit_code=code, action="workers not respawned until mailerctl set or SIGHUP")
 
     def repair(self, server: ServerRun) -> None:
         """`mailerctl set` or a reload: a broken server gets fresh workers."""
