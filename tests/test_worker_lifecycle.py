@@ -12,8 +12,6 @@ import resource
 import signal
 from pathlib import Path
 
-import pytest
-
 from conftest import campaign_addresses, relay_server, wait_until
 from mailerd import wire
 from mailerd.schema.control import ServerInfo
@@ -40,22 +38,6 @@ def assert_exactly_once(relay: FakeRelay, expected: set[str]) -> None:
     counts = relay.count_by_rcpt()
     assert {a: n for a, n in counts.items() if n > 1} == {}, "nobody is sent twice"
     assert set(counts) == expected
-
-
-@pytest.fixture
-def own_relays():
-    """FakeRelays built here (for `on_message`), stopped at the end."""
-    relays: list[FakeRelay] = []
-
-    def make(**kwargs) -> FakeRelay:
-        relay = FakeRelay(**kwargs)
-        relay.start()
-        relays.append(relay)
-        return relay
-
-    yield make
-    for relay in relays:
-        relay.stop()
 
 
 def test_a_worker_that_cannot_start_marks_its_server_broken_and_the_others_keep_sending(
@@ -114,7 +96,7 @@ def test_a_worker_silent_while_holding_jobs_is_killed_and_its_jobs_go_back_to_th
 
 
 def test_a_worker_hung_after_its_final_dot_is_killed_and_its_recipient_is_uncertain(
-        tmp_path: Path, own_relays, daemon_factory):
+        tmp_path: Path, relay_factory, daemon_factory):
     frozen: list[int] = []
 
     def freeze_the_sender(entries: tuple[Received, ...]) -> None:
@@ -124,7 +106,7 @@ def test_a_worker_hung_after_its_final_dot_is_killed_and_its_recipient_is_uncert
             frozen.append(worker)
             os.kill(worker, signal.SIGSTOP)
 
-    relay = own_relays(faults=Faults(), on_message=freeze_the_sender)
+    relay = relay_factory(on_message=freeze_the_sender)
     daemon = daemon_factory({"isp": relay_server(relay, connections=1, timeout=f"{TIMEOUT:g}s")}).start()
     worker = only_worker(daemon)
 

@@ -210,7 +210,7 @@ class Processes:
 
     def _mark_broken(self, server: ServerRun, code: int) -> None:
         server.broken = (f"{server.failed_starts} workers in a row exited before reaching the "
-                         f"relay (last exit code {code}); mailerctl set or SIGHUP to retry")
+                         f"relay, the last with code {code}; mailerctl set or SIGHUP to retry")
         event("server_broken", logging.ERROR, server=server.name, failed_starts=server.failed_starts,
               exit_code=code, action="workers not respawned until mailerctl set or SIGHUP")
 
