@@ -139,10 +139,10 @@ class Supervisor:
 
     def _reconfigure(self, server: ServerRun, config: ServerConfig) -> None:
         restart = any(getattr(config, k) != getattr(server.config, k) for k in CONNECTION_KEYS)
+        if restart or server.broken is not None:  # first: an unreadable file changes nothing
+            self.passwords[server.name] = read_password(server.name, config)
         server.config = config
         server.pacer.configure(config)
-        if restart or server.broken is not None:
-            self.passwords[server.name] = read_password(server.name, config)
         self.processes.repair(server)
         self.processes.resize(server)
         if restart:
@@ -183,20 +183,26 @@ class Supervisor:
         self.results.reconfigure(config)
         self.journal.bounce_rule = bounce_rule(config.suppression)
         for name, server_config in config.servers.items():
-            if name not in self.servers:
-                self.passwords[name] = read_password(name, server_config)
-                await self._add_server(name, server_config)
-                continue
-            server = self.servers[name]
-            if server.overrides:
-                server.overrides = {}
-                await self.committer.run(self.journal.save_overrides, name, None)
-            self._reconfigure(server, server_config)
+            try:
+                await self._reload_server(name, server_config)
+            except ConfigError as exc:  # its password file: the other servers still reload
+                event("config_reload_failed", logging.ERROR, server=name, error=str(exc))
         for name in set(self.servers) - set(config.servers):
             for slot in self.servers[name].slots:
                 slot.retire()
         event("config_reloaded", path=config.path, servers=",".join(config.servers))
         self.kick()
+
+    async def _reload_server(self, name: str, config: ServerConfig) -> None:
+        if name not in self.servers:
+            self.passwords[name] = read_password(name, config)
+            await self._add_server(name, config)
+            return
+        server = self.servers[name]
+        if server.overrides:
+            server.overrides = {}
+            await self.committer.run(self.journal.save_overrides, name, None)
+        self._reconfigure(server, config)
 
     # ------------------------------------------------------------ once a second
 
