@@ -124,8 +124,8 @@ def assert_nobody_lost_or_sent_twice(received: Mapping[str, int], uncertain: set
 def relay_factory() -> Iterator[Callable[..., FakeRelay]]:
     relays: list[FakeRelay] = []
 
-    def make(faults: Faults | None = None) -> FakeRelay:
-        relay = FakeRelay(faults or Faults())
+    def make(faults: Faults | None = None, **options: Any) -> FakeRelay:
+        relay = FakeRelay(faults or Faults(), **options)
         relay.start()
         relays.append(relay)
         return relay

@@ -325,10 +325,10 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     port: int
     connections: int  # configured ceiling
     effective_connections: int
-    state: str  # ok | slowed | paused | parked
+    state: str  # ok | slowed | paused | parked | broken
     reason: str
     until: float | None
-    windows: dict[str, int]  # messages sent in the last minute, hour, day
+    windows: dict[str, int]  # 250s after the "." in the last minute, hour, day (since the daemon started)
     learned: dict[str, float | int]
     settings: dict[str, str]  # changed at run time with `mailerctl set`
     messages_per_connection: int
@@ -337,6 +337,7 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     drops: int
     refused: int
     workers: list[WorkerInfo]
+    broken: str | None = None  # why its workers are no longer respawned (until set or reload)
 
 
 class DaemonStatus(Reply):

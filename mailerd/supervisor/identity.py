@@ -1,21 +1,17 @@
 """What the daemon hands its workers besides the campaign: the unsubscribe key and
 the servers' DKIM keys, each read once (at start, or when a server first appears)
-and never logged; and the attachments of a campaign, sent in chunks."""
+and never logged."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 from mailerd.message import tokens
 from mailerd.config import ConfigError
 from mailerd.schema.config import Config, ServerConfig
 from mailerd.schema.control import DkimKey
 from mailerd.message.signing import KeyError_, Signer
-from mailerd.schema.workers import CampaignAttachment, CampaignTemplate, ToWorker
-
-CHUNK = 4 * 1024 * 1024  # well under wire.MAX_FRAME
 
 
 def read_server_dkim(name: str, server: ServerConfig) -> DkimKey | None:
@@ -52,12 +48,3 @@ class Identity:
         if cache_key not in self._dkim:
             self._dkim[cache_key] = read_server_dkim(name, server)
         return self._dkim[cache_key]
-
-
-def template_messages(campaign: int, uid: str, spec, attachments: list[bytes] | None
-                      ) -> Iterator[ToWorker]:
-    """A campaign for a worker: its attachments' bytes in chunks, then the template."""
-    for index, data in enumerate(attachments or ()):
-        for start in range(0, len(data), CHUNK):  # an empty one: no chunk (the worker's b"")
-            yield CampaignAttachment(campaign, index, data[start:start + CHUNK])
-    yield CampaignTemplate(campaign, uid, spec)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 
 from mailerd import wire
 from mailerd.pacing.classify import Cause
 from mailerd.schema.config import ServerConfig
 from mailerd.schema.records import Claimed
-from mailerd.pacing.pacer import Pacer
-from mailerd.schema.control import ServerInfo, WorkerInfo
+from mailerd.pacing.pacer import DAY, HOUR, Pacer, count_since, forget_before
+from mailerd.schema.control import ServerInfo, ServerPlan, WorkerInfo
 from mailerd.supervisor.spawner import WorkerProcess
-from mailerd.schema.workers import Stop, ToWorker
+from mailerd.schema.workers import Done, FromWorker, SessionState, Stop, ToWorker
 
 PREFETCH = 2  # jobs a worker holds: the one in flight and the next
 ACCEPTING_STATES = ("ready", "idle", "sending")
@@ -36,6 +38,37 @@ class WorkerSlot:
         self.started_at = 0.0
         self.retired = False  # connections were lowered by configuration: stop for good
         self.refusal: Cause | None = None  # what the last Done's reply told the pacer
+        self.in_use = False  # a life is scheduled, starting or running here (processes.py)
+        self.reached_relay = False  # this life reported a connected session or a result
+        self.silent_since = 0.0  # monotonic: the liveness clock (processes.py), while it holds jobs
+        self.acks_owed: set[tuple[int, int]] = set()  # DotRequests still being journaled: the clock waits
+
+    def started(self, process: WorkerProcess, writer: asyncio.StreamWriter) -> None:
+        """A new life in this slot."""
+        self.process, self.writer = process, writer
+        self.state, self.detail, self.connected = "starting", "", False
+        self.started_at = self.silent_since = time.monotonic()
+        self.reached_relay = False
+        self.acks_owed.clear()
+        self.campaigns_known.clear()
+
+    def heard(self, message: FromWorker) -> None:
+        """Any frame from the worker restarts its liveness clock."""
+        self.silent_since = time.monotonic()
+        if isinstance(message, Done) or (isinstance(message, SessionState) and message.connected):
+            self.reached_relay = True
+
+    def hold(self, claimed: Claimed) -> None:
+        """A job handed to this worker; the liveness clock starts with its first one."""
+        if not self.jobs:
+            self.silent_since = time.monotonic()
+        self.jobs[(claimed.campaign, claimed.line)] = claimed
+
+    def silent_for(self, now: float) -> float:
+        """How long it has held a job without a word (0 while we owe it a DotAck)."""
+        if not self.jobs or self.acks_owed or not self.alive:
+            return 0.0
+        return now - self.silent_since
 
     @property
     def accepting(self) -> bool:
@@ -77,6 +110,31 @@ class ServerRun:
         self.drops = 0
         self.refused = 0
         self.overrides: dict[str, str] = {}
+        self.failed_starts = 0  # worker lives in a row that ended before reaching the relay
+        self.broken: str | None = None  # why its workers are no longer respawned (processes.py)
+        self.delivered: collections.deque[float] = collections.deque()  # 250s after the "."
+
+    def note_delivered(self, now: float) -> None:
+        self.delivered.append(now)
+        forget_before(self.delivered, now - DAY)
+
+    def delivered_counts(self, now: float) -> dict[str, int]:
+        """Messages the relay accepted (250 after the ".") in the last minute, hour, day."""
+        forget_before(self.delivered, now - DAY)
+        return {"minute": count_since(self.delivered, now - 60),
+                "hour": count_since(self.delivered, now - HOUR),
+                "day": count_since(self.delivered, now - DAY)}
+
+    def pacing_state(self, now: float) -> tuple[str, str, float | None]:
+        """The pacer's state, unless the server is broken (then nothing is sent at all)."""
+        if self.broken is not None:
+            return "broken", self.broken, None
+        return self.pacer.state(now)
+
+    def plan(self, now: float, observed: float) -> ServerPlan:
+        state, reason, _ = self.pacing_state(now)
+        rate = 0.0 if self.broken is not None else self.pacer.capacity(now, observed)
+        return ServerPlan(server=self.name, rate=rate, state=state, reason=reason)
 
     def prefetch(self) -> int:
         """Paced servers get one job at a time, so a job's hand-out is its start."""
@@ -95,14 +153,14 @@ class ServerRun:
         return self.active
 
     def info(self, now: float) -> ServerInfo:
-        state, reason, until = self.pacer.state(now)
+        state, reason, until = self.pacing_state(now)
         learned = self.pacer.learned
         return ServerInfo(
             name=self.name, host=self.config.host, port=self.config.port,
             connections=self.config.connections,
             effective_connections=self.pacer.effective_connections(),
             state=state, reason=reason, until=until,
-            windows=self.pacer.window_counts(now),
+            windows=self.delivered_counts(now),
             learned={k: v for k, v in {
                 "connections": learned.connections,
                 "messages_per_connection": learned.messages_per_connection,
@@ -115,4 +173,5 @@ class ServerRun:
             rate=self.pacer.effective_rate(),
             sessions_ended=self.sessions_ended, drops=self.drops, refused=self.refused,
             workers=[s.info() for s in self.slots if not s.retired or s.alive],
+            broken=self.broken,
         )

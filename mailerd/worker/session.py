@@ -1,18 +1,36 @@
 """A worker process: one SMTP session, many messages.
 
-Started by the supervisor as `python -m mailerd.worker.session FD`, where FD is its end of
-a socketpair. It renders each message itself and drives the SMTP transaction stage
-by stage (MAIL, RCPT, DATA, body, then the final "."), because only then does it
-know whether a broken connection happened before the "." (the relay discarded the
-message: requeue) or after it (the relay may have it: uncertain). The final "." is
-written only after the supervisor confirms the journal holds `data-sent`.
+Forked by the supervisor from the fork server (supervisor/spawner.py, which preloads
+worker/template.py), with its end of a socketpair to the supervisor; started by hand,
+it is `python -m mailerd.worker.session FD`. It renders each message itself and drives
+the SMTP transaction stage by stage (MAIL, RCPT, DATA, body, then the final "."),
+because only then does it know whether a broken connection happened before the "."
+(the relay discarded the message: requeue) or after it (the relay may have it:
+uncertain). The final "." is written only after the supervisor confirms the journal
+holds `data-sent`.
 
 The session is closed by us when it has carried `messages_per_connection`
 messages (or the relay's LIMITS MAILMAX), when it has been idle for
 `idle_timeout`, or when the supervisor says Hold; every end of a session is
 reported so the supervisor can learn from the drops.
-"""
 
+Signals and exits, the whole contract between a worker and its supervisor:
+
+- The daemon dies: the kernel SIGKILLs the worker (PR_SET_PDEATHSIG, set first thing).
+- The supervisor link reaches EOF or carries a frame that does not decode: exit 3 at
+  once, whatever the worker was doing (a "." the journal cannot confirm is never sent).
+- The first frame is not a Setup (or never comes): exit 3.
+- SIGINT and SIGTERM are ignored: a Ctrl-C on the daemon's terminal or systemd's
+  SIGTERM to the whole group must not cut a transaction; the supervisor decides.
+- Stop: finish the transaction in flight, give the other jobs back (Released), QUIT,
+  report the session's end, exit 0. The supervisor SIGKILLs a worker still running
+  `shutdown_timeout` after the Stop; what it held is settled (data-sent -> uncertain).
+- Exit 0 is a stop on purpose and is respawned at once; any other end is respawned
+  with a growing delay. A worker that exits before it reports a connected session or
+  a result counts toward the restart limit; one that holds a job and sends no frame
+  for 9 x `timeout` + 10 s is SIGKILLed (the liveness rule). Both rules are written
+  out in supervisor/processes.py.
+"""
 from __future__ import annotations
 
 import asyncio
