@@ -86,6 +86,8 @@ class ServerConfig(Section):
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_key_file: str | None = None  # $CREDENTIALS_DIRECTORY is expanded
+    # the From domains this key may sign (review L10); None: dkim_domain alone
+    dkim_domains: list[str] | None = None
     # pacing (all live-changeable with `mailerctl set` or SIGHUP)
     group_size: int = 0  # after this many messages through this account ...
     group_interval: Duration = Duration(0)  # ... all its sessions pause this long
@@ -229,6 +231,7 @@ def _check_values(config: Config, where: str) -> None:
         if any(dkim_keys) and not all(dkim_keys):
             problems.append(f"servers.{name}: dkim_domain, dkim_selector and dkim_key_file "
                             "go together")
+        problems += _dkim_domains_problems(name, server)
         if server.timeout <= 0:
             problems.append(f"servers.{name}.timeout must be positive")
     if config.delivery.max_attempts < 1:
@@ -242,6 +245,16 @@ def _check_values(config: Config, where: str) -> None:
             problems.append(f"suppression.bounce_patterns[{i}]: {exc}")
     if problems:
         raise ConfigError(f"{where}: {problems[0]}")
+
+
+def _dkim_domains_problems(name: str, server: ServerConfig) -> list[str]:
+    if server.dkim_domains is None:
+        return []
+    if not server.dkim_key_file:
+        return [f"servers.{name}.dkim_domains needs servers.{name}.dkim_key_file"]
+    return [f"servers.{name}.dkim_domains: {domain!r} is not a domain name"
+            for domain in server.dkim_domains
+            if not domain.strip(" .") or "@" in domain or any(c.isspace() for c in domain.strip())]
 
 
 def server_problems(server: ServerConfig) -> list[str]:

@@ -17,7 +17,7 @@ from mailerd.journal.store import Journal, NewRecipient, suppressed_reply
 from mailerd.schema.control import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
 from mailerd.message.render import (RenderError, Renderer, TemplateError, header_name_problem,
                      list_unsubscribe_value, template_variables)
-from mailerd.message.signing import KeyError_, Signer
+from mailerd.message.signing import KeyError_, Signer, domain_refusal
 
 MAX_ATTACHMENT_BYTES = 40 * 1024 * 1024  # all of a campaign's attachments together
 BUILTIN_VARIABLES = {"email", "token"}
@@ -62,6 +62,14 @@ def check_spec(spec: CampaignSpec, config: Config) -> None:
             )
     if not config.servers:
         raise SpecError("servers: the daemon has no [servers.*] configured")
+    if spec.dkim is None:  # a server's key signs only its own domains (review L10)
+        for name in spec.servers or list(config.servers):
+            server = config.servers[name]
+            refusal = server.dkim_key_file and domain_refusal(
+                spec.sender, server.dkim_domain or "", server.dkim_domains,
+                f"servers.{name}.dkim_domains")
+            if refusal:
+                raise SpecError(refusal)
 
 
 def _templates(spec: CampaignSpec) -> list[tuple[str, str | None]]:

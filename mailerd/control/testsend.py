@@ -16,7 +16,7 @@ from mailerd.message.addresses import check_address
 from mailerd.control.enqueue import SpecError, check_message_parts
 from mailerd.schema.control import Error, Reply, TestSend, TestSent
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from mailerd.message.signing import campaign_signer
+from mailerd.message.signing import KeyError_, campaign_signer
 from mailerd.worker.session import describe, greet, smtp_client, smtputf8_refusal
 
 if TYPE_CHECKING:
@@ -55,7 +55,11 @@ async def test_send(commands: "Commands", request: TestSend) -> Reply:
     except (TemplateError, RenderError) as exc:
         return Error(message=f"test-send: cannot render the message: {exc} "
                              "(give merge fields with --fields NAME=VALUE)")
-    signer = campaign_signer(spec, lambda: commands.supervisor.identity.server_dkim(name, server))
+    try:
+        signer = campaign_signer(spec, lambda: commands.supervisor.identity.server_dkim(name, server),
+                                 server.dkim_domains, f"servers.{name}.dkim_domains")
+    except KeyError_ as exc:
+        return Error(message=f"test-send refused: {exc}")
     if signer is not None:
         message = signer.sign(message)
     smtp = smtp_client(server, commands.supervisor.passwords.get(name))
