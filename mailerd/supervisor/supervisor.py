@@ -180,8 +180,9 @@ class Supervisor:
             number += 1
         return number
 
-    def _reconfigure(self, server: ServerRun, config: ServerConfig) -> None:
-        restart = any(getattr(config, k) != getattr(server.config, k) for k in CONNECTION_KEYS)
+    def _reconfigure(self, server: ServerRun, config: ServerConfig, restart: bool = False) -> None:
+        restart = restart or any(getattr(config, k) != getattr(server.config, k)
+                                 for k in CONNECTION_KEYS)
         server.config = config
         server.pacer.configure(config)
         self._resize(server)
@@ -220,6 +221,7 @@ class Supervisor:
 
     async def reload(self, config: Config) -> None:
         """SIGHUP: the config file is the truth again; run-time settings are dropped."""
+        rotated = self.identity.reload(config)  # first: a key it cannot use changes nothing
         self.config = config
         self.classifier = Classifier(config.patterns)
         self.journal.bounce_rule = bounce_rule(config.suppression)
@@ -232,7 +234,7 @@ class Supervisor:
             if server.overrides:
                 server.overrides = {}
                 await self.committer.run(self.journal.save_overrides, name, None)
-            self._reconfigure(server, server_config)
+            self._reconfigure(server, server_config, restart=name in rotated)
         for name in set(self.servers) - set(config.servers):
             for slot in self.servers[name].slots:
                 slot.retire()
