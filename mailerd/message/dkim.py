@@ -71,11 +71,10 @@ class DkimSigner:
         fields, body = split_message(message)
         head = (self._tags_before_t + str(timestamp).encode("ascii") + b"; h="
                 + b" : ".join(include) + b"; bh=" + self._body_hash(body) + b"; b=")
-        unsigned = _B_VALUE.sub(rb"\1", fold(head + _B_PLACEHOLDER))
         digest = hashlib.sha256()
-        for name, value in select_fields(canonical_fields(fields), include):
-            digest.update(name + b":" + value)
-        digest.update(b"dkim-signature:" + canonical_value(unfold(unsigned)))
+        for name, value in select_fields(fields, include):
+            digest.update(name.lower().rstrip() + b":" + relaxed_value(value) + b"\r\n")
+        digest.update(b"dkim-signature:" + relaxed_value(without_b_value(fold(head + _B_PLACEHOLDER))))
         signed = base64.b64encode(self._sign(digest.digest()))
         return _HEADER_NAME + b": " + fold(head + signed + b"\r\n")
 
@@ -99,7 +98,8 @@ def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """(header fields as (name, value with its line ends), body with CRLF line ends),
     as dkimpy's rfc822_parse reads them."""
     end, body_start = _header_block_end(message)
-    lines = _LINE_END.split(message[:end])
+    head = message[:end]
+    lines = head.split(b"\r\n") if head.count(b"\n") == head.count(b"\r\n") else _LINE_END.split(head)
     if lines[-1] == b"":  # what follows the last line end
         lines.pop()
     fields: list[tuple[bytes, bytes]] = []
@@ -135,34 +135,37 @@ def _header_block_end(message: bytes) -> tuple[int, int | None]:
     return min(candidates)
 
 
-def unfold(value: bytes) -> bytes:
-    return _LINE_END.sub(b"", value)
+def relaxed_value(value: bytes) -> bytes:
+    """A field value in relaxed form (RFC 6376 3.4.2) as dkimpy makes it: line ends
+    taken out, white space runs made one space, then bytes.strip() (which strips VT
+    and FF too). The regular expressions run only when there is something for them."""
+    unfolded = value.replace(b"\r\n", b"")
+    if b"\n" in unfolded:
+        unfolded = _LINE_END.sub(b"", value)
+    if b"\t" in unfolded or b"  " in unfolded:
+        unfolded = _WSP_RUN.sub(b" ", unfolded)
+    return unfolded.strip()
 
 
-def canonical_value(unfolded: bytes) -> bytes:
-    """Relaxed (RFC 6376 3.4.2), as dkimpy: white space runs to one space, then
-    bytes.strip() (which also strips VT and FF)."""
-    return _WSP_RUN.sub(b" ", unfolded).strip()
-
-
-def canonical_fields(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(name.lower().rstrip(), canonical_value(unfold(value)) + b"\r\n")
-            for name, value in fields]
+def without_b_value(folded: bytes) -> bytes:
+    """The signature field's value with the b= value (and its folding) taken out."""
+    if folded.count(b"b=") == 1:  # then b= is the last tag: everything after it is its value
+        return folded[:folded.rfind(b"b=") + 2]
+    return _B_VALUE.sub(rb"\1", folded)
 
 
 def select_fields(fields: list[tuple[bytes, bytes]], include: Sequence[bytes]
                   ) -> list[tuple[bytes, bytes]]:
-    """For each name in `include`, the last instance not yet taken (RFC 6376 5.4.2)."""
+    """For each name in `include` (lower case), the last instance of that field not
+    yet taken (RFC 6376 5.4.2); none once they are all taken."""
+    positions: dict[bytes, list[int]] = {}
+    for index, (name, _) in enumerate(fields):
+        positions.setdefault(name.lower().rstrip(), []).append(index)
     chosen = []
-    taken_down_to: dict[bytes, int] = {}
     for wanted in include:
-        index = taken_down_to.get(wanted, len(fields))
-        while index > 0:
-            index -= 1
-            if fields[index][0] == wanted:
-                chosen.append(fields[index])
-                break
-        taken_down_to[wanted] = index
+        left = positions.get(wanted)
+        if left:
+            chosen.append(fields[left.pop()])
     return chosen
 
 
