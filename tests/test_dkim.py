@@ -200,7 +200,7 @@ SIGNERS = {kind: DkimSigner(DOMAIN.encode(), SELECTOR.encode(), load_key(KEYS[ki
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sample=messages(), timestamp=st.integers(0, 2_000_000_000))
 def test_generated_messages_equal_dkimpy_byte_for_byte(kind: str, sample: tuple[bytes, list[bytes]],
                                                         timestamp: int) -> None:
