@@ -40,6 +40,8 @@ _B_VALUE = re.compile(rb"([;\s]b" + _FWS + rb"=)(?:" + _FWS + rb"[a-zA-Z0-9+/=])
 # b= holds this while the header is hashed, so that it is folded onto its own line
 _B_PLACEHOLDER = b"0" * 60
 _PKCS1_SHA256 = (padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+# a body up to this size is kept to compare the next one with (one per campaign and worker)
+_REMEMBERED_BODY_MAX = 1 << 20
 
 
 class DkimError(ValueError):
@@ -68,9 +70,9 @@ class DkimSigner:
         often than it occurs signs its absence) at `timestamp` (t=)."""
         if b"from" not in include:
             raise DkimError("the From header field must be signed")
-        fields, body = split_message(message)
+        fields, body_start = split_message(message)
         head = (self._tags_before_t + str(timestamp).encode("ascii") + b"; h="
-                + b" : ".join(include) + b"; bh=" + self._body_hash(body) + b"; b=")
+                + b" : ".join(include) + b"; bh=" + self._body_hash(message, body_start) + b"; b=")
         digest = hashlib.sha256()
         for name, value in select_fields(fields, include):
             digest.update(name.lower().rstrip() + b":" + relaxed_value(value) + b"\r\n")
@@ -78,11 +80,14 @@ class DkimSigner:
         signed = base64.b64encode(self._sign(digest.digest()))
         return _HEADER_NAME + b": " + fold(head + signed + b"\r\n")
 
-    def _body_hash(self, body: bytes) -> bytes:
+    def _body_hash(self, message: bytes, start: int) -> bytes:
+        if len(message) - start > _REMEMBERED_BODY_MAX:  # hashed where it lies, never copied
+            return _base64_sha256(canonical_body(message, start))
+        body = message[start:]
         last = self._last_body
         if last is not None and last[0] == body:
             return last[1]
-        body_hash = base64.b64encode(hashlib.sha256(canonical_body(body)).digest())
+        body_hash = _base64_sha256(canonical_body(body))
         self._last_body = (body, body_hash)
         return body_hash
 
@@ -94,8 +99,8 @@ class DkimSigner:
 
 # ------------------------------------------------------------------ the message
 
-def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """(header fields as (name, value with its line ends), body with CRLF line ends),
+def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], int]:
+    """(header fields as (name, value with its line ends), where the body starts),
     as dkimpy's rfc822_parse reads them."""
     end, body_start = _header_block_end(message)
     head = message[:end]
@@ -115,12 +120,7 @@ def split_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
             fields.append((match[1], line[match.end():] + b"\r\n"))
         elif not line.startswith(b"From "):
             raise DkimError(f"not a header field line: {line[:40]!r}")
-    if body_start is None:
-        return fields, b""
-    body = message[body_start:]
-    if body.count(b"\n") != body.count(b"\r\n"):  # a bare LF: a line end too
-        body = _LINE_END.sub(b"\r\n", body)
-    return fields, body
+    return fields, len(message) if body_start is None else body_start
 
 
 def _header_block_end(message: bytes) -> tuple[int, int | None]:
@@ -169,8 +169,25 @@ def select_fields(fields: list[tuple[bytes, bytes]], include: Sequence[bytes]
     return chosen
 
 
-def canonical_body(body: bytes) -> bytes:
-    """Relaxed (RFC 6376 3.4.4) of a body with CRLF line ends, as dkimpy does it."""
+def canonical_body(message: bytes, start: int = 0) -> bytes | memoryview:
+    """Relaxed (RFC 6376 3.4.4) of the body message[start:], as dkimpy does it (a bare
+    LF is a line end too). Usually only empty lines at the end go: then it is a view
+    of `message`, not a copy."""
+    if (message.count(b"\n", start) != message.count(b"\r\n", start)
+            or message.find(b"\t", start) != -1 or message.find(b"  ", start) != -1
+            or message.find(b" \r\n", start) != -1):
+        return _canonical_body_rewritten(message[start:])
+    end = len(message)
+    while message.endswith(b"\r\n", start, end):
+        end -= 2
+    if end == len(message):  # no line end at the end: one is added
+        return message[start:] + b"\r\n" if end > start else b""
+    return b"" if end == start else memoryview(message)[start:end + 2]
+
+
+def _canonical_body_rewritten(body: bytes) -> bytes:
+    if body.count(b"\n") != body.count(b"\r\n"):
+        body = _LINE_END.sub(b"\r\n", body)
     if b" \r\n" in body or b"\t\r\n" in body:
         body = _WSP_BEFORE_CRLF.sub(b"\r\n", body)
     if b"\t" in body or b"  " in body:
@@ -180,6 +197,10 @@ def canonical_body(body: bytes) -> bytes:
         end -= 2
     body = body + b"\r\n" if end == len(body) else body[:end + 2]
     return b"" if body == b"\r\n" else body
+
+
+def _base64_sha256(data: bytes | memoryview) -> bytes:
+    return base64.b64encode(hashlib.sha256(data).digest())
 
 
 def fold(value: bytes) -> bytes:
