@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import relay_server, wait_until
+from conftest import relay_server, wait_until, write_config
 from mailerd.message.dkim import DkimSigner
 from mailerd.message.render import Attachment, Renderer, format_date
 from mailerd.message.signing import KeyError_, Signer, campaign_signer, load_key
@@ -422,3 +422,13 @@ def test_a_large_body_is_hashed_in_place_and_equals_dkimpy(kind: str) -> None:
         message = head + body
         signed = Signer(DOMAIN, SELECTOR, KEYS[kind]).sign(message, T)
         assert_same_as_dkimpy(signed, message, kind)
+
+
+def test_a_dkim_domains_entry_that_is_no_domain_is_a_config_error(tmp_path) -> None:
+    from mailerd.config import ConfigError, load_config
+
+    config = write_config(tmp_path / "mailerd.toml", {"servers.isp": {
+        "dkim_domain": DOMAIN, "dkim_selector": SELECTOR, "dkim_key_file": "k",
+        "dkim_domains": ["example.org", "news@example.net"]}})
+    with pytest.raises(ConfigError, match=r"servers.isp.dkim_domains: 'news@example.net' is not a domain"):
+        load_config(config)

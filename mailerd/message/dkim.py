@@ -9,9 +9,13 @@ quirks included (a field value is stripped of all ASCII white space, not only WS
 tests/test_dkim.py holds the two side by side on fixed and generated messages.
 
 What differs is the cost: the RSA (RSASSA-PKCS1-v1_5, SHA-256) or Ed25519 (RFC 8463)
-operation runs in OpenSSL through `cryptography`, and the body hash is remembered
-for the last body seen, so a campaign whose body carries no merge content (the same
-bytes for every recipient) canonicalises and hashes it once per worker.
+operation runs in OpenSSL through `cryptography`; the regular expressions run only
+on text they would change; and the hash of the last body (up to 1 MiB) is kept, so a
+campaign whose body carries no merge content (the same bytes for every recipient)
+canonicalises and hashes it once per worker. A body that differs per recipient is
+hashed per message: SHA-256 runs front to back, and render.py puts the personalised
+text and html before the constant attachments, so no hash state of a shared part can
+be reused.
 """
 
 from __future__ import annotations

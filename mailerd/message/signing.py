@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
     from mailerd.schema.control import CampaignSpec, DkimKey
 
-__all__ = ["KeyError_", "Signer", "campaign_signer", "domain_refusal", "load_key",
-           "normal_domain"]
+__all__ = ["KeyError_", "Signer", "campaign_signer", "comparable_domain", "domain_refusal",
+           "load_key"]
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END \1-----", re.DOTALL)
 _ALWAYS = ("from", "to", "subject", "date", "message-id", "reply-to", "mime-version",
@@ -92,13 +92,14 @@ def _parse_der(kind: str, der: bytes) -> PrivateKey:
     return key
 
 
-def normal_domain(domain: str) -> str:
-    """A domain as DKIM and a comparison want it: lower case, no final dot, IDNA."""
+def comparable_domain(domain: str) -> str:
+    """A domain to compare: lower case, no final dot, IDNA (left as it is when it
+    has no IDNA form: then it equals no real domain)."""
     domain = domain.strip().rstrip(".").lower()
     try:
         return domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError:
-        raise KeyError_(f"domain {domain!r} is not a valid domain name") from None
+        return domain
 
 
 def domain_refusal(sender: str, key_domain: str, listed: Sequence[str] | None,
@@ -107,13 +108,10 @@ def domain_refusal(sender: str, key_domain: str, listed: Sequence[str] | None,
     own domain only) must not sign mail from `sender`; None when it may. `field`
     names the setting that lists them."""
     address = parseaddr(sender)[1]
-    domain = address.rpartition("@")[2]
-    allowed = [normal_domain(d) for d in (listed if listed is not None else [key_domain])]
-    try:
-        if domain and normal_domain(domain) in allowed:
-            return None
-    except KeyError_:
-        pass
+    domain = address.rpartition("@")[2] if "@" in address else ""
+    allowed = [comparable_domain(d) for d in (listed if listed is not None else [key_domain])]
+    if domain and comparable_domain(domain) in allowed:
+        return None
     return (f"from: {address or sender!r}: the domain {domain!r} is not in {field} "
             f"({', '.join(allowed) or 'none'}), so that server's DKIM key may not sign it; "
             f"send from one of those domains, give the campaign its own dkim key, or list "
