@@ -11,20 +11,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import journal_cost, report, scale, throughput
+from . import dkim, journal_cost, report, scale, throughput
 from .tools import BenchUnavailable, ensure_smtp_tools, machine_info
 
-SCENARIOS = ("throughput", "scale", "journal_cost")
+SCENARIOS = ("throughput", "scale", "journal_cost", "dkim")
 
 FULL = {
     "throughput": {"count": 50_000, "sessions": [8, 16], "repeats": 3, "naive_count": 10_000},
     "scale": {"count": 1_000_000, "sample": 100_000, "repeats": 3, "restarts": 3},
     "journal_cost": {"count": 3_000, "repeats": 5},
+    "dkim": {"count": 20_000, "sessions": 4, "repeats": 3, "micro_count": 200},
 }
 QUICK = {
     "throughput": {"count": 2_000, "sessions": [8, 16], "repeats": 1, "naive_count": 400},
     "scale": {"count": 20_000, "sample": 4_000, "repeats": 1, "restarts": 1},
     "journal_cost": {"count": 300, "repeats": 1},
+    "dkim": {"count": 500, "sessions": 4, "repeats": 1, "micro_count": 20},
 }
 
 
@@ -82,6 +84,9 @@ def _run(chosen: list[str], params: dict, workdir: Path, results: dict, out: Pat
         elif name == "scale":
             results[name] = scale.run(p["count"], p["sample"], workdir / name, p["repeats"],
                                       p["restarts"])
+        elif name == "dkim":
+            results[name] = dkim.run(p["count"], p["sessions"], p["repeats"], workdir / name,
+                                     p["micro_count"])
         else:
             results[name] = journal_cost.run(results.get("throughput"), p["count"],
                                              p["repeats"], workdir / name)

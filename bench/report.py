@@ -25,6 +25,10 @@ def markdown(results: dict) -> str:
         parts.append(_scale(results["scale"]))
     if "journal_cost" in results:
         parts.append(_journal(results["journal_cost"]))
+    if "dkim" in results:
+        from . import dkim  # its own table, next to its scenario
+
+        parts.append(dkim.markdown(results["dkim"]))
     return "\n\n".join(parts) + "\n"
 
 

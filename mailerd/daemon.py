@@ -187,11 +187,11 @@ class Daemon:
         notify.reloading()
         try:
             config = load_config(self.config.path)
+            await self.supervisor.reload(config)  # ConfigError before any change: a bad DKIM key
         except ConfigError as exc:
             event("config_reload_failed", logging.ERROR, error=str(exc))
         else:
             self.config = config
-            await self.supervisor.reload(config)
         finally:
             notify.ready(self.supervisor.status_line())
 

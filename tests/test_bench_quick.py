@@ -22,6 +22,7 @@ EXPECTED = {
     "throughput": {"count", "by_sessions", "targets"},
     "scale": {"count", "sample", "summary", "targets", "small", "big"},
     "journal_cost": {"cpu", "window", "targets"},
+    "dkim": {"end_to_end", "ratios", "targets", "micro"},
 }
 CONTENDERS = {"mailerd", "smtp_source", "prebuilt", "prebuilt_uvloop", "naive", "ratios"}
 
@@ -53,4 +54,6 @@ def test_quick_bench_writes_every_scenario(smtp_tools: None, tmp_path: Path) -> 
     assert set(results["throughput"]["targets"]) == {"vs_prebuilt", "vs_naive", "vs_smtp_source"}
     assert set(results["scale"]["targets"]) == {"enqueue_s", "report_s", "pss_mb", "restart_s"}
     assert "journal/full" in results["journal_cost"]["window"]["ms_per_msg"]
-    assert "### 1. Throughput" in markdown.read_text()
+    assert set(results["dkim"]["end_to_end"]) == {"unsigned", "rsa", "ed25519"}
+    assert results["dkim"]["micro"]["rsa"]["ours_ms"] > 0
+    assert "### 1. Throughput" in markdown.read_text() and "### DKIM" in markdown.read_text()

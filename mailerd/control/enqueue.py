@@ -18,6 +18,7 @@ from mailerd.schema.records import NewRecipient
 from mailerd.schema.control import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
 from mailerd.message.check import SpecError, check_message_parts
 from mailerd.message.render import TemplateError, template_variables
+from mailerd.message.signing import domain_refusal
 
 BUILTIN_VARIABLES = {"email", "token"}
 
@@ -57,6 +58,14 @@ def check_spec(spec: CampaignSpec, config: Config) -> None:
             )
     if not config.servers:
         raise SpecError("servers: the daemon has no [servers.*] configured")
+    if spec.dkim is None:  # a server's key signs only its own domains (review L10)
+        for name in spec.servers or list(config.servers):
+            server = config.servers[name]
+            refusal = server.dkim_key_file and domain_refusal(
+                spec.sender, server.dkim_domain or "", server.dkim_domains,
+                f"servers.{name}.dkim_domains")
+            if refusal:
+                raise SpecError(refusal)
 
 
 def _templates(spec: CampaignSpec) -> list[tuple[str, str | None]]:

@@ -17,7 +17,7 @@ from mailerd.control.bounded import TEMPLATE_TIME_LIMIT, TemplateTimeout, run_bo
 from mailerd.message.addresses import check_address
 from mailerd.message.check import SpecError, check_message_parts
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from mailerd.message.signing import campaign_signer
+from mailerd.message.signing import KeyError_, campaign_signer
 from mailerd.schema.control import CampaignSpec, DkimKey, Error, Reply, TestSend, TestSent
 from mailerd.supervisor.identity import Identity
 from mailerd.worker.session import describe, greet, smtp_client, smtputf8_refusal
@@ -48,9 +48,9 @@ async def test_send(request: TestSend, config: Config, identity: Identity,
     try:
         message, msgid = await run_bounded(
             _build, spec, uid, attachments, identity.unsubscribe_key,
-            lambda: identity.server_dkim(name, server),
+            lambda: identity.server_dkim(name, server), server.dkim_domains, name,
             to.address, [fields[c] for c in spec.columns[1:]], utf8)
-    except SpecError as exc:
+    except (SpecError, KeyError_) as exc:
         return Error(message=f"test-send refused: {exc}")
     except (TemplateError, RenderError) as exc:
         return Error(message=f"test-send: cannot render the message: {exc} "
@@ -84,15 +84,15 @@ async def test_send(request: TestSend, config: Config, identity: Identity,
 
 
 def _build(spec: CampaignSpec, uid: str, attachments: list[Attachment], unsubscribe_key: bytes,
-           server_key: Callable[[], DkimKey | None], to: str, fields: list[str],
-           utf8: bool) -> tuple[bytes, str]:
+           server_key: Callable[[], DkimKey | None], server_domains: list[str] | None,
+           server_name: str, to: str, fields: list[str], utf8: bool) -> tuple[bytes, str]:
     """The test message, signed, and its Message-ID. Runs member-written template
     code, so it runs bounded (bounded.py)."""
     check_message_parts(spec)
     renderer = Renderer.from_spec(spec, uid, attachments, unsubscribe_key)
     message = renderer.render(line=0, email=to, fields=fields, date=format_date(time.time()),
                               smtputf8=utf8)
-    signer = campaign_signer(spec, server_key)
+    signer = campaign_signer(spec, server_key, server_domains, f"servers.{server_name}.dkim_domains")
     if signer is not None:
         message = signer.sign(message)
     return message, renderer.message_id(0)

@@ -1,4 +1,4 @@
-"""DKIM signing of rendered messages (RFC 6376, with dkimpy).
+"""DKIM signing of rendered messages (RFC 6376; the signing itself in dkim.py).
 
 rsa-sha256 for RSA keys, ed25519-sha256 (RFC 8463) for Ed25519 keys; relaxed/
 relaxed canonicalisation. Signed: From, To, Subject, Date, Message-ID, Reply-To,
@@ -10,6 +10,10 @@ Keys: an RSA key in PEM (PKCS#1 "RSA PRIVATE KEY" or PKCS#8 "PRIVATE KEY"), an
 Ed25519 key in PKCS#8 PEM (as `openssl genpkey -algorithm ed25519` writes it), or
 the base64 Ed25519 seed that dkimpy's `dknewkey --ktype ed25519` writes. A key is
 parsed once, when the Signer is made; its text is never logged or put in an error.
+
+A server's key signs only mail From the domains listed for it (its `dkim_domains`,
+by default its own d= domain): anyone allowed to send must not be able to sign
+mail from any domain with the organisation's key (review L10).
 """
 
 from __future__ import annotations
@@ -17,21 +21,25 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import TYPE_CHECKING
+import time
+from email.utils import parseaddr
+from typing import TYPE_CHECKING, Sequence
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+from mailerd.message.dkim import DkimError, DkimSigner, PrivateKey, algorithm_of
 
 if TYPE_CHECKING:
     from typing import Callable
 
     from mailerd.schema.control import CampaignSpec, DkimKey
 
-# dkimpy (and the dnspython it pulls in) is imported where a key is loaded or a
-# message signed: a worker of a server without DKIM never carries it (4 MB each).
-
-__all__ = ["KeyError_", "Signer", "campaign_signer", "load_key"]
+__all__ = ["KeyError_", "Signer", "campaign_signer", "comparable_domain", "domain_refusal",
+           "load_key"]
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END \1-----", re.DOTALL)
-# DER of a PKCS#8 Ed25519 private key (RFC 8410) up to the 32-byte seed.
-_ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
 _ALWAYS = ("from", "to", "subject", "date", "message-id", "reply-to", "mime-version",
            "content-type", "list-unsubscribe", "list-unsubscribe-post")
 _OVERSIGN = (b"from", b"to", b"subject", b"reply-to", b"list-unsubscribe", b"list-unsubscribe-post")
@@ -43,8 +51,8 @@ class KeyError_(ValueError):
     """A DKIM key or its parameters are unusable; the message says why (never the key)."""
 
 
-def load_key(text: str | bytes) -> tuple[bytes, bytes]:
-    """(signature algorithm, private key in the form dkimpy takes) of a key file's text."""
+def load_key(text: str | bytes) -> tuple[bytes, PrivateKey]:
+    """(signature algorithm, private key) of a key file's text."""
     data = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
     data = data.replace(b"\r\n", b"\n").strip()
     match = _PEM.search(data)
@@ -55,73 +63,113 @@ def load_key(text: str | bytes) -> tuple[bytes, bytes]:
             seed = b""
         if len(seed) != 32:
             raise KeyError_("not a PEM private key, nor a base64 Ed25519 key (32 bytes)")
-        return b"ed25519-sha256", base64.b64encode(seed)
+        key: PrivateKey = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+        return algorithm_of(key), key
     kind = match[1].decode()
+    if kind not in ("RSA PRIVATE KEY", "PRIVATE KEY"):
+        raise KeyError_(f"a {kind} is not supported: use an RSA or Ed25519 private key")
     try:
         der = base64.b64decode(b"".join(match[2].split()), validate=True)
     except (binascii.Error, ValueError):
         raise KeyError_(f"the {kind} block is not valid base64") from None
-    if kind == "PRIVATE KEY" and der.startswith(_ED25519_PKCS8_PREFIX) and len(der) == 48:
-        return b"ed25519-sha256", base64.b64encode(der[len(_ED25519_PKCS8_PREFIX):])
-    if kind not in ("RSA PRIVATE KEY", "PRIVATE KEY"):
-        raise KeyError_(f"a {kind} is not supported: use an RSA or Ed25519 private key")
-    pem = (f"-----BEGIN {kind}-----\n".encode() + base64.encodebytes(der)
-           + f"-----END {kind}-----\n".encode())
-    import dkim.crypto
+    key = _parse_der(kind, der)
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 1024:
+        raise KeyError_(f"the RSA key has {key.key_size} bits; DKIM verifiers want at least 1024")
+    return algorithm_of(key), key
 
+
+def _parse_der(kind: str, der: bytes) -> PrivateKey:
+    if kind == "RSA PRIVATE KEY":  # PKCS#1: the bare RSAPrivateKey, which OpenSSL reads from DER too
+        problem = "not an RSA private key in PKCS#1 form"
+    else:
+        problem = "not an RSA or Ed25519 private key in PKCS#8 form"
     try:
-        key = dkim.crypto.parse_pem_private_key(pem)
-    except dkim.crypto.UnparsableKeyError:
-        raise KeyError_("not an RSA private key in PKCS#1 or PKCS#8 form") from None
-    bits = key["modulus"].bit_length()
-    if bits < 1024:
-        raise KeyError_(f"the RSA key has {bits} bits; DKIM verifiers want at least 1024")
-    return b"rsa-sha256", pem
+        key = load_der_private_key(der, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise KeyError_(problem) from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        raise KeyError_(problem)
+    return key
+
+
+def comparable_domain(domain: str) -> str:
+    """A domain to compare: lower case, no final dot, IDNA (left as it is when it
+    has no IDNA form: then it equals no real domain)."""
+    domain = domain.strip().rstrip(".").lower()
+    try:
+        return domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return domain
+
+
+def domain_refusal(sender: str, key_domain: str, listed: Sequence[str] | None,
+                   field: str) -> str | None:
+    """Why a key for `key_domain` that may sign the `listed` From domains (None: its
+    own domain only) must not sign mail from `sender`; None when it may. `field`
+    names the setting that lists them."""
+    address = parseaddr(sender)[1]
+    domain = address.rpartition("@")[2] if "@" in address else ""
+    allowed = [comparable_domain(d) for d in (listed if listed is not None else [key_domain])]
+    if domain and comparable_domain(domain) in allowed:
+        return None
+    return (f"from: {address or sender!r}: the domain {domain!r} is not in {field} "
+            f"({', '.join(allowed) or 'none'}), so that server's DKIM key may not sign it; "
+            f"send from one of those domains, give the campaign its own dkim key, or list "
+            f"the domain in {field}")
 
 
 class Signer:
     def __init__(self, domain: str, selector: str, key_text: str | bytes,
                  extra_headers: tuple[str, ...] = ()) -> None:
-        domain = domain.strip().rstrip(".")
+        given = domain.strip().rstrip(".")
         try:
-            self.domain = domain.encode("idna") if not domain.isascii() else domain.encode("ascii")
+            ascii_domain = given.encode("idna") if not given.isascii() else given.encode("ascii")
         except UnicodeError:
-            raise KeyError_(f"domain {domain!r} is not a valid domain name") from None
-        if not domain or not _SELECTOR.fullmatch(self.domain.decode()):
-            raise KeyError_(f"domain {domain!r} is not a valid domain name")
+            raise KeyError_(f"domain {given!r} is not a valid domain name") from None
+        if not given or not _SELECTOR.fullmatch(ascii_domain.decode()):
+            raise KeyError_(f"domain {given!r} is not a valid domain name")
         if not _SELECTOR.fullmatch(selector):
             raise KeyError_(f"selector {selector!r} is not a valid selector")
+        self.domain = ascii_domain
         self.selector = selector.encode("ascii")
-        self.algorithm, self._key = load_key(key_text)
+        self.algorithm, key = load_key(key_text)
+        self._dkim = DkimSigner(self.domain, self.selector, key)
+        # a name with ";" cannot be listed in h= (RFC 6376 3.2): such a header goes unsigned
         self._wanted = tuple(h.encode() for h in dict.fromkeys(
-            _ALWAYS + tuple(h.lower() for h in extra_headers)))
+            _ALWAYS + tuple(h.lower() for h in extra_headers if ";" not in h)))
 
     def __repr__(self) -> str:
         return (f"Signer(domain={self.domain.decode()!r}, selector={self.selector.decode()!r}, "
                 f"algorithm={self.algorithm.decode()!r})")
 
-    def sign(self, message: bytes) -> bytes:
-        """The message with its DKIM-Signature header field prepended."""
-        head = message.split(b"\r\n\r\n", 1)[0]
+    def sign(self, message: bytes, timestamp: int | None = None) -> bytes:
+        """The message with its DKIM-Signature header field prepended (t= now,
+        unless `timestamp` is given)."""
+        head_end = message.find(b"\r\n\r\n")
+        head = message if head_end == -1 else message[:head_end]
         present = {m.lower() for m in _HEADER_NAME.findall(head)}
         include = [h for h in self._wanted if h in present]
         include += [h for h in _OVERSIGN if h in present]
-        import dkim
-
+        when = int(time.time()) if timestamp is None else timestamp
         try:
-            signature = dkim.sign(
-                message, self.selector, self.domain, self._key,
-                canonicalize=(b"relaxed", b"relaxed"), signature_algorithm=self.algorithm,
-                include_headers=include,
-            )
-        except dkim.DKIMException as exc:
+            signature = self._dkim.signature(message, include, when)
+        except DkimError as exc:
             raise KeyError_(f"dkim: cannot sign: {exc}") from None
         return signature + message
 
 
-def campaign_signer(spec: CampaignSpec, server_key: Callable[[], DkimKey | None]) -> Signer | None:
+def campaign_signer(spec: CampaignSpec, server_key: Callable[[], DkimKey | None],
+                    server_domains: Sequence[str] | None = None,
+                    field: str = "the server's dkim_domains") -> Signer | None:
     """The Signer of a campaign's messages: its own key, else its server's (asked
-    for only then: reading it may touch the key file), else none."""
-    dkim = spec.dkim or server_key()  # the campaign's key wins over the server's
-    return None if dkim is None else Signer(dkim.domain, dkim.selector, dkim.key,
-                                            tuple(spec.headers))
+    for only then: reading it may touch the key file), else none. KeyError_ when
+    the server's key may not sign the campaign's From domain (`server_domains`,
+    None: the key's own domain; `field` names where they are configured)."""
+    key = spec.dkim or server_key()  # the campaign's key wins over the server's
+    if key is None:
+        return None
+    if spec.dkim is None:
+        refusal = domain_refusal(spec.sender, key.domain, server_domains, field)
+        if refusal is not None:
+            raise KeyError_(refusal)
+    return Signer(key.domain, key.selector, key.key, tuple(spec.headers))

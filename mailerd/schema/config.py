@@ -156,6 +156,8 @@ class ServerConfig(Section):
     dkim_domain: str | None = None
     dkim_selector: str | None = None
     dkim_key_file: str | None = None  # $CREDENTIALS_DIRECTORY is expanded
+    # the From domains this key may sign (review L10); None: dkim_domain alone
+    dkim_domains: list[str] | None = None
     # pacing (all live-changeable with `mailerctl set` or SIGHUP)
     group_size: NonNegative = 0  # after this many messages through this account ...
     group_interval: Duration = Duration(0)  # ... all its sessions pause this long
@@ -182,7 +184,17 @@ class ServerConfig(Section):
         dkim_keys = (self.dkim_domain, self.dkim_selector, self.dkim_key_file)
         if any(dkim_keys) and not all(dkim_keys):
             raise problem("dkim_domain", "dkim_domain, dkim_selector and dkim_key_file go together")
+        self._check_dkim_domains()
         self._check_tls()
+
+    def _check_dkim_domains(self) -> None:
+        if self.dkim_domains is None:
+            return
+        if not self.dkim_key_file:
+            raise problem("dkim_domains", "needs dkim_key_file")
+        for domain in self.dkim_domains:
+            if not domain.strip(" .") or "@" in domain or any(c.isspace() for c in domain.strip()):
+                raise problem("dkim_domains", f"{domain!r} is not a domain name")
 
     def _check_tls(self) -> None:
         """TLS trust and AUTH settings that cannot work or would leak the password."""

@@ -1,6 +1,6 @@
 """What the daemon hands its workers besides the campaign: the unsubscribe key and
-the servers' DKIM keys, each read once (at start, or when a server first appears)
-and never logged."""
+the servers' DKIM keys, each read at start (or when a server first appears) and
+again on every reload, never logged."""
 
 from __future__ import annotations
 
@@ -38,13 +38,25 @@ class Identity:
             self.unsubscribe_key = tokens.load_or_create_key(config.state_dir)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot use {config.state_dir / tokens.KEY_FILE}: {exc}") from None
-        self._dkim: dict[tuple[str, str | None], DkimKey | None] = {}
-        for name, server in config.servers.items():
-            self.server_dkim(name, server)
+        self._dkim = _read_all_dkim(config)
 
     def server_dkim(self, name: str, server: ServerConfig) -> DkimKey | None:
-        """The server's key, read the first time this server (with this key file) is seen."""
-        cache_key = (name, server.dkim_key_file)
-        if cache_key not in self._dkim:
-            self._dkim[cache_key] = read_server_dkim(name, server)
-        return self._dkim[cache_key]
+        """The server's key, read the first time this server is seen (and on reload)."""
+        if name not in self._dkim:
+            self._dkim[name] = (read_server_dkim(name, server), server.dkim_domains)
+        return self._dkim[name][0]
+
+    def reload(self, config: Config) -> set[str]:
+        """SIGHUP: every server's key read again, so a key rotated on disk is used from
+        now on. The servers whose key or dkim_domains changed (their workers hold the
+        old ones). ConfigError, and nothing changed, if a key cannot be used."""
+        fresh = _read_all_dkim(config)
+        changed = {name for name, held in self._dkim.items()
+                   if name in fresh and fresh[name] != held}
+        self._dkim = fresh
+        return changed
+
+
+def _read_all_dkim(config: Config) -> dict[str, tuple[DkimKey | None, list[str] | None]]:
+    return {name: (read_server_dkim(name, server), server.dkim_domains)
+            for name, server in config.servers.items()}

@@ -139,8 +139,9 @@ class Supervisor:
                 event("setting_ignored", logging.WARNING, server=name, setting=key, error=str(exc))
         return config
 
-    def _reconfigure(self, server: ServerRun, config: ServerConfig) -> None:
-        restart = any(getattr(config, k) != getattr(server.config, k) for k in CONNECTION_KEYS)
+    def _reconfigure(self, server: ServerRun, config: ServerConfig, restart: bool = False) -> None:
+        restart = restart or any(getattr(config, k) != getattr(server.config, k)
+                                 for k in CONNECTION_KEYS)
         if restart or server.broken is not None:  # first: an unreadable file changes nothing
             self.passwords[server.name] = read_password(server.name, config)
         server.config = config
@@ -181,11 +182,12 @@ class Supervisor:
 
     async def reload(self, config: Config) -> None:
         """SIGHUP: the config file is the truth again; run-time settings are dropped."""
+        rotated = self.identity.reload(config)  # first: a key it cannot use changes nothing
         self.config = config
         self.journal.bounce_rule = bounce_rule(config.suppression)
         for name, server_config in config.servers.items():
             try:
-                await self._reload_server(name, server_config)
+                await self._reload_server(name, server_config, name in rotated)
             except ConfigError as exc:  # its password file: the other servers still reload
                 event("config_reload_failed", logging.ERROR, server=name, error=str(exc))
         for name in set(self.servers) - set(config.servers):
@@ -194,7 +196,7 @@ class Supervisor:
         event("config_reloaded", path=config.path, servers=",".join(config.servers))
         self.kick()
 
-    async def _reload_server(self, name: str, config: ServerConfig) -> None:
+    async def _reload_server(self, name: str, config: ServerConfig, key_rotated: bool) -> None:
         if name not in self.servers:
             self.passwords[name] = read_password(name, config)
             await self._add_server(name, config)
@@ -204,7 +206,7 @@ class Supervisor:
         if server.overrides:
             server.overrides = {}
             await self.committer.run(self.journal.save_overrides, name, None)
-        self._reconfigure(server, config)
+        self._reconfigure(server, config, restart=key_rotated)
 
     # ------------------------------------------------------------ once a second
 

@@ -210,7 +210,7 @@ class Worker:
         signer: Signer | None
         try:
             renderer = Renderer.from_spec(spec, message.uid, attachments, self.setup.unsubscribe_key)
-            signer = campaign_signer(spec, lambda: self.setup.dkim)
+            signer = campaign_signer(spec, lambda: self.setup.dkim, self.server.dkim_domains)
             problem = ""
         except (TemplateError, RenderError, KeyError_) as exc:  # checked at enqueue: not expected
             renderer, signer, problem = None, None, str(exc)
