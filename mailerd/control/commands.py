@@ -110,9 +110,12 @@ class Commands:
     async def enqueue_rows(self, session: ClientSession, request: EnqueueRows) -> Reply:
         if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
-        return await self.committer.run(
-            store_chunk, self.journal, request.campaign, session.spec.columns, request.rows
-        )
+        reply = await self.committer.run(
+            store_chunk, self.journal, request.campaign, session.spec, request.rows,
+            request.skip_unsafe)
+        if isinstance(reply, Error):  # refused: the campaign is not kept
+            await self.abandon(session)
+        return reply
 
     async def enqueue_commit(self, session: ClientSession, request: EnqueueCommit) -> Reply:
         if session.loading != request.campaign:

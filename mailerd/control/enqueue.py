@@ -1,8 +1,10 @@
 """Taking a campaign in: checking its spec and storing its list, chunk by chunk.
 
 The client streams rows; each chunk is checked here (column count, address
-syntax, duplicates within the list) and stored in one journal operation. Bad rows
-are kept as `invalid` with their line and reason: a list is never refused for them.
+syntax, duplicates within the list, merge values that would make an unsafe
+message) and stored in one journal operation. Bad rows are kept as `invalid` with
+their line and reason: a list is never refused for them, except for unsafe merge
+values, which refuse the campaign unless the client asked to skip them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import msgspec
 from mailerd.message.addresses import check_address
 from mailerd.config import Config
 from mailerd.journal.store import Journal, NewRecipient, suppressed_reply
-from mailerd.schema.control import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
+from mailerd.message.rowcheck import RowCheck, row_check_for
+from mailerd.schema.control import (CampaignSpec, Error, Row, RowsAccepted, email_column_index,
+                                    merge_field_names)
 from mailerd.message.render import (RenderError, Renderer, TemplateError, header_name_problem,
                      list_unsubscribe_value, template_variables)
 from mailerd.message.signing import KeyError_, Signer
@@ -148,13 +152,24 @@ def _check_template(field: str, source: str, known: set[str]) -> None:
         )
 
 
-def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[Row]) -> RowsAccepted:
-    """Check and store one chunk. Runs on the journal thread, inside one transaction."""
+def store_chunk(journal: Journal, campaign: int, spec: CampaignSpec, rows: list[Row],
+                skip_unsafe: bool = False) -> RowsAccepted | Error:
+    """Check and store one chunk. Runs on the journal thread, inside one transaction.
+    A row with unsafe merge values refuses the chunk (an Error naming its line and
+    column; nothing is stored), or with skip_unsafe is stored as invalid."""
+    columns = spec.columns
     index = email_column(columns)
+    row_check = row_check_for(spec)
     prepared: list[NewRecipient] = []
     first_line_of: dict[str, int] = {}
+    unsafe: list[tuple[int, str]] = []
     for row in rows:
-        prepared.append(_prepare(row, index, len(columns), first_line_of))
+        prepared.append(_prepare(row, index, len(columns), first_line_of, row_check, unsafe))
+    if unsafe and not skip_unsafe:
+        line, problem = unsafe[0]
+        return Error(message=f"campaign refused: line {line}: {problem} ({len(unsafe)} such "
+                             f"row(s) in this chunk of the list); correct the list, or "
+                             f"`mailerctl enqueue --skip-unsafe` keeps such rows as invalid")
     earlier = journal.first_lines(campaign, first_line_of)
     if earlier:
         prepared = [_mark_earlier_duplicate(r, earlier) for r in prepared]
@@ -162,10 +177,11 @@ def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[
         prepared = _mark_suppressed(journal, prepared)
     journal.add_recipients(campaign, prepared)
     invalid = sum(1 for r in prepared if r.state == "invalid")
-    return RowsAccepted(rows=len(prepared), invalid=invalid)
+    return RowsAccepted(rows=len(prepared), invalid=invalid, unsafe=len(unsafe))
 
 
-def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int]) -> NewRecipient:
+def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int],
+             row_check: RowCheck, unsafe: list[tuple[int, str]]) -> NewRecipient:
     values = row.values
     raw_email = values[index] if index < len(values) else ""
     if len(values) != width:
@@ -175,9 +191,13 @@ def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int]) ->
         return _invalid(row.line, raw_email, check.reason)
     if check.key in first_line_of:
         return _invalid(row.line, check.address, f"duplicate of line {first_line_of[check.key]}")
+    merge_values = values[:index] + values[index + 1:]  # all but the email column
+    problem = row_check.problem(check.address, merge_values)
+    if problem is not None:
+        unsafe.append((row.line, str(problem)))
+        return _invalid(row.line, check.address, f"unsafe merge value: {problem}")
     first_line_of[check.key] = row.line
-    fields = _encode(values[:index] + values[index + 1:])  # all but the email column
-    return NewRecipient(row.line, check.address, check.key, fields, "queued", None)
+    return NewRecipient(row.line, check.address, check.key, _encode(merge_values), "queued", None)
 
 
 def _mark_earlier_duplicate(row: NewRecipient, earlier: dict[str, int]) -> NewRecipient:
