@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -11,7 +12,7 @@ from typing import Callable, NamedTuple, TypeVar
 from mailerd import __version__
 from mailerd.journal.committer import Committer
 from mailerd.config import Config, ConfigError
-from mailerd.control.enqueue import SpecError, check_spec, store_chunk
+from mailerd.control.enqueue import SpecError, check_spec, store_chunk, unsafe_rows
 from mailerd.journal.store import CampaignRow, Journal
 from mailerd.system.log import event
 from mailerd.message.render import message_id_for
@@ -110,9 +111,11 @@ class Commands:
     async def enqueue_rows(self, session: ClientSession, request: EnqueueRows) -> Reply:
         if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
+        # rendering each row's headers is CPU work: neither on the loop nor the journal thread
+        unsafe = await asyncio.to_thread(unsafe_rows, session.spec, request.rows)
         reply = await self.committer.run(
-            store_chunk, self.journal, request.campaign, session.spec, request.rows,
-            request.skip_unsafe)
+            store_chunk, self.journal, request.campaign, session.spec.columns, request.rows,
+            unsafe, request.skip_unsafe)
         if isinstance(reply, Error):  # refused: the campaign is not kept
             await self.abandon(session)
         return reply
