@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from conftest import relay_server
 from mailerd.message.headers import (encoded_word_problem, file_name_problem,
                                      folded_header_problem, merge_value_problem)
-from mailerd.message.render import POLICY, Attachment, Renderer, RenderError, TemplateError, UnsafeValue
+from mailerd.message.render import (POLICY, Attachment, Renderer, RenderError, TemplateError, UnsafeValue,
+                                    needs_smtputf8)
 from mailerd.message.rowcheck import RowCheck
 from mailerd.schema.control import CampaignSpec, ListCampaigns
 from test_messages import MINIMAL, parse, text_of, write_campaign
@@ -150,6 +151,12 @@ def test_an_encoded_word_split_over_two_columns_is_refused_naming_both() -> None
     assert problem is not None and problem.column == "a, b" and "subject" in problem.why
 
 
+def test_an_encoded_word_in_the_address_is_refused_naming_the_email_column() -> None:
+    spec = CampaignSpec(name="n", sender=SENDER, subject="Hi", text="t", columns=["email"])
+    problem = RowCheck(spec).problem("=?utf-8?q?=0D=0ABcc:_v?=@example.com", [])
+    assert problem is not None and problem.column == "email" and "decodes to control" in problem.why
+
+
 def test_row_check_names_the_column_and_why() -> None:
     spec = CampaignSpec(name="n", sender=SENDER, subject="Welcome {{ first_name }}",
                         text="Hi {{ first_name }} from {{ city }}", columns=["email", "first_name", "city"])
@@ -220,8 +227,8 @@ HEADERS_DECLARED = ["From", "To", "Subject", "Date", "Message-ID", "X-Tag", "MIM
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(hostile_values, hostile_values)
-def test_any_merge_values_leave_the_declared_headers_and_bodies_alone(first_name, city) -> None:
+@given(hostile_values, hostile_values, st.sampled_from(["v@example.com", "vé@example.com"]))
+def test_any_merge_values_leave_the_declared_headers_and_bodies_alone(first_name, city, to) -> None:
     """For any merge values: enqueue's row check refuses the row, or the message renders
     (never the one without the other), its header block parses back to exactly the
     headers the template declared, and the bodies are the templates' output."""
@@ -230,9 +237,10 @@ def test_any_merge_values_leave_the_declared_headers_and_bodies_alone(first_name
                         headers={"X-Tag": "{{ first_name }} {{ city }}"},
                         columns=["email", "first_name", "city"])
     fields = [first_name, city]
-    problem = RowCheck(spec).problem("v@example.com", fields)
-    try:
-        out = Renderer.from_spec(spec, "u").render(line=1, email="v@example.com", fields=fields, date=DATE)
+    problem = RowCheck(spec).problem(to, fields)
+    try:  # as a worker renders: SMTPUTF8 (UTF-8 headers by the email package) for "vé@"
+        out = Renderer.from_spec(spec, "u").render(line=1, email=to, fields=fields, date=DATE,
+                                                   smtputf8=needs_smtputf8(to, SENDER))
     except RenderError as exc:
         assert problem is not None, f"render failed but enqueue would have taken the row: {exc}"
         return

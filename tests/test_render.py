@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from mailerd.message.headers import encoded_word_problem
 from mailerd.message.render import (
     POLICY,
     RenderError,
@@ -99,6 +100,9 @@ unsafe_subjects = st.one_of(
         "Hi\r\nBcc: evil@example.com", "Hi\nBcc: evil@example.com", "Hi\rX-Evil: 1",
         "trailing newline\n", "trailing crlf\r\n", "\r\nBcc: evil@example.com", "nul\x00",
         "vt\x0bhere", "trailing vt\x0b", "ls\u2028Bcc: x@y.z",
+        # RFC 2047 encoded CR/LF: the email package of CPython < 3.11.10 writes them out raw
+        "=?utf-8?q?x=0D=0ABcc:_evil@example.com?=", "hi =?utf-8?b?eA0KQmNjOiBldmlsQGV4YW1wbGUuY29t?=",
+        "=?utf-8?q?=0D=0A=0D=0A.=0D=0A?=", '"=?utf-8?q?a=0D=0Ab?=" <x@y>',
     ]),
     st.text(alphabet=ASCII_PRINTABLE + HEADER_CONTROLS, max_size=60),
 )
@@ -271,7 +275,7 @@ def test_control_characters_never_create_headers(layout: str, subject: str, to: 
     try:
         out = renderer.render(line=1, email=to, fields=[subject, "body\n", "<p>body</p>"], date=DATE)
     except RenderError as exc:
-        assert re.search(f"[{re.escape(HEADER_CONTROLS)}]", subject + to)
+        assert re.search(f"[{re.escape(HEADER_CONTROLS)}]", subject + to) or encoded_word_problem(subject)
         # the header's field, or for controls refused in any merge value, the column
         assert str(exc).startswith(("subject:", "to:", "column 'subject':"))
         return

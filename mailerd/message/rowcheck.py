@@ -52,15 +52,15 @@ class RowCheck:
         except UnsafeValue as exc:
             return RowProblem(exc.column, exc.why)
         except RenderError as exc:
-            return self._culprit(fields, str(exc))
+            return self._culprit(email, fields, str(exc))
         return None
 
-    def _culprit(self, fields: list[str], error: str) -> RowProblem:
+    def _culprit(self, email: str, fields: list[str], error: str) -> RowProblem:
         """The column whose value alone makes a header unsafe, else every column the
         headers read (values that are unsafe only together, e.g. split encoded words)."""
-        for index, column in self._header_columns:
+        for index, column in [(-1, "email"), *self._header_columns]:
             if index < len(fields):
-                problem = header_value_problem(fields[index])
+                problem = header_value_problem(email if index < 0 else fields[index])
                 if problem is not None:
                     return RowProblem(column, f"{problem} (the value goes into a header)")
         columns = ", ".join(c for _, c in self._header_columns) or "email"
