@@ -74,11 +74,19 @@ class _CheckedPolicy(email.policy.EmailPolicy):
     produced, so it holds on interpreters without the CVE-2024-6923 fix too."""
 
     def fold_binary(self, name: str, value: Any) -> bytes:
-        folded = super().fold_binary(name, value)
-        problem = folded_header_problem(folded)
-        if problem is not None:
-            raise ValueError(f"{name}: {problem}")
+        return _refuse_unsafe_fold(name, super().fold_binary(name, value))
+
+    def fold(self, name: str, value: Any) -> str:  # as_string(); mailerd itself uses bytes
+        folded = super().fold(name, value)
+        _refuse_unsafe_fold(name, folded.encode("utf-8", "surrogateescape"))
         return folded
+
+
+def _refuse_unsafe_fold(name: str, folded: bytes) -> bytes:
+    problem = folded_header_problem(folded)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+    return folded
 
 
 # refold_source="none": a header stored with set_raw (only List-Unsubscribe, see
