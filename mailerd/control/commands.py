@@ -12,7 +12,8 @@ from typing import Callable, NamedTuple, TypeVar
 from mailerd import __version__
 from mailerd.journal.committer import Committer
 from mailerd.config import Config, ConfigError
-from mailerd.control.enqueue import SpecError, check_spec, store_chunk, unsafe_rows
+from mailerd.control.enqueue import SpecError, check_spec, store_chunk
+from mailerd.message.rowcheck import unsafe_rows
 from mailerd.journal.store import CampaignRow, Journal
 from mailerd.system.log import event
 from mailerd.message.render import message_id_for

@@ -16,9 +16,9 @@ import msgspec
 from mailerd.message.addresses import check_address
 from mailerd.config import Config
 from mailerd.journal.store import Journal, NewRecipient, suppressed_reply
-from mailerd.message.rowcheck import row_check_for
 from mailerd.schema.control import (CampaignSpec, Error, Row, RowsAccepted, email_column_index,
                                     merge_field_names)
+from mailerd.message.rowcheck import UNSAFE
 from mailerd.message.render import (RenderError, Renderer, TemplateError, header_name_problem,
                      list_unsubscribe_value, template_variables)
 from mailerd.message.signing import KeyError_, Signer
@@ -152,30 +152,13 @@ def _check_template(field: str, source: str, known: set[str]) -> None:
         )
 
 
-def unsafe_rows(spec: CampaignSpec, rows: list[Row]) -> dict[int, str]:
-    """{line: why} for the rows whose merge values would make an unsafe message (see
-    message/rowcheck.py).  Pure CPU work, about 25 µs a row (250 µs with non-ASCII
-    header values): run it off the event loop and off the journal thread."""
-    index = email_column(spec.columns)
-    row_check = row_check_for(spec)
-    found: dict[int, str] = {}
-    for row in rows:
-        if len(row.values) != len(spec.columns):
-            continue  # invalid anyway
-        check = check_address(row.values[index])
-        if check.ok:
-            problem = row_check.problem(check.address, row.values[:index] + row.values[index + 1:])
-            if problem is not None:
-                found[row.line] = str(problem)
-    return found
-
-
 def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[Row],
                 unsafe: dict[int, str] | None = None, skip_unsafe: bool = False
                 ) -> RowsAccepted | Error:
     """Check and store one chunk. Runs on the journal thread, inside one transaction.
-    `unsafe` is unsafe_rows' finding: such a row refuses the chunk (an Error naming its
-    line and column; nothing is stored), or with skip_unsafe is stored as invalid."""
+    `unsafe` is message.rowcheck.unsafe_rows' finding: such a row refuses the chunk
+    (an Error naming its line and column; nothing is stored), or with skip_unsafe is
+    stored as invalid."""
     unsafe = unsafe or {}
     if unsafe and not skip_unsafe:
         line = min(unsafe)
@@ -194,7 +177,8 @@ def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[
         prepared = _mark_suppressed(journal, prepared)
     journal.add_recipients(campaign, prepared)
     invalid = sum(1 for r in prepared if r.state == "invalid")
-    return RowsAccepted(rows=len(prepared), invalid=invalid, unsafe=len(unsafe))
+    skipped = sum(1 for r in prepared if r.reply is not None and r.reply.startswith(UNSAFE))
+    return RowsAccepted(rows=len(prepared), invalid=invalid, unsafe=skipped)
 
 
 def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int],
@@ -209,7 +193,7 @@ def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int],
     if check.key in first_line_of:
         return _invalid(row.line, check.address, f"duplicate of line {first_line_of[check.key]}")
     if row.line in unsafe:
-        return _invalid(row.line, check.address, f"unsafe merge value: {unsafe[row.line]}")
+        return _invalid(row.line, check.address, f"{UNSAFE}{unsafe[row.line]}")
     first_line_of[check.key] = row.line
     fields = _encode(values[:index] + values[index + 1:])  # all but the email column
     return NewRecipient(row.line, check.address, check.key, fields, "queued", None)

@@ -12,12 +12,15 @@ from collections import OrderedDict
 from email.utils import parseaddr
 from typing import NamedTuple
 
+from mailerd.message.addresses import check_address
 from mailerd.message.headers import header_value_problem
 from mailerd.message.render import (RenderError, Renderer, UnsafeValue, needs_smtputf8,
                                     template_variables)
-from mailerd.schema.control import CampaignSpec, merge_field_names
+from mailerd.schema.control import CampaignSpec, Row, email_column_index, merge_field_names
 
-__all__ = ["RowCheck", "RowProblem", "row_check_for"]
+__all__ = ["UNSAFE", "RowCheck", "RowProblem", "row_check_for", "unsafe_rows"]
+
+UNSAFE = "unsafe merge value: "  # how the reason of a row kept invalid for it begins
 
 _CHECK_UID = "enqueue-check"  # only Message-ID and token use it; both are safe for any uid
 _CHECK_KEY = b"enqueue-check-key"  # a token has the same form whatever the key
@@ -65,6 +68,27 @@ class RowCheck:
                     return RowProblem(column, f"{problem} (the value goes into a header)")
         columns = ", ".join(c for _, c in self._header_columns) or "email"
         return RowProblem(columns, error)
+
+
+def unsafe_rows(spec: CampaignSpec, rows: list[Row]) -> dict[int, str]:
+    """{line: why} for the rows of a list chunk whose merge values would make an unsafe
+    message (rows invalid for other reasons are left to enqueue).  Pure CPU work, about
+    25 µs a row (250 µs with non-ASCII header values): run it off the event loop and
+    off the journal thread."""
+    index = email_column_index(spec.columns)
+    if index is None:
+        return {}  # refused by check_spec
+    row_check = row_check_for(spec)
+    found: dict[int, str] = {}
+    for row in rows:
+        if len(row.values) != len(spec.columns):
+            continue
+        address = check_address(row.values[index])
+        if address.ok:
+            problem = row_check.problem(address.address, row.values[:index] + row.values[index + 1:])
+            if problem is not None:
+                found[row.line] = str(problem)
+    return found
 
 
 def _header_templates(spec: CampaignSpec) -> list[str]:
