@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enqueue", help="add a campaign and its recipient list")
     p.add_argument("campaign_file", metavar="CAMPAIGN.toml")
     p.add_argument("--recipients", "-r", required=True, metavar="LIST.csv")
+    p.add_argument("--skip-unsafe", action="store_true",
+                   help="keep rows whose merge values cannot go into a message safely (control "
+                        "characters, encoded words that decode to them) as invalid instead of "
+                        "refusing the campaign")
     p.add_argument("--json", action="store_true")
 
     for name, text in (("pause", "stop starting new transactions"),
@@ -191,7 +195,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             assert isinstance(started, Enqueued)
             messages.send_attachments(client, started.campaign, files)
             progress = output.EnqueueProgress(recipients.size) if sys.stderr.isatty() else None
-            invalid = _stream_rows(client, started.campaign, recipients, progress)
+            invalid, unsafe = _stream_rows(client, started.campaign, recipients, progress,
+                                           args.skip_unsafe)
             report = client.call(EnqueueCommit(campaign=started.campaign))
             if progress:
                 progress.finish()
@@ -199,9 +204,13 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         recipients.close()
     assert isinstance(report, CampaignReport)
     if args.json:
-        output.print_json({"id": report.id, "total": report.total, "invalid": invalid})
+        output.print_json({"id": report.id, "total": report.total, "invalid": invalid,
+                           "unsafe": unsafe})
     else:
         print(report.id)
+        if unsafe:
+            print(f"mailerctl: {unsafe} rows have unsafe merge values and were kept as invalid "
+                  "(--skip-unsafe)", file=sys.stderr)
         if invalid:
             print(f"mailerctl: {invalid} of {report.total} rows are invalid; "
                   f"see: mailerctl report {report.id} --state invalid", file=sys.stderr)
@@ -221,34 +230,36 @@ def _named_if_too_large(args: argparse.Namespace, columns: int) -> Iterator[None
 
 
 def _stream_rows(client: Client, campaign: int, recipients: RecipientList,
-                 progress: "output.EnqueueProgress | None") -> int:
+                 progress: "output.EnqueueProgress | None", skip_unsafe: bool) -> tuple[int, int]:
     """Send the list in chunks, one chunk ahead: while the daemon stores chunk k we
-    read and send chunk k+1 (its reply is awaited before k+2 goes out)."""
-    invalid = 0
+    read and send chunk k+1 (its reply is awaited before k+2 goes out).
+    Returns the counts of (invalid, unsafe) rows."""
+    counts = [0, 0]
     in_flight = 0
     chunk = []
     for row in recipients.rows():
         chunk.append(row)
         if len(chunk) >= CHUNK_ROWS:
-            client.send(EnqueueRows(campaign=campaign, rows=chunk))
+            client.send(EnqueueRows(campaign=campaign, rows=chunk, skip_unsafe=skip_unsafe))
             chunk = []
             if in_flight:
-                invalid += _chunk_reply(client)
+                _chunk_reply(client, counts)
             in_flight = 1
             if progress:
                 progress.update(recipients.position())
     if chunk:
-        client.send(EnqueueRows(campaign=campaign, rows=chunk))
+        client.send(EnqueueRows(campaign=campaign, rows=chunk, skip_unsafe=skip_unsafe))
         in_flight += 1
     for _ in range(in_flight):
-        invalid += _chunk_reply(client)
-    return invalid
+        _chunk_reply(client, counts)
+    return counts[0], counts[1]
 
 
-def _chunk_reply(client: Client) -> int:
+def _chunk_reply(client: Client, counts: list[int]) -> None:
     reply = client.receive()
     assert isinstance(reply, RowsAccepted)
-    return reply.invalid
+    counts[0] += reply.invalid
+    counts[1] += reply.unsafe
 
 
 def _campaign_command(make_request: Callable[[argparse.Namespace], object]):

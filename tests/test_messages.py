@@ -139,20 +139,22 @@ def test_merge_values_cannot_add_headers_at_the_relay(tmp_path, relay_factory, d
     relay = relay_factory()
     daemon = daemon_factory({"isp": relay_server(relay)}).start()
     evil = '"Hi\r\nBcc: victim@x.example"'
-    cid = daemon.enqueue(*write_campaign(tmp_path / "c", [
+    campaign, recipients = write_campaign(tmp_path / "c", [
         'name = "n"', 'from = "news@example.org"', 'subject = "{{ s }}"', 'text = "t.txt"',
         'headers = { "X-Tag" = "{{ tag }}" }',
     ], ["email,s,tag", f"a@example.com,{evil},ok", f"b@example.com,fine,{evil}",
         "c@example.com,fine,ok", 'd@example.com,"Hi\nBcc: victim@x.example",ok'],
-        {"t.txt": "Body with {{ s }}\n"}))
+        {"t.txt": "Body with {{ s }}\n"})
+    # found at enqueue (issue 15), not at send time: --skip-unsafe keeps those rows as invalid
+    cid = int(daemon.ctl("enqueue", str(campaign), "--recipients", str(recipients), "--skip-unsafe").stdout)
     report = daemon.wait_done(cid)
-    assert report.counts.sent == 1 and report.counts.failed == 3
+    assert report.counts.sent == 1 and report.counts.invalid == 3 and report.counts.failed == 0
     assert [r.rcpt for r in relay.messages()] == ["c@example.com"]
     for got in relay.messages():
         assert "Bcc" not in parse(got.data) and b"victim" not in got.data
-    failed = {r.email: r.reply for r in daemon.report(cid, "failed").recipients}
-    assert "subject: control character" in failed["a@example.com"]
-    assert "headers.X-Tag: control character" in failed["b@example.com"]
+    invalid = {r.email: r.reply for r in daemon.report(cid, "invalid").recipients}
+    assert "column 's': control character" in invalid["a@example.com"]
+    assert "column 'tag': control character" in invalid["b@example.com"]
 
 
 def test_ed25519_server_dkim_and_message_id_stable_across_a_forced_resend(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ from mailerd.control.suppression import SuppressionList
 from mailerd.journal.committer import Committer
 from mailerd.journal.store import Journal
 from mailerd.message.check import SpecError
+from mailerd.message.rowcheck import unsafe_rows
 from mailerd.message.render import message_id_for
 from mailerd.schema.config import Config
 from mailerd.schema.records import CampaignRow
@@ -140,9 +142,14 @@ class Commands:
     async def enqueue_rows(self, session: ClientSession, request: EnqueueRows) -> Reply:
         if session.loading != request.campaign:
             return Error(message=f"campaign {request.campaign} is not being loaded on this connection")
-        return await self.committer.run(
-            store_chunk, self.journal, request.campaign, session.spec.columns, request.rows
-        )
+        # rendering each row's headers is CPU work: neither on the loop nor the journal thread
+        unsafe = await asyncio.to_thread(unsafe_rows, session.spec, request.rows)
+        reply = await self.committer.run(
+            store_chunk, self.journal, request.campaign, session.spec.columns, request.rows,
+            unsafe, request.skip_unsafe)
+        if isinstance(reply, Error):  # refused: the campaign is not kept
+            await self.abandon(session)
+        return reply
 
     async def enqueue_commit(self, session: ClientSession, request: EnqueueCommit) -> Reply:
         if session.loading != request.campaign:

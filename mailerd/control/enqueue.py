@@ -1,8 +1,10 @@
 """Taking a campaign in: checking its spec and storing its list, chunk by chunk.
 
 The client streams rows; each chunk is checked here (column count, address
-syntax, duplicates within the list) and stored in one journal operation. Bad rows
-are kept as `invalid` with their line and reason: a list is never refused for them.
+syntax, duplicates within the list, merge values that would make an unsafe
+message) and stored in one journal operation. Bad rows are kept as `invalid` with
+their line and reason: a list is never refused for them, except for unsafe merge
+values, which refuse the campaign unless the client asked to skip them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from mailerd.message.addresses import check_address
 from mailerd.schema.config import Config
 from mailerd.journal.store import Journal, suppressed_reply
 from mailerd.schema.records import NewRecipient
-from mailerd.schema.control import CampaignSpec, Row, RowsAccepted, email_column_index, merge_field_names
+from mailerd.schema.control import (CampaignSpec, Error, Row, RowsAccepted, email_column_index,
+                                    merge_field_names)
 from mailerd.message.check import SpecError, check_message_parts
 from mailerd.message.render import TemplateError, template_variables
 from mailerd.message.signing import domain_refusal
+from mailerd.message.rowcheck import UNSAFE
 
 BUILTIN_VARIABLES = {"email", "token"}
 
@@ -98,13 +102,24 @@ def _check_template(field: str, source: str, known: set[str]) -> None:
         )
 
 
-def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[Row]) -> RowsAccepted:
-    """Check and store one chunk. Runs on the journal thread, inside one transaction."""
+def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[Row],
+                unsafe: dict[int, str] | None = None, skip_unsafe: bool = False
+                ) -> RowsAccepted | Error:
+    """Check and store one chunk. Runs on the journal thread, inside one transaction.
+    `unsafe` is message.rowcheck.unsafe_rows' finding: such a row refuses the chunk
+    (an Error naming its line and column; nothing is stored), or with skip_unsafe is
+    stored as invalid."""
+    unsafe = unsafe or {}
+    if unsafe and not skip_unsafe:
+        line = min(unsafe)
+        return Error(message=f"campaign refused: line {line}: {unsafe[line]} ({len(unsafe)} such "
+                             f"row(s) in this chunk of the list); correct the list, or "
+                             f"`mailerctl enqueue --skip-unsafe` keeps such rows as invalid")
     index = email_column(columns)
     prepared: list[NewRecipient] = []
     first_line_of: dict[str, int] = {}
     for row in rows:
-        prepared.append(_prepare(row, index, len(columns), first_line_of))
+        prepared.append(_prepare(row, index, len(columns), first_line_of, unsafe))
     earlier = journal.first_lines(campaign, first_line_of)
     if earlier:
         prepared = [_mark_earlier_duplicate(r, earlier) for r in prepared]
@@ -112,10 +127,12 @@ def store_chunk(journal: Journal, campaign: int, columns: list[str], rows: list[
         prepared = _mark_suppressed(journal, prepared)
     journal.add_recipients(campaign, prepared)
     invalid = sum(1 for r in prepared if r.state == "invalid")
-    return RowsAccepted(rows=len(prepared), invalid=invalid)
+    skipped = sum(1 for r in prepared if r.reply is not None and r.reply.startswith(UNSAFE))
+    return RowsAccepted(rows=len(prepared), invalid=invalid, unsafe=skipped)
 
 
-def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int]) -> NewRecipient:
+def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int],
+             unsafe: dict[int, str]) -> NewRecipient:
     values = row.values
     raw_email = values[index] if index < len(values) else ""
     if len(values) != width:
@@ -125,6 +142,8 @@ def _prepare(row: Row, index: int, width: int, first_line_of: dict[str, int]) ->
         return _invalid(row.line, raw_email, check.reason)
     if check.key in first_line_of:
         return _invalid(row.line, check.address, f"duplicate of line {first_line_of[check.key]}")
+    if row.line in unsafe:
+        return _invalid(row.line, check.address, f"{UNSAFE}{unsafe[row.line]}")
     first_line_of[check.key] = row.line
     fields = _encode(values[:index] + values[index + 1:])  # all but the email column
     return NewRecipient(row.line, check.address, check.key, fields, "queued", None)

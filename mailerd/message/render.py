@@ -13,9 +13,15 @@ multipart/mixed with the attachments when there are any.  Attachments are
 base64-encoded once per campaign and spliced in per recipient.
 
 Merge values can never add or split a header: every header value is checked for
-CR, LF and the other controls (RenderError naming the field) and then folded by
-the email package's policy, which RFC 2047-encodes non-ASCII text; with
-``smtputf8=True`` the SMTPUTF8 policy writes it as UTF-8 (RFC 6532) instead.
+CR, LF and the other controls, and for RFC 2047 encoded words that decode to
+them (RenderError naming the field); it is then folded by the email package's
+policy, which RFC 2047-encodes non-ASCII text (with ``smtputf8=True`` the
+SMTPUTF8 policy writes it as UTF-8, RFC 6532, instead), and every line the policy
+folds is checked again, as bytes, whatever the interpreter (headers.py says why).
+Merge values with C0 controls other than tab and line breaks are refused for
+bodies too (UnsafeValue naming the column).  HTML bodies autoescape merge values;
+`|safe` marks trusted markup.  `check_headers` runs the header half of `render`,
+which is what enqueue runs on every row so no row fails for its headers later.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from mailerd.message import tokens
+from mailerd.message.headers import (file_name_problem, folded_header_problem,
+                                     header_value_problem, merge_value_problem)
 from mailerd.schema.control import merge_field_names
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "RenderError",
     "Renderer",
     "TemplateError",
+    "UnsafeValue",
     "content_type_for",
     "format_date",
     "header_name_problem",
@@ -57,23 +66,39 @@ __all__ = [
     "template_variables",
 ]
 
+
+class _CheckedPolicy(email.policy.EmailPolicy):
+    """email.policy.SMTP, except that a folded header line with a bare CR or LF, a
+    line break not followed by white space, or another control is an error
+    (ValueError) instead of output: the check is on the bytes the email package
+    produced, so it holds on interpreters without the CVE-2024-6923 fix too."""
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        return _refuse_unsafe_fold(name, super().fold_binary(name, value))
+
+    def fold(self, name: str, value: Any) -> str:  # as_string(); mailerd itself uses bytes
+        folded = super().fold(name, value)
+        _refuse_unsafe_fold(name, folded.encode("utf-8", "surrogateescape"))
+        return folded
+
+
+def _refuse_unsafe_fold(name: str, folded: bytes) -> bytes:
+    problem = folded_header_problem(folded)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+    return folded
+
+
 # refold_source="none": a header stored with set_raw (only List-Unsubscribe, see
 # _fold_list_unsubscribe) is written as it is; every other header is an object the
 # policy folds.  The default would RFC 2047-encode a long URL, which breaks it.
-POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
+POLICY = _CheckedPolicy(linesep="\r\n", cte_type="7bit", refold_source="none")
 # For a message to or from an internationalised address, sent with SMTPUTF8:
 # headers are UTF-8 (RFC 6532) instead of RFC 2047 encoded words.
 POLICY_SMTPUTF8 = POLICY.clone(utf8=True)
 
 _CRLF = "\r\n"
 _MAX_LINE = POLICY.max_line_length
-
-# Characters that make the email package either raise ("Header values may not
-# contain linefeed or carriage return characters", for anything str.splitlines
-# splits on, unless it is trailing) or, worse, emit them raw: a trailing "\r\n"
-# in a Subject ends the header block early.  Other C0 controls and DEL are
-# emitted raw as well, which no MTA should receive.  We reject them all.
-_FORBIDDEN_IN_HEADER = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 # Values for which folding is the identity ("Name: value\r\n"), established by
 # reading email._header_value_parser and checked by tests/test_render.py:
@@ -96,6 +121,15 @@ class TemplateError(ValueError):
 
 class RenderError(ValueError):
     """A message cannot be rendered for a recipient; the message names the field."""
+
+
+class UnsafeValue(RenderError):
+    """A merge value that may not go into a message; the message names the column."""
+
+    def __init__(self, column: str, why: str) -> None:
+        super().__init__(f"column {column!r}: {why}")
+        self.column = column
+        self.why = why
 
 
 class EncodedBody(NamedTuple):
@@ -122,9 +156,11 @@ def format_date(ts: float) -> str:
 
 # ----------------------------------------------------------------------- templates
 
-def _new_environment() -> SandboxedEnvironment:
+def _new_environment(autoescape: bool = False) -> SandboxedEnvironment:
+    """Text and headers are not markup: no escaping.  HTML bodies escape every value
+    (a sign-up "name" must not become a link); `{{ x|safe }}` opts a trusted value out."""
     return SandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
+        undefined=jinja2.StrictUndefined, autoescape=autoescape, keep_trailing_newline=True
     )
 
 
@@ -168,17 +204,21 @@ def _render_template(field: str, template: jinja2.Template, context: dict[str, A
 # ------------------------------------------------------------------------- headers
 
 def _check_header_value(field: str, value: str) -> None:
-    bad = _FORBIDDEN_IN_HEADER.search(value)
-    if bad is not None:
-        raise RenderError(
-            f"{field}: control character {bad.group()!r} is not allowed in a header"
-        )
+    problem = header_value_problem(value)
+    if problem is not None:
+        raise RenderError(f"{field}: {problem}")
 
 
 def _fold_with_email_package(field: str, name: str, value: str) -> bytes:
+    return _fold_checked(POLICY, field, name, value)
+
+
+def _fold_checked(policy: email.policy.EmailPolicy, field: str, name: str, value: str) -> bytes:
+    """The header as the policy folds it; RenderError if the value or the folded line is unsafe."""
+    _check_header_value(field, value)
     try:
-        _, header = POLICY.header_store_parse(name, value)
-        return POLICY.fold_binary(name, header)
+        _, header = policy.header_store_parse(name, value)
+        return policy.fold_binary(name, header)
     except (ValueError, TypeError) as exc:
         raise RenderError(f"{field}: {exc}") from exc
 
@@ -210,7 +250,10 @@ def _fold_date(value: str) -> bytes:
     header = POLICY.header_factory("Date", value)
     if header.datetime is None:
         raise RenderError(f"date: {value!r} is not an RFC 5322 date")
-    return POLICY.fold_binary("Date", header)
+    try:
+        return POLICY.fold_binary("Date", header)
+    except ValueError as exc:
+        raise RenderError(f"date: {exc}") from exc
 
 
 def message_id_for(campaign_uid: str, line: int, sender: str) -> str:
@@ -567,6 +610,15 @@ def list_unsubscribe_value(mailto: str | None, url: str | None) -> str:
 ONE_CLICK = "List-Unsubscribe=One-Click"  # RFC 8058
 
 
+def _check_file_names(names: Iterable[str]) -> None:
+    """TemplateError for an attachment name the email package cannot write (it raises
+    deep inside the skeleton, which would kill every worker rendering the campaign)."""
+    for i, name in enumerate(names):
+        problem = file_name_problem(name)
+        if problem is not None:
+            raise TemplateError(f"attachments[{i}] ({name!r}): {problem}")
+
+
 class Renderer:
     def __init__(
         self,
@@ -591,7 +643,8 @@ class Renderer:
         self._globals: dict[str, Any] = dict(env.globals)
         self._subject_template = _compile_template(env, "subject", subject)
         self._text_template = None if text is None else _compile_template(env, "text", text)
-        self._html_template = None if html is None else _compile_template(env, "html", html)
+        self._html_template = None if html is None else _compile_template(
+            _new_environment(autoescape=True), "html", html)
         self._columns = list(columns)
         self._campaign_uid = campaign_uid
         self._sender = sender
@@ -614,9 +667,13 @@ class Renderer:
             if list_unsubscribe_url else b"")
         sources = [subject, text or "", html or "", *(headers or {}).values(),
                    list_unsubscribe_mailto or "", list_unsubscribe_url or ""]
-        self._uses_token = any("token" in template_variables(s) for s in sources if s)
+        used = set().union(*(template_variables(s) for s in sources if s))
+        self._uses_token = "token" in used
+        # (index, column) of the merge values some template reads: those are checked
+        self._used_columns = [(i, c) for i, c in enumerate(self._columns) if c in used]
         self._unsubscribe_key = unsubscribe_key
         self._attachments = tuple(attachments)
+        _check_file_names(a.name for a in self._attachments)
         self._attachment_wires = tuple(_attachment_wire(a.data) for a in self._attachments)
         self._boundary = boundary if boundary is not None else default_boundary(campaign_uid)
         self._boundary_bytes = self._boundary.encode("ascii")
@@ -637,6 +694,7 @@ class Renderer:
                   unsubscribe_key: bytes = b"") -> "Renderer":
         """The renderer of a protocol.CampaignSpec (the one thing the daemon, the
         workers and `mailerctl preview` all build messages from)."""
+        _check_file_names(info.name for info in spec.attachments)  # even without their bytes
         unsubscribe = spec.list_unsubscribe
         return cls(
             sender=spec.sender, subject=spec.subject, text=spec.text, html=spec.html,
@@ -714,7 +772,31 @@ class Renderer:
             out += (part, piece)
         return b"".join(out)
 
+    def check_headers(self, *, email: str, fields: list[str], smtputf8: bool = False) -> None:
+        """Render and fold this recipient's personalised headers exactly as `render`
+        would, without the bodies: UnsafeValue or RenderError if `render` would fail
+        on a merge value (bodies fail only on what _context refuses)."""
+        context = self._context(email, fields)
+        subject = _render_template("subject", self._subject_template, context)
+        extra = [(h, h.value(context)) for h in self._headers]
+        unsubscribe = self._list_unsubscribe(context)
+        if smtputf8:
+            headers = self._header_list(email, subject, "", 0, extra, unsubscribe)
+            for field, (name, value) in zip(self._header_fields(extra), headers):
+                if name not in ("Date", "Message-ID"):  # the daemon's own values
+                    _fold_checked(POLICY_SMTPUTF8, field, name, value)
+            return
+        _fold_address("to", "To", email)
+        self._subject_line(subject)
+        for header, value in extra:
+            header.line(value)
+
     def _context(self, email: str, fields: list[str]) -> dict[str, Any]:
+        for index, column in self._used_columns:
+            if index < len(fields):
+                problem = merge_value_problem(fields[index])
+                if problem is not None:
+                    raise UnsafeValue(column, problem)
         context = self._globals.copy()
         context.update(zip(self._columns, fields))
         context["email"] = email
@@ -752,6 +834,15 @@ class Renderer:
             if self._one_click_line:
                 headers.append(("List-Unsubscribe-Post", ONE_CLICK))
         return headers
+
+    def _header_fields(self, extra: list[tuple[_HeaderTemplate, str]]) -> list[str]:
+        """The field names of _header_list's headers, in its order (as errors name them),
+        up to the campaign's own headers."""
+        fields = ["sender", "to", "subject", "date", "message_id"]
+        if self._reply_to is not None:
+            fields.append("reply_to")
+        fields += [h.field for h, _ in extra]
+        return fields  # not List-Unsubscribe: list_unsubscribe_value checked and folded it
 
     def _collides(self, text_body: EncodedBody | None, html_body: EncodedBody | None) -> bool:
         for body in (text_body, html_body):
@@ -796,15 +887,19 @@ class Renderer:
         key = (text_cte, html_cte)
         skeleton = self._skeletons.get(key)
         if skeleton is None:
-            skeleton = _serialise_skeleton(
-                self._text_template is not None,
-                self._html_template is not None,
-                text_cte,
-                html_cte,
-                self._boundary,
-                self._alt_boundary,
-                self._attachments,
-            )
+            try:
+                skeleton = _serialise_skeleton(
+                    self._text_template is not None,
+                    self._html_template is not None,
+                    text_cte,
+                    html_cte,
+                    self._boundary,
+                    self._alt_boundary,
+                    self._attachments,
+                )
+            except (ValueError, TypeError, UnicodeError) as exc:
+                # campaign-level: checked at enqueue, so not expected; but never a crash
+                raise RenderError(f"message: {exc}") from exc
             self._skeletons[key] = skeleton
         return skeleton
 
@@ -823,11 +918,7 @@ class Renderer:
         alt_boundary: str,
     ) -> bytes:
         headers = self._header_list(email, subject, date, line, extra, unsubscribe)
-        fields = ["sender", "to", "subject", "date", "message_id"]
-        if self._reply_to is not None:
-            fields.append("reply_to")
-        fields += [h.field for h, _ in extra]
-        for field, (name, value) in zip(fields, headers):
+        for field, (name, value) in zip(self._header_fields(extra), headers):
             _check_header_value(field, value)
         return _build_message(headers, text, html, boundary, alt_boundary, self._attachments,
                               policy)

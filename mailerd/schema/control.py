@@ -108,6 +108,9 @@ class EnqueueBegin(Request):
 class EnqueueRows(Request):
     campaign: int
     rows: list[Row]
+    # rows whose merge values would make an unsafe message (a header they would
+    # break, a control character) are kept as invalid instead of refusing the campaign
+    skip_unsafe: bool = False
 
 
 class EnqueueCommit(Request):
@@ -246,6 +249,7 @@ class Enqueued(Reply):
 class RowsAccepted(Reply):
     rows: int
     invalid: int
+    unsafe: int = 0  # of the invalid: rows with unsafe merge values (EnqueueRows.skip_unsafe)
 
 
 class Counts(msgspec.Struct, kw_only=True):
