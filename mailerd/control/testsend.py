@@ -17,7 +17,7 @@ from mailerd.control.enqueue import SpecError, check_message_parts
 from mailerd.schema.control import Error, Reply, TestSend, TestSent
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 from mailerd.message.signing import campaign_signer
-from mailerd.worker.session import describe, greet, smtp_client, smtputf8_refusal
+from mailerd.worker.smtp import describe, greet, smtp_client, smtputf8_refusal
 
 if TYPE_CHECKING:
     from mailerd.control.commands import Commands
