@@ -69,7 +69,7 @@ REJECT_REPLY = "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
 ACCEPT_REPLY = "250 2.0.0 Ok: queued as {queue_id}"
 OK_REPLY = "250 2.1.0 Ok"
 DATA_GO_AHEAD_REPLY = "354 End data with <CR><LF>.<CR><LF>"
-MAIL_TEMPFAIL_REPLY = "451 4.3.0 Sender temporarily refused, try again later"
+MAIL_TEMPFAIL_REPLY = "451 4.3.0 Sender temporarily refused"
 DATA_REFUSED_REPLY = "554 5.7.1 Message refused by policy"
 ODD_REPLY_STAGES = ("greeting", "ehlo", "mail", "rcpt", "data", "dot")
 
@@ -293,6 +293,7 @@ class _State:
         self.max_concurrent_seen = 0
         self.drop_reasons: collections.Counter[str] = collections.Counter()
         self.command_groups: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.drops_with_mail_unread: collections.Counter[str] = collections.Counter()
         self.queue_id = 0
         # Only touched on the relay thread: live protocol objects, for stop().
         self.protocols: set[_FaultySMTP] = set()
@@ -437,9 +438,11 @@ class _State:
             self.queue_id += 1
             return self.queue_id
 
-    def note_drop(self, reason: str) -> None:
+    def note_drop(self, reason: str, mail_unread: bool = False) -> None:
         with self.cond:
             self.drop_reasons[reason] += 1
+            if mail_unread:
+                self.drops_with_mail_unread[reason] += 1
             self.cond.notify_all()
 
 
@@ -559,7 +562,8 @@ class _FaultySMTP(SMTP):
     def hang_up(self, reason: str) -> NoReturn:
         """Close the connection now, without any further reply, and end the task."""
         log.info("session %d: closing connection (%s)", self.session_id, reason)
-        self.relay_state.note_drop(reason)
+        unread = bytes(self._reader._buffer[:4096]).upper()
+        self.relay_state.note_drop(reason, unread.startswith(b"MAIL") or b"\nMAIL" in unread)
         self.abort(graceful=True)
         raise _HungUp(reason)
 
@@ -884,6 +888,12 @@ class FakeRelay:
     def drop_reasons(self) -> collections.Counter[str]:
         """Drops by reason: drop_after, close_mid_data, swallow, quota, session_limit."""
         return self._read(lambda s: collections.Counter(s.drop_reasons))
+
+    @property
+    def drops_with_mail_unread(self) -> collections.Counter[str]:
+        """Drops by reason where a MAIL command had already arrived, unanswered: the
+        client had pipelined its next transaction behind the message the drop cut."""
+        return self._read(lambda s: collections.Counter(s.drops_with_mail_unread))
 
     def command_groups(self) -> collections.Counter[tuple[str, ...]]:
         """Commands that arrived in one read, in order (".": a message's final dot), and

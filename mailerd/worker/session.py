@@ -337,6 +337,9 @@ class Worker:
             prepared = self.prepare(job)
             waiting = await self.transaction(None, prepared) if prepared else None
             while waiting is not None:
+                if not await waiting.ack:
+                    raise SessionLost("journal could not record the transaction", "dot")
+                # picked after the ack: meanwhile the supervisor has sent the next job
                 waiting = await self.transaction(waiting, self.next_prepared())
         except SessionLost as lost:
             self.settle_lost(lost)
@@ -392,16 +395,14 @@ class Worker:
         return message if campaign.signer is None else campaign.signer.sign(message)
 
     async def transaction(self, waiting: Waiting | None, prepared: Prepared | None) -> Waiting | None:
-        """Write the "." of `waiting` (once the journal holds its `data-sent`) and the
-        commands of `prepared`; settle what the replies decide; write `prepared`'s body.
+        """Write the "." of `waiting` (the journal holds its `data-sent`) and the commands
+        of `prepared`; settle what the replies decide; write `prepared`'s body.
         Return `prepared`, now waiting for its ".", or None. Raises SessionLost."""
         session = self.session
         assert session is not None
         self.state("sending")  # a frame only on the change: the supervisor knows the job
         commands: list[Command] = []
         if waiting is not None:
-            if not await waiting.ack:
-                raise SessionLost("journal could not record the transaction", "dot")
             if prepared is not None and (self.stopping or self.holding):
                 self.release_prepared(prepared)
                 prepared = None
