@@ -25,6 +25,9 @@ def markdown(results: dict) -> str:
         parts.append(_scale(results["scale"]))
     if "journal_cost" in results:
         parts.append(_journal(results["journal_cost"]))
+    if "longlink" in results:
+        from .longlink import markdown as longlink_markdown
+        parts.append(longlink_markdown(results["longlink"]))
     return "\n\n".join(parts) + "\n"
 
 

@@ -337,10 +337,12 @@ class Worker:
             prepared = self.prepare(job)
             waiting = await self.transaction(None, prepared) if prepared else None
             while waiting is not None:
+                following = self.next_prepared()  # made while the journal commits
                 if not await waiting.ack:
                     raise SessionLost("journal could not record the transaction", "dot")
-                # picked after the ack: meanwhile the supervisor has sent the next job
-                waiting = await self.transaction(waiting, self.next_prepared())
+                if following is None:  # the supervisor may have sent one meanwhile
+                    following = self.next_prepared()
+                waiting = await self.transaction(waiting, following)
         except SessionLost as lost:
             self.settle_lost(lost)
         except Exception as exc:  # a bug must cost the jobs in hand, never the worker
