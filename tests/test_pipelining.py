@@ -237,3 +237,57 @@ def test_any_reply_bytes_at_any_stage_leave_the_worker_alive_and_the_recipient_s
     assert worker_restarts(daemon) == 0
     if stage not in ("data", "dot"):  # only a "." may have gone out unanswered
         assert final.counts.uncertain == 0
+
+
+# ------------------------------------------------------------------ over TLS
+
+
+class _PipeliningRecorder:
+    """aiosmtpd handler: offers PIPELINING, records each message's recipients."""
+
+    def __init__(self) -> None:
+        self.rcpts: list[str] = []
+        self.tls_seen: list[bool] = []
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_DATA(self, server, session, envelope):
+        self.rcpts.extend(envelope.rcpt_tos)
+        self.tls_seen.append(session.ssl is not None)
+        return "250 2.0.0 Ok: queued"
+
+
+def test_pipelining_after_starttls(tmp_path, daemon_factory):
+    """The pipelined exchange takes over the TLS transport aiosmtplib set up."""
+    import socket
+    import ssl
+    import subprocess
+
+    from aiosmtpd.controller import Controller
+
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    handler = _PipeliningRecorder()
+    with socket.socket() as probe:  # Controller checks readiness on the port it is given
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context,
+                            require_starttls=True)
+    controller.start()
+    try:
+        daemon = daemon_factory({"isp": {"host": "127.0.0.1", "port": port, "connections": 1,
+                                         "security": "starttls", "tls_verify": False}}).start()
+        cid = daemon.send_campaign(tmp_path / "c", 15)
+        report = daemon.wait_done(cid)
+    finally:
+        controller.stop()
+    assert report.counts.sent == 15
+    assert sorted(handler.rcpts) == sorted(campaign_addresses(15))
+    assert all(handler.tls_seen)

@@ -306,7 +306,8 @@ class Worker:
         self.session = None
         if self.session_replies == 0:
             self.unproductive = lost.reason
-        self.send(SessionEnded(self.session_messages, True, lost.stage, lost.code, lost.reason))
+        self.send(SessionEnded(self.session_messages, True, lost.stage, lost.code,
+                               relay_text(lost.reason)))
 
     # -------------------------------------------------------- transactions
 
@@ -315,9 +316,10 @@ class Worker:
         self.failures = 0
 
     def settle(self, key: tuple[int, int], result: Result, code: int | None, reply: str) -> None:
-        """The one Done of a job (reply: safe relay text or our own words)."""
+        """The one Done of a job. Every reply passes relay_text, whatever made it: what
+        the journal stores is valid UTF-8 and at most REPLY_MAX characters."""
         self.unsettled.pop(key, None)
-        self.send(Done(key[0], key[1], result, code, reply))
+        self.send(Done(key[0], key[1], result, code, relay_text(reply)))
 
     def settle_lost(self, lost: SessionLost) -> None:
         """Settle what is in hand by the usual rules (uncertain once its "." may have
@@ -346,8 +348,7 @@ class Worker:
         except SessionLost as lost:
             self.settle_lost(lost)
         except Exception as exc:  # a bug must cost the jobs in hand, never the worker
-            self.settle_lost(SessionLost(f"worker error: {type(exc).__name__}: {relay_text(str(exc))}",
-                                         "data"))
+            self.settle_lost(SessionLost(f"worker error: {type(exc).__name__}: {exc}", "data"))
 
     def next_prepared(self) -> Prepared | None:
         """The next job to chain onto a pending ".", unless the session should end first."""
