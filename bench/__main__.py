@@ -20,7 +20,7 @@ FULL = {
     "throughput": {"count": 50_000, "sessions": [8, 16], "repeats": 3, "naive_count": 10_000},
     "scale": {"count": 1_000_000, "sample": 100_000, "repeats": 3, "restarts": 3},
     "journal_cost": {"count": 3_000, "repeats": 5},
-    "longlink": {"per_session": 150, "sessions": [1, 2, 4], "repeats": 3, "loop_per_session": 40},
+    "longlink": {"per_session": 300, "sessions": [1, 2, 4], "repeats": 3, "loop_per_session": 40},
 }
 QUICK = {
     "throughput": {"count": 2_000, "sessions": [8, 16], "repeats": 1, "naive_count": 400},
