@@ -11,22 +11,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import dkim, journal_cost, report, scale, throughput
+from . import dkim, journal_cost, longlink, report, scale, throughput
 from .tools import BenchUnavailable, ensure_smtp_tools, machine_info
 
-SCENARIOS = ("throughput", "scale", "journal_cost", "dkim")
+SCENARIOS = ("throughput", "scale", "journal_cost", "dkim", "longlink")
 
 FULL = {
     "throughput": {"count": 50_000, "sessions": [8, 16], "repeats": 3, "naive_count": 10_000},
     "scale": {"count": 1_000_000, "sample": 100_000, "repeats": 3, "restarts": 3},
     "journal_cost": {"count": 3_000, "repeats": 5},
     "dkim": {"count": 20_000, "sessions": 4, "repeats": 3, "micro_count": 200},
+    "longlink": {"per_session": 300, "sessions": [1, 2, 4], "repeats": 3, "loop_per_session": 40},
 }
 QUICK = {
     "throughput": {"count": 2_000, "sessions": [8, 16], "repeats": 1, "naive_count": 400},
     "scale": {"count": 20_000, "sample": 4_000, "repeats": 1, "restarts": 1},
     "journal_cost": {"count": 300, "repeats": 1},
     "dkim": {"count": 500, "sessions": 4, "repeats": 1, "micro_count": 20},
+    "longlink": {"per_session": 15, "sessions": [1], "repeats": 1, "loop_per_session": 5},
 }
 
 
@@ -87,6 +89,9 @@ def _run(chosen: list[str], params: dict, workdir: Path, results: dict, out: Pat
         elif name == "dkim":
             results[name] = dkim.run(p["count"], p["sessions"], p["repeats"], workdir / name,
                                      p["micro_count"])
+        elif name == "longlink":
+            results[name] = longlink.run(p["per_session"], p["sessions"], p["repeats"],
+                                         workdir / name, p["loop_per_session"])
         else:
             results[name] = journal_cost.run(results.get("throughput"), p["count"],
                                              p["repeats"], workdir / name)

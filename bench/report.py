@@ -29,6 +29,9 @@ def markdown(results: dict) -> str:
         from . import dkim  # its own table, next to its scenario
 
         parts.append(dkim.markdown(results["dkim"]))
+    if "longlink" in results:
+        from .longlink import markdown as longlink_markdown
+        parts.append(longlink_markdown(results["longlink"]))
     return "\n\n".join(parts) + "\n"
 
 

@@ -12,6 +12,7 @@ import email.policy
 import io
 import socket
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -337,6 +338,48 @@ def test_test_send_goes_through_the_first_server_outside_any_campaign(tmp_path, 
     refused = daemon.ctl("test-send", str(campaign), "--to", "me@example.com", check=False)
     assert refused.returncode == 1 and "name" in refused.stderr
     assert "no campaigns" in daemon.ctl("list").stdout
+
+
+def _starttls_answered_250(port_ready: list[int], stop: "threading.Event") -> None:
+    """A relay that offers STARTTLS and answers it with 250 (review L4): a client that
+    took that for success would send nothing and report 250."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(0.2)
+        port_ready.append(server.getsockname()[1])
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b"220 relay.test ESMTP\r\n")
+                for line in lines:
+                    verb = line.split()[0].upper() if line.split() else b""
+                    if verb == b"EHLO":
+                        conn.sendall(b"250-relay.test\r\n250 STARTTLS\r\n")
+                    elif verb == b"QUIT":
+                        conn.sendall(b"221 bye\r\n")
+                        break
+                    else:
+                        conn.sendall(b"250 ok\r\n")
+
+
+def test_test_send_reports_success_only_for_a_250_after_the_dot(tmp_path, daemon_factory):
+    ports: list[int] = []
+    stop = threading.Event()
+    relay = threading.Thread(target=_starttls_answered_250, args=(ports, stop), daemon=True)
+    relay.start()
+    try:
+        wait_until(lambda: ports, 10, "the relay to listen")
+        daemon = daemon_factory({"isp": {"host": "127.0.0.1", "port": ports[0],
+                                         "security": "starttls"}}).start()
+        campaign, _ = minimal_campaign(tmp_path / "c", ["email"])
+        result = daemon.ctl("test-send", str(campaign), "--to", "me@example.com", check=False)
+        assert result.returncode != 0, result.stdout
+        assert "nothing was sent" in result.stderr and "250" not in result.stdout
+    finally:
+        stop.set()
+        relay.join(10)
 
 
 class _NoUtf8Handler:

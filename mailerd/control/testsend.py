@@ -12,7 +12,7 @@ from typing import Callable
 
 import aiosmtplib
 
-from mailerd.config import Config
+from mailerd.schema.config import Config, ServerConfig
 from mailerd.control.bounded import TEMPLATE_TIME_LIMIT, TemplateTimeout, run_bounded
 from mailerd.message.addresses import check_address
 from mailerd.message.check import SpecError, check_message_parts
@@ -20,7 +20,8 @@ from mailerd.message.render import Attachment, Renderer, RenderError, TemplateEr
 from mailerd.message.signing import KeyError_, campaign_signer
 from mailerd.schema.control import CampaignSpec, DkimKey, Error, Reply, TestSend, TestSent
 from mailerd.supervisor.identity import Identity
-from mailerd.worker.session import describe, greet, smtp_client, smtputf8_refusal
+from mailerd.worker.connect import greet, smtp_client
+from mailerd.worker.smtp import describe, relay_text, smtputf8_refusal
 
 
 async def test_send(request: TestSend, config: Config, identity: Identity,
@@ -60,11 +61,29 @@ async def test_send(request: TestSend, config: Config, identity: Identity,
                              f"{TEMPLATE_TIME_LIMIT:g} s; it was stopped")
     smtp = smtp_client(server, password_of(name))
     try:
+        return await _send(smtp, name, server, sender, to.address, message, msgid, utf8)
+    finally:
+        if smtp.is_connected:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                smtp.close()
+
+
+async def _send(smtp: aiosmtplib.SMTP, name: str, server: ServerConfig, sender: str, to: str,
+                message: bytes, msgid: str, utf8: bool) -> Reply:
+    """TestSent carries the relay's answer to the transaction (250 only after the "."); a
+    session that never got that far (connect, STARTTLS, AUTH) is an Error: nothing was sent."""
+    where = f"test-send: {server.host}:{server.port}"
+    try:
         await smtp.connect()
         await greet(smtp)  # as a worker does: the extensions are known only after EHLO
-        if utf8 and not smtp.supports_extension("smtputf8"):
-            return Error(message=f"test-send: {smtputf8_refusal(sender, to.address)}")
-        _, reply = await smtp.sendmail(sender, [to.address], message,
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        return Error(message=f"{where}: nothing was sent: {describe(exc)}")
+    if utf8 and not smtp.supports_extension("smtputf8"):
+        return Error(message=f"test-send: {smtputf8_refusal(sender, to)}")
+    try:
+        _, reply = await smtp.sendmail(sender, [to], message,
                                        mail_options=["SMTPUTF8"] if utf8 else [])
         code, text = 250, reply
     except aiosmtplib.SMTPRecipientsRefused as exc:
@@ -73,14 +92,8 @@ async def test_send(request: TestSend, config: Config, identity: Identity,
     except aiosmtplib.SMTPResponseException as exc:
         code, text = exc.code, exc.message
     except (aiosmtplib.SMTPException, OSError) as exc:
-        return Error(message=f"test-send: {server.host}:{server.port}: {describe(exc)}")
-    finally:
-        if smtp.is_connected:
-            try:
-                await smtp.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                smtp.close()
-    return TestSent(code=code, reply=text, message_id=msgid, server=name)
+        return Error(message=f"{where}: {describe(exc)}")
+    return TestSent(code=code, reply=relay_text(text), message_id=msgid, server=name)
 
 
 def _build(spec: CampaignSpec, uid: str, attachments: list[Attachment], unsubscribe_key: bytes,

@@ -18,6 +18,10 @@ from mailerd.schema.control import CampaignSpec, DkimKey
 
 Result = Literal["sent", "deferred", "failed", "uncertain", "requeue"]
 
+REPLY_MAX = 1000
+"""Characters of a relay's reply a worker passes on (Done, SessionEnded): what the journal
+keeps of it. Replies may be 32 KiB; the first thousand characters say all that matters."""
+
 
 class ToWorker(msgspec.Struct, tag_field="t", tag=True, array_like=True):
     pass

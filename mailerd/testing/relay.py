@@ -69,6 +69,9 @@ REJECT_REPLY = "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
 ACCEPT_REPLY = "250 2.0.0 Ok: queued as {queue_id}"
 OK_REPLY = "250 2.1.0 Ok"
 DATA_GO_AHEAD_REPLY = "354 End data with <CR><LF>.<CR><LF>"
+MAIL_TEMPFAIL_REPLY = "451 4.3.0 Sender temporarily refused"
+DATA_REFUSED_REPLY = "554 5.7.1 Message refused by policy"
+ODD_REPLY_STAGES = ("greeting", "ehlo", "mail", "rcpt", "data", "dot")
 
 START_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
@@ -141,6 +144,24 @@ class Faults(msgspec.Struct, kw_only=True):
         Barracuda's "too many messages in one session" wording) and the relay
         closes the connection after that reply.  Drop reason
         ``"session_limit"``.
+    no_pipelining
+        The EHLO reply does not offer PIPELINING (RFC 2920).  The relay
+        reads commands the same way either way: several commands arriving in
+        one read are answered in order (see `FakeRelay.command_groups`).
+    mail_tempfail_every = N
+        Relay-wide count of MAIL commands.  The N-th, 2N-th, ... one gets
+        ``MAIL_TEMPFAIL_REPLY`` (451 4.3.0); the session continues, so in a
+        pipelined group the RCPT and DATA that follow get aiosmtpd's 503.
+    refuse_data_domains = [D, ...]
+        DATA for a transaction with a recipient in domain D (as
+        reject_domains) gets ``DATA_REFUSED_REPLY`` (554 5.7.1) instead of
+        354; the session continues.
+    odd_reply = B, odd_reply_stage = S, odd_reply_times = N
+        The first N times (relay-wide) stage S is reached, the relay writes
+        the raw bytes B (anything at all: not UTF-8, not SMTP) instead of its
+        reply and closes the connection (drop reason ``"odd_reply"``).
+        S is one of greeting, ehlo, mail, rcpt, data (the reply to DATA),
+        dot (the reply after the final "."; the message is recorded first).
     """
 
     drop_after: int = 0
@@ -158,6 +179,12 @@ class Faults(msgspec.Struct, kw_only=True):
     tempfail_every: int = 0  # every N-th RCPT (relay-wide count) gets the 451 tempfail reply
     session_limit: int = 0
     session_limit_reply: str = "421 4.7.0 Too many messages in one session, closing connection"
+    no_pipelining: bool = False
+    mail_tempfail_every: int = 0
+    refuse_data_domains: list[str] = []
+    odd_reply: bytes = b""
+    odd_reply_stage: str = ""
+    odd_reply_times: int = 1
 
 
 class Received(NamedTuple):
@@ -182,7 +209,7 @@ MessageCallback = Callable[[tuple[Received, ...]], None]
 def _validate_faults(faults: Faults) -> None:
     """Raise ValueError if `faults` holds a value the relay cannot honour."""
     counts = ("drop_after", "max_sessions", "close_mid_data_every", "swallow_every", "quota_after",
-              "session_limit")
+              "session_limit", "mail_tempfail_every", "odd_reply_times")
     for name in counts:
         value = getattr(faults, name)
         if not isinstance(value, int) or value < 0:
@@ -195,11 +222,15 @@ def _validate_faults(faults: Faults) -> None:
         reply = getattr(faults, name)
         if len(reply) < 3 or not reply[:3].isdigit() or "\r" in reply or "\n" in reply:
             raise ValueError(f"Faults.{name} must be a one-line SMTP reply, got {reply!r}")
+    if faults.odd_reply_stage not in ("", *ODD_REPLY_STAGES):
+        raise ValueError(f"Faults.odd_reply_stage must be one of {ODD_REPLY_STAGES}, "
+                         f"got {faults.odd_reply_stage!r}")
 
 
 def _copy_faults(faults: Faults) -> Faults:
     """Return a private copy so later mutation by the caller has no effect."""
-    return msgspec.structs.replace(faults, reject_domains=list(faults.reject_domains))
+    return msgspec.structs.replace(faults, reject_domains=list(faults.reject_domains),
+                                   refuse_data_domains=list(faults.refuse_data_domains))
 
 
 def _domain_of(address: str) -> str:
@@ -236,6 +267,8 @@ class _Epoch:
     rcpt_commands: int = 0
     quota_count: int = 0
     quota_blocked_until: float | None = None
+    mail_commands: int = 0
+    odd_replies: int = 0
 
 
 class _State:
@@ -259,6 +292,8 @@ class _State:
         self.sessions_refused = 0
         self.max_concurrent_seen = 0
         self.drop_reasons: collections.Counter[str] = collections.Counter()
+        self.command_groups: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.drops_with_mail_unread: collections.Counter[str] = collections.Counter()
         self.queue_id = 0
         # Only touched on the relay thread: live protocol objects, for stop().
         self.protocols: set[_FaultySMTP] = set()
@@ -362,6 +397,32 @@ class _State:
             self.epoch.quota_blocked_until = now + seconds if seconds > 0 else math.inf
             self.epoch.quota_count = 0
 
+    def mail_refusal(self) -> str | None:
+        """MAIL_TEMPFAIL_REPLY for every mail_tempfail_every-th MAIL, else None."""
+        with self.cond:
+            self.epoch.mail_commands += 1
+            every = self.faults.mail_tempfail_every
+            return MAIL_TEMPFAIL_REPLY if every and self.epoch.mail_commands % every == 0 else None
+
+    def data_refusal(self, recipients: list[str]) -> str | None:
+        with self.cond:
+            refused = {d.lower() for d in self.faults.refuse_data_domains}
+            return DATA_REFUSED_REPLY if any(_domain_of(r) in refused for r in recipients) else None
+
+    def odd_reply(self, stage: str) -> bytes | None:
+        """The raw bytes to answer at `stage` instead of a reply, the first N times."""
+        with self.cond:
+            faults = self.faults
+            if faults.odd_reply_stage != stage or self.epoch.odd_replies >= faults.odd_reply_times:
+                return None
+            self.epoch.odd_replies += 1
+            return faults.odd_reply
+
+    def note_group(self, verbs: tuple[str, ...]) -> None:
+        with self.cond:
+            self.command_groups[verbs] += 1
+            self.cond.notify_all()
+
     def drop_after_limit(self) -> int:
         with self.cond:
             return self.faults.drop_after
@@ -377,9 +438,11 @@ class _State:
             self.queue_id += 1
             return self.queue_id
 
-    def note_drop(self, reason: str) -> None:
+    def note_drop(self, reason: str, mail_unread: bool = False) -> None:
         with self.cond:
             self.drop_reasons[reason] += 1
+            if mail_unread:
+                self.drops_with_mail_unread[reason] += 1
             self.cond.notify_all()
 
 
@@ -416,6 +479,13 @@ class _FaultySMTP(SMTP):
         self.hangup_after_reply: str | None = None
         self._refusal: str | None = None
         self._counted = False
+        # commands per read: the byte offset at which each read ended, and the
+        # verbs (".": the end of a message's data) that came in the current one
+        self._received = 0
+        self._read_ends: collections.deque[int] = collections.deque()
+        self._reads_done = 0
+        self._group: list[str] = []
+        self._group_read = -1
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -425,7 +495,30 @@ class _FaultySMTP(SMTP):
         self.relay_state.protocols.add(self)
         super().connection_made(transport)
 
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        self._read_ends.append(self._received)
+        super().data_received(data)
+
+    def note_command(self, verb: str) -> None:
+        """Count `verb` in the read that brought the end of its line, which the command
+        loop has just consumed; the verbs of one read form a group."""
+        consumed = self._received - len(self._reader._buffer)
+        while self._read_ends and self._read_ends[0] < consumed:
+            self._read_ends.popleft()
+            self._reads_done += 1
+        if self._reads_done != self._group_read:
+            self._flush_group()
+            self._group_read = self._reads_done
+        self._group.append(verb)
+
+    def _flush_group(self) -> None:
+        if self._group:
+            self.relay_state.note_group(tuple(self._group))
+            self._group = []
+
     def connection_lost(self, error: Exception | None) -> None:
+        self._flush_group()
         self.relay_state.protocols.discard(self)
         if self._counted:
             self._counted = False
@@ -435,6 +528,12 @@ class _FaultySMTP(SMTP):
     async def _handle_client(self) -> None:
         if self._refusal is not None:
             await self._refuse(self._refusal)
+            return
+        odd = self.relay_state.odd_reply("greeting")
+        if odd is not None:
+            self._write_raw(odd)
+            self.relay_state.note_drop("odd_reply")
+            self.abort(graceful=True)
             return
         try:
             await super()._handle_client()
@@ -463,9 +562,22 @@ class _FaultySMTP(SMTP):
     def hang_up(self, reason: str) -> NoReturn:
         """Close the connection now, without any further reply, and end the task."""
         log.info("session %d: closing connection (%s)", self.session_id, reason)
-        self.relay_state.note_drop(reason)
+        unread = bytes(self._reader._buffer[:4096]).upper()
+        self.relay_state.note_drop(reason, unread.startswith(b"MAIL") or b"\nMAIL" in unread)
         self.abort(graceful=True)
         raise _HungUp(reason)
+
+    def _write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(data)
+
+    def answer_oddly_at(self, stage: str) -> None:
+        """If the odd_reply fault is due at `stage`: write its bytes and hang up."""
+        odd = self.relay_state.odd_reply(stage)
+        if odd is not None:
+            self._write_raw(odd)
+            self.hang_up("odd_reply")
 
     def _hang_up_if_pending(self) -> None:
         reason, self.hangup_after_reply = self.hangup_after_reply, None
@@ -474,13 +586,41 @@ class _FaultySMTP(SMTP):
 
     # -- commands --------------------------------------------------------------
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.note_command("EHLO")
+        self.answer_oddly_at("ehlo")
+        await super().smtp_EHLO(hostname)
+
     async def smtp_MAIL(self, arg: str | None) -> None:
+        self.note_command("MAIL")
+        self.answer_oddly_at("mail")
         await super().smtp_MAIL(arg)
         self._hang_up_if_pending()
 
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.note_command("RCPT")
+        self.answer_oddly_at("rcpt")
+        await super().smtp_RCPT(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self.note_command("RSET")
+        await super().smtp_RSET(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self.note_command("QUIT")
+        await super().smtp_QUIT(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
-        if self._data_would_start(arg) and self.relay_state.data_started():
-            await self._cut_mid_data()
+        self.note_command("DATA")
+        self.answer_oddly_at("data")
+        if self._data_would_start(arg):
+            assert self.envelope is not None
+            refusal = self.relay_state.data_refusal(self.envelope.rcpt_tos)
+            if refusal is not None:
+                await self.push(refusal)
+                return
+            if self.relay_state.data_started():
+                await self._cut_mid_data()
         await super().smtp_DATA(arg)
         self._hang_up_if_pending()
 
@@ -515,6 +655,8 @@ class _Handler:
         mailmax = self.state.faults.limits_mailmax
         if mailmax:
             responses.insert(-1, f"250-LIMITS MAILMAX={mailmax}")
+        if not self.state.faults.no_pipelining:
+            responses.insert(-1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(
@@ -528,6 +670,9 @@ class _Handler:
         refusal = self.state.session_limit_refusal(server.accepted_in_session)
         if refusal is not None:
             server.hangup_after_reply = "session_limit"
+            return refusal
+        refusal = self.state.mail_refusal()
+        if refusal is not None:
             return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -545,8 +690,10 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         assert isinstance(server, _FaultySMTP)
+        server.note_command(".")
         entries, swallow, delay = self.state.record(server.session_id, envelope)
         self._notify(entries)
+        server.answer_oddly_at("dot")
         if delay > 0:
             await asyncio.sleep(delay)
         if swallow:
@@ -742,6 +889,20 @@ class FakeRelay:
         """Drops by reason: drop_after, close_mid_data, swallow, quota, session_limit."""
         return self._read(lambda s: collections.Counter(s.drop_reasons))
 
+    @property
+    def drops_with_mail_unread(self) -> collections.Counter[str]:
+        """Drops by reason where a MAIL command had already arrived, unanswered: the
+        client had pipelined its next transaction behind the message the drop cut."""
+        return self._read(lambda s: collections.Counter(s.drops_with_mail_unread))
+
+    def command_groups(self) -> collections.Counter[tuple[str, ...]]:
+        """Commands that arrived in one read, in order (".": a message's final dot), and
+        how many reads brought each such group: ("MAIL", "RCPT", "DATA") proves a
+        pipelined client. Counted per read of the relay, so a client's one write may
+        rarely show as two groups, never two writes as one unless the client wrote them
+        before reading the replies between them."""
+        return self._read(lambda s: collections.Counter(s.command_groups))
+
     def wait_for(self, predicate: Callable[[FakeRelay], bool], timeout: float = 5.0) -> bool:
         """Block until ``predicate(self)`` is true or `timeout` passes; return its last value."""
         with self._state.cond:
@@ -776,6 +937,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quota-seconds", type=float, default=0.0, metavar="S")
     parser.add_argument("--session-limit", type=int, default=0, metavar="K",
                         help="refuse MAIL with 'too many messages in one session' after K per session")
+    parser.add_argument("--no-pipelining", action="store_true", help="do not offer PIPELINING")
     parser.add_argument("--quiet", action="store_true", help="no per-message or per-fault lines")
     parser.add_argument("--record", metavar="FILE",
                         help="append each recorded recipient to FILE, one address a line")
@@ -795,6 +957,7 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         quota_after=args.quota_after,
         quota_seconds=args.quota_seconds,
         session_limit=args.session_limit,
+        no_pipelining=args.no_pipelining,
     )
 
 

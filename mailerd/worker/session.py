@@ -43,7 +43,7 @@ import socket
 import sys
 import time
 from email.utils import parseaddr
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, cast
 
 import aiosmtplib
 import msgspec
@@ -54,8 +54,6 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from mailerd import wire
-from mailerd.schema.config import ServerConfig
-from mailerd.worker.connect import greet, smtp_client
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 from mailerd.message.signing import KeyError_, Signer, campaign_signer
 from mailerd.schema.workers import (
@@ -77,40 +75,47 @@ from mailerd.schema.workers import (
     Setup,
     Stop,
 )
+from mailerd.worker.connect import greet, smtp_client
+from mailerd.worker.pipeline import Command, Exchange, Pipeline, SessionBroken
+from mailerd.worker.smtp import (
+    code_of,
+    describe,
+    dot_stuff,
+    relay_mailmax,
+    relay_text,
+    smtputf8_refusal,
+)
 
-_PERIOD_AT_LINE_START = re.compile(rb"(?m)^\.")
-_MAILMAX = re.compile(r"\bMAILMAX=(\d+)", re.IGNORECASE)
 _fields_decoder = msgspec.msgpack.Decoder(list[str])
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command line
+_DOT = Command("dot", b".\r\n")
+_RSET = Command("rset", b"RSET\r\n", (250,))
+_DATA = Command("data", b"DATA\r\n", (354,))
 
 
 class SessionLost(Exception):
-    """The SMTP session is unusable; `after_dot` says whether the "." went out."""
+    """The SMTP session is unusable (`stage`: where; `code`: the relay's, if it said one)."""
 
-    def __init__(self, reason: str, after_dot: bool, stage: str, code: int | None = None) -> None:
+    def __init__(self, reason: str, stage: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.after_dot = after_dot
         self.stage = stage
         self.code = code
 
 
-def dot_stuff(message: bytes) -> bytes:
-    """Transparency (RFC 5321 4.5.2); the message already has CRLF line ends."""
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return _PERIOD_AT_LINE_START.sub(b"..", message)
+class Prepared(NamedTuple):
+    """A job whose message is made: what its transaction writes."""
+
+    job: Job
+    commands: tuple[Command, Command, Command]  # MAIL, RCPT, DATA
+    body: bytes  # dot-stuffed, without the final "."
 
 
-def relay_mailmax(smtp: aiosmtplib.SMTP) -> int:
-    """RFC 9422 `LIMITS MAILMAX=n` from the EHLO reply, or 0."""
-    match = _MAILMAX.search(smtp.esmtp_extensions.get("limits", ""))
-    return int(match[1]) if match else 0
+class Waiting(NamedTuple):
+    """A message whose body is written; its "." waits for the journal's DotAck."""
 
-
-def smtputf8_refusal(sender: str, recipient: str) -> str:
-    """Why a message that needs SMTPUTF8 cannot go through a relay that lacks it."""
-    address = recipient if not recipient.isascii() else sender
-    return f"relay does not offer SMTPUTF8, required for <{address}>"
+    job: Job
+    ack: asyncio.Future[bool]
 
 
 class Campaign(NamedTuple):
@@ -149,7 +154,9 @@ class Worker:
         self.stopping = False
         self.holding = False
         self.limits = Limits(setup.server.messages_per_connection, setup.server.idle_timeout)
-        self.smtp: aiosmtplib.SMTP | None = None
+        self.session: Pipeline | None = None  # the SMTP session, once EHLO/AUTH are done
+        self.smtputf8 = False  # the session's relay offers SMTPUTF8
+        self.unsettled: dict[tuple[int, int], bool] = {}  # jobs in hand -> their "." may have gone
         self.needs_reset = False
         self.failures = 0  # consecutive sessions that failed to connect or answered nothing
         self.session_messages = 0  # accepted on the current session
@@ -228,7 +235,7 @@ class Worker:
             self.send(Released([(job.campaign, job.line) for job in given_back]))
 
     def state(self, state: str, detail: str = "", until: float | None = None) -> None:
-        connected = self.smtp is not None
+        connected = self.session is not None
         if (state, detail, connected) != self._last_state:
             self._last_state = (state, detail, connected)
             self.send(SessionState(state, detail, connected, until))
@@ -242,7 +249,7 @@ class Worker:
             if not self.jobs:
                 await self.wait_for_work()
                 continue
-            if self.smtp is None:
+            if self.session is None:
                 if self.unproductive:
                     reason, self.unproductive = self.unproductive, None
                     await self.back_off(reason)
@@ -250,7 +257,7 @@ class Worker:
                     await self.open_session()
                 continue  # the jobs may have been taken back meanwhile: look again
             await self.deliver(self.jobs.popleft())
-            if self.smtp is not None and self.session_cap and self.session_messages >= self.session_cap:
+            if self.session is not None and self.session_cap and self.session_messages >= self.session_cap:
                 await self.close_session(f"rotated after {self.session_messages} messages")
         await self.close_session("stopping")
         self.state("closed", "stopped")
@@ -259,11 +266,11 @@ class Worker:
 
     async def wait_for_work(self) -> None:
         """Idle: QUIT at once when held, or once idle for `idle_timeout`."""
-        if self.smtp is not None and self.holding:
+        if self.session is not None and self.holding:
             await self.close_session("held by the supervisor")
         self.state("idle", "waiting for work")
         self.job_arrived.clear()
-        timeout = self.limits.idle_timeout if self.smtp is not None else None
+        timeout = self.limits.idle_timeout if self.session is not None else None
         try:
             await asyncio.wait_for(self.job_arrived.wait(), timeout)
         except asyncio.TimeoutError:
@@ -275,12 +282,16 @@ class Worker:
         try:
             await smtp.connect()
             await greet(smtp)
+            transport = cast(asyncio.Transport, smtp.transport)  # uvloop's are not subclasses
+            if transport is None or transport.is_closing():
+                raise aiosmtplib.SMTPServerDisconnected("connection lost after EHLO")
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             self.send(SessionEnded(0, True, "connect", code_of(exc), describe(exc)))
             await self.back_off(describe(exc))
             return
-        self.smtp = smtp
+        self.session = Pipeline(transport, smtp.supports_extension("pipelining"), self.server.timeout)
+        self.smtputf8 = smtp.supports_extension("smtputf8")
         self.needs_reset = False
         self.session_messages = self.session_replies = 0
         caps = [n for n in (self.limits.messages_per_connection, relay_mailmax(smtp)) if n]
@@ -299,53 +310,101 @@ class Worker:
 
     async def close_session(self, why: str) -> None:
         """QUIT on our own initiative; not a drop."""
-        smtp, self.smtp = self.smtp, None
-        if smtp is None:
+        session, self.session = self.session, None
+        if session is None:
             return
-        try:
-            if smtp.is_connected:
-                await smtp.quit(timeout=5)
-        except (aiosmtplib.SMTPException, OSError):
-            pass
-        smtp.close()
+        await session.quit()
         self.send(SessionEnded(self.session_messages, False, "idle", None, why))
 
     def lose_session(self, lost: SessionLost) -> None:
-        if self.smtp is not None:
-            self.smtp.close()
-        self.smtp = None
-        self.send(SessionEnded(self.session_messages, True, lost.stage, lost.code, lost.reason))
+        """The session broke: reported after the Dones it explains."""
+        if self.session is not None:
+            self.session.abort()
+        self.session = None
+        if self.session_replies == 0:
+            self.unproductive = lost.reason
+        self.send(SessionEnded(self.session_messages, True, lost.stage, lost.code,
+                               relay_text(lost.reason)))
 
-    # -------------------------------------------------------- one transaction
+    # -------------------------------------------------------- transactions
 
-    async def deliver(self, job: Job) -> None:
-        """One recipient: render, run the transaction, report exactly one Done."""
-        campaign = self.campaigns[job.campaign]
-        smtputf8 = campaign.sender_utf8 or needs_smtputf8(job.email)
-        if smtputf8 and self.smtp is not None and not self.smtp.supports_extension("smtputf8"):
-            self.send(Done(job.campaign, job.line, "failed", None,
-                           smtputf8_refusal(campaign.sender, job.email)))
-            return
-        try:
-            message = self.render(job, campaign, smtputf8)
-        except (RenderError, KeyError_) as exc:
-            self.send(Done(job.campaign, job.line, "failed", None, f"cannot render message: {exc}"))
-            return
-        try:
-            mail_from = (campaign.mail_from + b" SMTPUTF8") if smtputf8 else campaign.mail_from
-            stage, code, reply = await self.transaction(job, message, mail_from)
-        except SessionLost as lost:
-            if self.session_replies == 0:
-                self.unproductive = lost.reason
-            result: Result = "uncertain" if lost.after_dot else "requeue"
-            self.send(Done(job.campaign, job.line, result, lost.code, lost.reason, lost.stage))
-            self.lose_session(lost)  # reported after the Done it explains
-            return
+    def replied(self) -> None:
         self.session_replies += 1
         self.failures = 0
-        if code == 250:
-            self.session_messages += 1
-        self.send(Done(job.campaign, job.line, classify(code), code, reply, stage))
+
+    def settle(self, key: tuple[int, int], result: Result, code: int | None, reply: str,
+               stage: str = "") -> None:
+        """The one Done of a job. Every reply passes relay_text, whatever made it: what
+        the journal stores is valid UTF-8 and at most REPLY_MAX characters."""
+        self.unsettled.pop(key, None)
+        self.send(Done(key[0], key[1], result, code, relay_text(reply), stage))
+
+    def settle_lost(self, lost: SessionLost) -> None:
+        """Settle what is in hand by the usual rules (uncertain once its "." may have
+        gone, else requeue), then report the lost session."""
+        for key, after_dot in list(self.unsettled.items()):
+            if after_dot:
+                self.settle(key, "uncertain", lost.code,
+                            f"no reply after the final '.': {lost.reason}", lost.stage)
+            else:
+                self.settle(key, "requeue", lost.code, lost.reason, lost.stage)
+        self.lose_session(lost)
+
+    async def deliver(self, job: Job) -> None:
+        """Run transactions from `job` on. While jobs are at hand, each "." goes out in
+        the same write as the next message's MAIL, RCPT and DATA (with PIPELINING), so a
+        message costs one round trip. Every job taken here ends with exactly one Done."""
+        try:
+            prepared = self.prepare(job)
+            waiting = await self.transaction(None, prepared) if prepared else None
+            while waiting is not None:
+                following = self.next_prepared()  # made while the journal commits
+                if not await waiting.ack:
+                    raise SessionLost("journal could not record the transaction", "dot")
+                if following is None:  # the supervisor may have sent one meanwhile
+                    following = self.next_prepared()
+                waiting = await self.transaction(waiting, following)
+        except SessionLost as lost:
+            self.settle_lost(lost)
+        except Exception as exc:  # a bug must cost the jobs in hand, never the worker
+            self.settle_lost(SessionLost(f"worker error: {type(exc).__name__}: {exc}", "data"))
+
+    def next_prepared(self) -> Prepared | None:
+        """The next job to chain onto a pending ".", unless the session should end first."""
+        while self.jobs and not (self.stopping or self.holding):
+            if self.session_cap and self.session_messages + 1 >= self.session_cap:
+                return None  # the pending message may be the session's last
+            prepared = self.prepare(self.jobs.popleft())
+            if prepared is not None:
+                return prepared
+        return None
+
+    def prepare(self, job: Job) -> Prepared | None:
+        """Make the job's message and commands, or settle it as failed."""
+        key = (job.campaign, job.line)
+        self.unsettled[key] = False
+        campaign = self.campaigns[job.campaign]
+        smtputf8 = campaign.sender_utf8 or needs_smtputf8(job.email)
+        rcpt = b"TO:<" + job.email.encode() + b">"
+        refusal = ""
+        if smtputf8 and not self.smtputf8:
+            refusal = smtputf8_refusal(campaign.sender, job.email)
+        elif _CONTROL.search(rcpt):
+            refusal = "the address holds a control character"
+        else:
+            try:
+                message = self.render(job, campaign, smtputf8)
+            except (RenderError, KeyError_) as exc:
+                refusal = f"cannot render message: {exc}"
+            except Exception as exc:  # any other failure to make one message is that message's
+                refusal = f"cannot make message: {type(exc).__name__}: {exc}"
+        if refusal:
+            self.settle(key, "failed", None, refusal)
+            return None
+        mail_from = (campaign.mail_from + b" SMTPUTF8") if smtputf8 else campaign.mail_from
+        commands = (Command("mail", b"MAIL " + mail_from + b"\r\n", (250,)),
+                    Command("rcpt", b"RCPT " + rcpt + b"\r\n", (250, 251)), _DATA)
+        return Prepared(job, commands, dot_stuff(message))
 
     def render(self, job: Job, campaign: Campaign, smtputf8: bool = False) -> bytes:
         if campaign.renderer is None:
@@ -357,55 +416,113 @@ class Worker:
         )
         return message if campaign.signer is None else campaign.signer.sign(message)
 
-    async def transaction(self, job: Job, message: bytes, mail_from: bytes) -> tuple[str, int, str]:
-        """Run MAIL..DATA..'.' (`mail_from`: MAIL's argument); return the deciding
-        reply with the stage it answered, or raise SessionLost."""
-        smtp = self.smtp
-        assert smtp is not None
+    async def transaction(self, waiting: Waiting | None, prepared: Prepared | None) -> Waiting | None:
+        """Write the "." of `waiting` (the journal holds its `data-sent`) and the commands
+        of `prepared`; settle what the replies decide; write `prepared`'s body.
+        Return `prepared`, now waiting for its ".", or None. Raises SessionLost."""
+        session = self.session
+        assert session is not None
         self.state("sending")  # a frame only on the change: the supervisor knows the job
-        stage = "mail"
-        try:
-            if self.needs_reset:
-                await smtp.rset()
-                self.needs_reset = False
-            for stage, command in (
-                ("mail", (b"MAIL", mail_from)),
-                ("rcpt", (b"RCPT", b"TO:<" + job.email.encode() + b">")),
-            ):
-                reply = await smtp.execute_command(*command)
-                if reply.code not in (250, 251):
-                    return self.refused(stage, reply.code, reply.message)
-            stage = "data"
-            reply = await smtp.execute_command(b"DATA")
-            if reply.code != 354:
-                return self.refused(stage, reply.code, reply.message)
-            ack = self.request_dot(job)
-            # hold on to the protocol: aiosmtplib drops smtp.protocol when the
-            # connection is lost, which may happen while we wait for the journal
-            protocol = smtp.protocol
-            assert protocol is not None
-            protocol.write(dot_stuff(message))
-            if not await ack:
-                raise SessionLost("journal could not record the transaction", False, stage)
-            protocol.write(b".\r\n")  # raises if the connection is already gone: no '.' sent
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SessionLost(describe(exc), False, stage, code_of(exc)) from None
-        try:
-            reply = await protocol.read_response(timeout=self.server.timeout)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise SessionLost(f"no reply after the final '.': {describe(exc)}", True, "dot") from None
-        if reply.code == 421:
-            raise SessionLost(f"{reply.code} {reply.message}", False, "dot", 421)
-        if reply.code != 250:
-            self.needs_reset = True
-        return "dot", reply.code, reply.message
+        commands: list[Command] = []
+        if waiting is not None:
+            if prepared is not None and (self.stopping or self.holding):
+                self.release_prepared(prepared)
+                prepared = None
+            self.dot_goes_out(waiting.job)
+            if session.pipelining:
+                commands.append(_DOT)
+            else:  # lock-step: the "." and its reply first
+                self.settle_dot(waiting.job, await self.exchange([_DOT]))
+        reset = self.needs_reset and prepared is not None
+        if reset:
+            commands.append(_RSET)
+        if prepared is not None:
+            commands += prepared.commands
+        if not commands:
+            return None
+        exchange = await self.exchange(commands)
+        if commands[0] is _DOT:
+            assert waiting is not None
+            exchange = self.settle_dot(waiting.job, exchange)
+        if reset:
+            exchange = self.after_reset(exchange)
+        return await self.open_data(prepared, exchange) if prepared is not None else None
 
-    def refused(self, stage: str, code: int, text: str) -> tuple[str, int, str]:
-        """A refusal before the '.': 421 ends the session, anything else needs RSET."""
-        if code == 421:
-            raise SessionLost(f"{code} {text}", False, stage, code)
-        self.needs_reset = True
-        return stage, code, text
+    def release_prepared(self, prepared: Prepared) -> None:
+        """Stop or Hold came while it waited to be chained: it never started."""
+        key = (prepared.job.campaign, prepared.job.line)
+        self.unsettled.pop(key, None)
+        self.send(Released([key]))
+
+    async def exchange(self, commands: list[Command]) -> Exchange:
+        session = self.session
+        assert session is not None
+        return await session.exchange(commands)
+
+    def dot_goes_out(self, job: Job) -> None:
+        """From here on a loss makes this job uncertain: the relay may have its message."""
+        self.unsettled[(job.campaign, job.line)] = True
+
+    def settle_dot(self, job: Job, exchange: Exchange) -> Exchange:
+        """The reply to a message's "." (the first of `exchange`) decides it; the rest
+        of the exchange is returned."""
+        key = (job.campaign, job.line)
+        if not exchange.replies:
+            self.unsettled[key] = exchange.written > 0  # a "." that never left: discarded
+            raise SessionLost(exchange.lost or "no reply", "dot")
+        reply = exchange.replies[0]
+        self.replied()
+        if reply.code == 421:  # the relay gave up before taking the message
+            raise SessionLost(f"421 {reply.text}", "dot", 421)
+        if reply.code == 250:
+            self.session_messages += 1
+        else:
+            self.needs_reset = True
+        self.settle(key, result_of(reply.code), reply.code, reply.text, "dot")
+        return exchange._replace(replies=exchange.replies[1:], written=exchange.written - 1)
+
+    def after_reset(self, exchange: Exchange) -> Exchange:
+        """Take the RSET's reply off the front; a relay that refuses RSET is unusable."""
+        if not exchange.replies:
+            raise SessionLost(exchange.lost or "no reply", "mail")
+        reply = exchange.replies[0]
+        if reply.code != 250:
+            raise SessionLost(f"{reply.code} {reply.text}", "mail", reply.code)
+        self.needs_reset = False
+        return exchange._replace(replies=exchange.replies[1:], written=exchange.written - 1)
+
+    async def open_data(self, prepared: Prepared, exchange: Exchange) -> Waiting | None:
+        """MAIL, RCPT, DATA answered: settle a refusal, or write the body and ask for the "."."""
+        key = (prepared.job.campaign, prepared.job.line)
+        replies = exchange.replies
+        for command, reply in zip(prepared.commands, replies):
+            if reply.code == 421:
+                raise SessionLost(f"421 {reply.text}", command.stage, 421)
+            if reply.code not in command.ok:
+                self.replied()
+                self.needs_reset = True
+                self.settle(key, result_of(reply.code), reply.code, reply.text, command.stage)
+                if len(replies) == 3 and replies[2].code == 354:
+                    await self.end_empty_data()  # RFC 2920 3.1: DATA taken after a refusal
+                if exchange.lost:
+                    raise SessionLost(exchange.lost, command.stage)
+                return None
+        if len(replies) < len(prepared.commands):
+            raise SessionLost(exchange.lost or "no reply", prepared.commands[len(replies)].stage)
+        self.replied()
+        session = self.session
+        assert session is not None
+        try:
+            session.write(prepared.body)
+        except SessionBroken as exc:
+            raise SessionLost(str(exc), "data") from None
+        return Waiting(prepared.job, self.request_dot(prepared.job))
+
+    async def end_empty_data(self) -> None:
+        """A lone "." ends a DATA the relay took with no recipient; its reply is moot."""
+        result = await self.exchange([Command("data", b".\r\n")])
+        if result.lost:
+            raise SessionLost(result.lost, "data")
 
     def request_dot(self, job: Job) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -414,22 +531,13 @@ class Worker:
         return future
 
 
-def classify(code: int) -> Result:
+def result_of(code: int) -> Result:
+    """What a relay's final reply to a transaction means for the recipient."""
     if code == 250:
         return "sent"
     if 400 <= code < 500:
         return "deferred"
     return "failed"
-
-
-def code_of(exc: BaseException) -> int | None:
-    return exc.code if isinstance(exc, aiosmtplib.SMTPResponseException) else None
-
-
-def describe(exc: BaseException) -> str:
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {exc.message}"
-    return str(exc) or type(exc).__name__
 
 
 async def amain(sock: socket.socket) -> None:
