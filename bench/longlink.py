@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 from . import data
 from .mailerd_proc import Mailerd
 from .throughput import run_client
-from .tools import Sink, interleaved, median_of
+from .tools import Sink, interleaved, median_of, stop_process
 
 ONE_WAY = 0.020  # seconds added in each direction: RTT 40 ms
 TARGET_VS_LOOP = 3.5
@@ -56,13 +56,8 @@ class DelayProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 async def serve_delayed(target_port: int, one_way: float) -> None:

@@ -99,12 +99,7 @@ class Sink:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            stop_process(self.proc)
 
     def cpu(self) -> float:
         return proc_cpu(self.proc.pid) if self.proc else 0.0
@@ -245,3 +240,15 @@ def process_tree(root: int) -> Iterator[int]:
         pid = stack.pop()
         yield pid
         stack.extend(children.get(pid, []))
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within 5 s."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -144,6 +144,10 @@ def _read_body(campaign_path: Path, key: str, relative: str | None) -> str | Non
         raise InputError(f"{campaign_path}: {key} = {relative!r}: {path} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
+MAX_COLUMNS = 10_000  # an address and its merge fields; more is a mistaken file (review L7)
+MAX_HEADER_CHARS = 1024 * 1024
+
+
 class RecipientList:
     """A CSV list: header row first; delimiter , ; or tab; UTF-8 with or without BOM."""
 
@@ -154,7 +158,10 @@ class RecipientList:
         except OSError as exc:
             raise InputError(f"{self.path}: cannot read recipient list: {exc.strerror}") from None
         self.size = self.path.stat().st_size
-        first = self._read_guarded(self._file.readline)
+        first = self._read_guarded(lambda: self._file.readline(MAX_HEADER_CHARS + 1))
+        if len(first) > MAX_HEADER_CHARS:  # read no further: a list this wide is a mistake
+            raise InputError(f"{self.path}: line 1: the header row is longer than "
+                             f"{MAX_HEADER_CHARS:,} characters (at most {MAX_COLUMNS:,} columns)")
         if not first.strip():
             raise InputError(f"{self.path}: line 1: the list is empty (a header row with an 'email' column is expected)")
         self.delimiter = max(",;\t", key=first.count)
@@ -162,6 +169,9 @@ class RecipientList:
             _prepend(first, self._file), delimiter=self.delimiter, strict=False
         )
         self.columns = [c.strip() for c in self._read_guarded(lambda: next(self._reader))]
+        if len(self.columns) > MAX_COLUMNS:
+            raise InputError(f"{self.path}: line 1: {len(self.columns):,} columns; a list has at "
+                             f"most {MAX_COLUMNS:,} (the email and the merge fields)")
         if email_column_index(self.columns) is None:
             raise InputError(f"{self.path}: line 1: no 'email' column in the header ({', '.join(self.columns)})")
 

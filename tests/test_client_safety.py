@@ -302,7 +302,7 @@ def test_report_csv_into_head_ends_quietly(tmp_path, relay_factory, daemon_facto
 # ------------------------------------------------------------------ L7, L8: frame limits
 
 
-def test_a_list_too_wide_for_a_frame_is_refused_by_mailerctl_naming_the_file(tmp_path, daemon_factory):
+def test_a_list_too_wide_is_refused_by_mailerctl_before_it_is_read(tmp_path, daemon_factory):
     daemon = daemon_factory({}).start()
     campaign, _ = make_campaign(tmp_path / "c", 1)
     wide = tmp_path / "c" / "wide.csv"
@@ -310,7 +310,21 @@ def test_a_list_too_wide_for_a_frame_is_refused_by_mailerctl_naming_the_file(tmp
     wide.write_text("email," + ",".join(columns) + "\na@example.com" + "," * len(columns) + "\n")
     result = daemon.ctl("enqueue", str(campaign), "--recipients", str(wide), check=False)
     assert result.returncode == 2, result
-    assert result.stderr.startswith(f"mailerctl: {wide} (with {campaign}): a request of ")
+    assert result.stderr.startswith(f"mailerctl: {wide}: line 1: the header row is longer than")
+    assert daemon.status().campaigns == []
+    many = tmp_path / "c" / "many.csv"
+    many.write_text("email," + ",".join(f"c{i}" for i in range(20_000)) + "\n")
+    result = daemon.ctl("enqueue", str(campaign), "--recipients", str(many), check=False)
+    assert result.returncode == 2 and "20,001 columns; a list has at most 10,000" in result.stderr
+
+
+def test_a_request_too_large_for_a_frame_is_refused_by_mailerctl_naming_the_file(tmp_path,
+                                                                                   daemon_factory):
+    daemon = daemon_factory({}).start()
+    campaign, recipients = make_campaign(tmp_path / "c", 1, text="x" * (wire.MAX_FRAME + 1))
+    result = daemon.ctl("enqueue", str(campaign), "--recipients", str(recipients), check=False)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"mailerctl: {recipients} (with {campaign}): a request of ")
     assert f"frame limit of {wire.MAX_FRAME:,} bytes" in result.stderr
     assert "control_bad_frame" not in daemon.log()  # refused before anything was sent
     assert daemon.status().campaigns == []
