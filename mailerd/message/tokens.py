@@ -41,6 +41,17 @@ def load_or_create_key(state_dir: Path) -> bytes:
             key = path.read_bytes()
         finally:
             os.unlink(temporary)
+    return _checked(path, key)
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The key the daemon made, never a new one (for the endpoint, which must verify
+    the daemon's tokens): FileNotFoundError if the daemon has not made it yet."""
+    path = Path(state_dir) / KEY_FILE
+    return _checked(path, path.read_bytes())
+
+
+def _checked(path: Path, key: bytes) -> bytes:
     if len(key) < 16:
         raise ValueError(f"{path}: an unsubscribe key must have at least 16 bytes")
     return key
