@@ -41,7 +41,7 @@ class Answer(NamedTuple):
 class Service:
     """A real `python -m mailerd.unsubscribe` process for one daemon."""
 
-    def __init__(self, daemon: Daemon, listen: str = "127.0.0.1:0") -> None:
+    def __init__(self, daemon: Daemon, listen: str = "127.0.0.1:0", *extra: str) -> None:
         self.daemon = daemon
         self.log_path = daemon.workdir / "unsubscribe.log"
         self.unix_path = listen.removeprefix("unix:") if listen.startswith("unix:") else None
@@ -49,7 +49,7 @@ class Service:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mailerd.unsubscribe", "--listen", listen,
                  "--state-dir", str(daemon.state_dir), "--socket", daemon.socket,
-                 "--timeout", "5"],
+                 "--timeout", "5", *extra],
                 stdout=log, stderr=log, cwd=daemon.workdir)
         line = wait_until(self._listening, 20, "the endpoint to listen")
         self.base = re.search(r"url=(\S+)", line).group(1)
@@ -105,8 +105,8 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 def service_factory() -> Iterator[Callable[..., Service]]:
     services: list[Service] = []
 
-    def make(daemon: Daemon, listen: str = "127.0.0.1:0") -> Service:
-        service = Service(daemon, listen)
+    def make(daemon: Daemon, listen: str = "127.0.0.1:0", *extra: str) -> Service:
+        service = Service(daemon, listen, *extra)
         services.append(service)
         return service
 
@@ -149,7 +149,7 @@ def suppressions(daemon: Daemon) -> list[SuppressionEntry]:
 def link_for(daemon: Daemon, address: str, campaign_uid: str = "0123456789abcdef",
              key: bytes | None = None) -> str:
     """A link as mailerd would write it, with the daemon's key unless `key` is given."""
-    key = key if key is not None else tokens.load_key(daemon.state_dir)
+    key = key if key is not None else tokens.read_key(daemon.state_dir / tokens.KEY_FILE)
     token = tokens.make(key, campaign_uid, address)
     return f"/u/{token}?c={campaign_uid}&e={quote(address, safe='')}"
 
@@ -259,10 +259,16 @@ def test_daemon_unreachable_is_503_and_the_retry_later_succeeds(
     assert [(e.email, e.reason) for e in suppressions(daemon)] == [(ANN, "unsubscribed")]
 
 
-def test_listens_on_a_unix_socket_for_a_reverse_proxy(
+def test_listens_on_a_unix_socket_with_the_key_handed_in(
         daemon: Daemon, service_factory: Callable[..., Service]) -> None:
+    """As the shipped unit runs it: the key as a copy (systemd's LoadCredential=), not
+    read from the daemon's state directory; a Unix socket for the proxy."""
+    copy = daemon.workdir / "credentials" / "unsubscribe.key"
+    copy.parent.mkdir()
+    copy.write_bytes((daemon.state_dir / tokens.KEY_FILE).read_bytes())
     path = daemon.workdir / "http.sock"
-    service = service_factory(daemon, f"unix:{path}")
+    service = service_factory(daemon, f"unix:{path}", "--key-file", str(copy),
+                              "--state-dir", str(daemon.workdir / "elsewhere"))
     link = link_for(daemon, ANN)
     assert service.request("GET", link).status == 200
     assert service.one_click(link).status == 200

@@ -44,11 +44,10 @@ def load_or_create_key(state_dir: Path) -> bytes:
     return _checked(path, key)
 
 
-def load_key(state_dir: Path) -> bytes:
-    """The key the daemon made, never a new one (for the endpoint, which must verify
-    the daemon's tokens): FileNotFoundError if the daemon has not made it yet."""
-    path = Path(state_dir) / KEY_FILE
-    return _checked(path, path.read_bytes())
+def read_key(path: Path) -> bytes:
+    """A key the daemon made (its state directory's KEY_FILE, or a copy), never a new one:
+    for the unsubscribe endpoint, which must verify the daemon's tokens."""
+    return _checked(path, Path(path).read_bytes())
 
 
 def _checked(path: Path, key: bytes) -> bytes:

@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                    help=f"the daemon's state directory, for its unsubscribe.key "
                         f"(default {DEFAULT_STATE_DIR})")
+    p.add_argument("--key-file",
+                   help="the daemon's unsubscribe.key handed in another way (systemd: "
+                        "LoadCredential= and --key-file %%d/unsubscribe.key); overrides --state-dir")
     p.add_argument("--socket", default=os.environ.get("MAILERD_SOCKET") or DEFAULT_SOCKET,
                    help=f"the daemon's control socket (default $MAILERD_SOCKET, else {DEFAULT_SOCKET})")
     p.add_argument("--timeout", type=float, default=10.0,
@@ -54,15 +57,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_key(state_dir: str) -> bytes:
+def key_path(args: argparse.Namespace) -> Path:
+    return Path(args.key_file) if args.key_file else Path(args.state_dir) / tokens.KEY_FILE
+
+
+def load_key(path: Path) -> bytes:
     try:
-        return tokens.load_key(Path(state_dir))
+        return tokens.read_key(path)
     except FileNotFoundError:
-        raise StartError(f"{state_dir}/{tokens.KEY_FILE} does not exist: start mailerd once "
-                         f"(it makes the key), or pass its state directory with --state-dir") from None
+        raise StartError(f"{path} does not exist: start mailerd once (it makes the key), and "
+                         f"give its state directory (--state-dir) or a copy (--key-file)") from None
     except OSError as exc:
-        raise StartError(f"cannot read {state_dir}/{tokens.KEY_FILE}: {exc.strerror or exc} "
-                         f"(run as the daemon's user)") from None
+        raise StartError(f"cannot read {path}: {exc.strerror or exc} (run as the daemon's user, "
+                         f"or hand the key in with systemd's LoadCredential= and --key-file)") from None
     except ValueError as exc:
         raise StartError(str(exc)) from None
 
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.log_level)
     code = 0
     try:
-        asyncio.run(serve(args, load_key(args.state_dir)))
+        asyncio.run(serve(args, load_key(key_path(args))))
     except StartError as exc:
         event("unsubscribe_start_failed", level=logging.ERROR, error=str(exc))
         print(f"mailerd-unsubscribe: {exc}", file=sys.stderr)
