@@ -10,7 +10,10 @@ from __future__ import annotations
 import email
 import email.policy
 import http.client
+import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +27,9 @@ from mailerd.message import tokens
 from mailerd.schema.control import SuppressionEntry, SuppressionPage, SuppressList
 from mailerd.testing.relay import FakeRelay
 
+import nsboot
 from conftest import Daemon, make_campaign, relay_server, wait_until
+from test_systemd import PACKAGING, ROOT, hidden_by_sandbox, interpreter_paths, needs_systemd
 
 URL_TEMPLATE = "https://example.org/u/{{ token }}?c={{ campaign_uid }}&e={{ email|urlencode }}"
 ONE_CLICK = b"List-Unsubscribe=One-Click"
@@ -289,3 +294,120 @@ def test_refuses_to_start_with_a_clear_message(tmp_path: Path, args: list[str],
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ the shipped unit
+
+
+UNIT_CONFIG = """\
+[daemon]
+socket_group = "mailerd"
+log_level = "info"
+
+[servers.relay]
+host = "127.0.0.1"
+port = 2525
+connections = 1
+timeout = "2s"
+"""
+
+HTTP_REQUEST = """\
+import http.client, sys
+connection = http.client.HTTPConnection("127.0.0.1", 8480, timeout=20)
+connection.request(sys.argv[1], sys.argv[2], body=sys.argv[3].encode() or None,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+print(connection.getresponse().status)
+"""
+
+
+def unit_dropin() -> str:
+    """Only what this machine needs (as tests/test_systemd.py's drop-in): the checkout on
+    PYTHONPATH, and the interpreter visible when it lives where ProtectHome= hides it."""
+    lines = ["[Service]", f"Environment=PYTHONPATH={ROOT}", "Environment=PYTHONDONTWRITEBYTECODE=1"]
+    hidden = [p for p in interpreter_paths() if hidden_by_sandbox(p)]
+    if hidden:
+        lines.append("ProtectHome=tmpfs")
+        lines += [f"BindReadOnlyPaths={p}" for p in hidden]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def unit_system(tmp_path: Path) -> Iterator[nsboot.SystemdNamespace]:
+    host = tmp_path / "host"
+    host.mkdir(mode=0o755)
+    bin_dir = tmp_path / "opt" / "mailerd" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, module in (("mailerd", "mailerd"), ("mailerd-unsubscribe", "mailerd.unsubscribe")):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {sys.executable} -m {module} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    ns = nsboot.SystemdNamespace(tmp_path / "ns", host, binds=interpreter_paths(),
+                                 mounts={"/opt": tmp_path / "opt"})
+    for name in ("mailerd.service", "mailerd-unsubscribe.service"):
+        ns.etc(f"systemd/system/{name}").write_text((PACKAGING / name).read_text())
+        ns.etc(f"systemd/system/{name}.d/test.conf").write_text(unit_dropin())
+    ns.etc("sysusers.d/mailerd.conf").write_text((PACKAGING / "mailerd.sysusers.conf").read_text())
+    ns.etc("tmpfiles.d/mailerd.conf").write_text((PACKAGING / "mailerd.tmpfiles.conf").read_text())
+    ns.etc("mailerd/mailerd.toml").write_text(UNIT_CONFIG)
+    try:
+        ns.boot()
+        yield ns
+    finally:
+        try:  # shown by pytest only when the test failed
+            if ns.pid is not None:
+                print(ns.run(["journalctl", "--no-pager", "-n", "80", "-o", "short-monotonic"],
+                             check=False, timeout=20).stdout)
+        finally:
+            ns.shutdown()
+
+
+@needs_systemd
+def test_the_shipped_unit_unsubscribes_as_a_member_without_the_daemons_files(
+        unit_system: nsboot.SystemdNamespace) -> None:
+    ns = unit_system
+    ns.run(["systemd-sysusers", "/etc/sysusers.d/mailerd.conf"])
+    ns.run(["systemd-tmpfiles", "--create", "/etc/tmpfiles.d/mailerd.conf"])
+    verify = ns.run(["systemd-analyze", "verify", "/etc/systemd/system/mailerd-unsubscribe.service"],
+                    check=False)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    ns.systemctl("start", "mailerd")
+    ns.systemctl("start", "mailerd-unsubscribe")  # Type=notify: returns after READY=1
+    assert ns.show("mailerd-unsubscribe", "ActiveState") == "active"
+
+    pid = ns.show("mailerd-unsubscribe", "MainPID")
+    uid, gid = ns.run(["ps", "-o", "uid=,gid=", "-p", pid]).stdout.split()
+    assert uid != ns.run(["id", "-u", "mailerd"]).stdout.strip(), "not the daemon's user"
+    assert gid == ns.run(["id", "-g", "mailerd"]).stdout.strip(), "in the daemon's group"
+    # the key came in as a credential; the daemon's state directory stays closed to it
+    closed = ns.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                     "cat", "/var/lib/mailerd/unsubscribe.key"], check=False)
+    assert closed.returncode != 0 and "Permission denied" in closed.stderr, closed
+
+    key = (ns.overlays["/var/lib"][0] / "mailerd" / tokens.KEY_FILE).read_bytes()
+    token = tokens.make(key, "0123456789abcdef", ANN)
+    link = f"/u/{token}?c=0123456789abcdef&e={quote(ANN, safe='')}"
+    request = [sys.executable, "-c", HTTP_REQUEST]
+    assert ns.run([*request, "GET", link, ""]).stdout.strip() == "200"
+    assert ns.run([*request, "POST", link, "List-Unsubscribe=One-Click"]).stdout.strip() == "200"
+    listed = ns.run([sys.executable, "-m", "mailerctl", "--socket", "/run/mailerd/control.sock",
+                     "suppress", "list", "--json"], env={"PYTHONPATH": str(ROOT)}).stdout
+    assert [(e["email"], e["reason"]) for e in json.loads(listed)] == [(ANN, "unsubscribed")]
+    events = ns.run(["journalctl", "--no-pager", "-o", "cat", "-u", "mailerd-unsubscribe"]).stdout
+    assert "unsubscribed campaign_uid=0123456789abcdef" in events, events
+
+    ns.systemctl("stop", "mailerd")  # the daemon gone: 503, not a false 200
+    assert ns.run([*request, "POST", link, "List-Unsubscribe=One-Click"]).stdout.strip() == "503"
+    ns.systemctl("stop", "mailerd-unsubscribe")
+    assert ns.show("mailerd-unsubscribe", "Result") == "success"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_security_exposure_of_the_shipped_unit() -> None:
+    """`systemd-analyze security` rates the endpoint's unit 2.0 or lower (offline; 1.1 now)."""
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager",
+         str(PACKAGING / "mailerd-unsubscribe.service")],
+        capture_output=True, text=True, env={**os.environ, "SYSTEMD_COLORS": "0"})
+    match = re.search(r"Overall exposure level for mailerd-unsubscribe\.service: (\d+\.\d+)",
+                      out.stdout)
+    assert match, out.stdout + out.stderr
+    assert float(match[1]) <= 2.0, out.stdout
