@@ -216,6 +216,15 @@ def test_a_scanner_fetching_the_link_changes_nothing(
     assert [e.email for e in suppressions(daemon)] == [ANN]
 
 
+def test_a_plus_in_an_address_the_template_did_not_encode_stays_a_plus(
+        daemon: Daemon, service_factory: Callable[..., Service]) -> None:
+    service = service_factory(daemon)
+    raw = link_for(daemon, ANN).replace(quote(ANN, safe=""), ANN)  # e=ann+news@example.com
+    assert "e=ann+news@" in raw
+    assert service.one_click(raw).status == 200
+    assert [e.email for e in suppressions(daemon)] == [ANN]
+
+
 def test_forged_and_damaged_links_change_nothing(
         daemon: Daemon, service_factory: Callable[..., Service]) -> None:
     service = service_factory(daemon)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import NamedTuple
+from urllib.parse import unquote
 
 from mailerd.message import tokens
 
@@ -28,6 +29,17 @@ class Link(NamedTuple):
 
 class Incomplete(ValueError):
     """The link lacks a part or a part is malformed (a mail client cut it, or it was typed)."""
+
+
+def query_values(raw_query: str) -> dict[str, str]:
+    """The query's parameters, percent-decoded, the first of each name. A `+` stays a `+`
+    (RFC 3986; only HTML forms mean a space by it): a link whose template forgot
+    `|urlencode` still names ann+news@example.com, not "ann news@example.com"."""
+    values: dict[str, str] = {}
+    for pair in raw_query.split("&"):
+        name, _, value = pair.partition("=")
+        values.setdefault(unquote(name), unquote(value))
+    return values
 
 
 def parse(token: str, query: dict[str, str]) -> Link:

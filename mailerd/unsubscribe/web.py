@@ -23,7 +23,7 @@ from aiohttp import web
 
 from mailerd.system.log import event
 from mailerd.unsubscribe.daemon import DaemonUnavailable
-from mailerd.unsubscribe.link import Incomplete, Link, genuine, parse
+from mailerd.unsubscribe.link import Incomplete, Link, genuine, parse, query_values
 
 ONE_CLICK_FIELD = "List-Unsubscribe"
 ONE_CLICK_VALUE = "One-Click"
@@ -77,11 +77,11 @@ async def unsubscribe(request: web.Request) -> web.Response:
             link.address, f"one-click link, campaign {link.campaign_uid}")
     except DaemonUnavailable as exc:
         event("unsubscribe_unavailable", level=logging.ERROR, campaign_uid=link.campaign_uid,
-              email=link.address, error=str(exc))
+              recipient=link.address, error=str(exc))
         raise _error(web.HTTPServiceUnavailable, "We could not record your request just now. "
                      "Nothing has changed yet; please try again in a few minutes.",
                      {"Retry-After": RETRY_AFTER}) from None
-    event("unsubscribed", campaign_uid=link.campaign_uid, email=link.address, new=new)
+    event("unsubscribed", campaign_uid=link.campaign_uid, recipient=link.address, new=new)
     address = html.escape(link.address)
     return _page(200, "Unsubscribed", f"<p><b>{address}</b> will get no more mail from us.</p>")
 
@@ -89,7 +89,7 @@ async def unsubscribe(request: web.Request) -> web.Response:
 def _genuine_link(request: web.Request, via: str) -> Link:
     """The request's link if its token is genuine; else the error response is raised."""
     try:
-        link = parse(request.match_info["token"], dict(request.query))
+        link = parse(request.match_info["token"], query_values(request.rel_url.raw_query_string))
     except Incomplete as exc:
         _refused("incomplete", via=via, problem=str(exc))
         raise _error(web.HTTPBadRequest, "This unsubscribe link is incomplete: "
@@ -110,7 +110,7 @@ async def _is_one_click(request: web.Request) -> bool:
 
 
 def _refused(reason: str, link: Link | None = None, **fields: str) -> None:
-    where = {"campaign_uid": link.campaign_uid, "email": link.address} if link else {}
+    where = {"campaign_uid": link.campaign_uid, "recipient": link.address} if link else {}
     event("unsubscribe_refused", level=logging.WARNING, reason=reason, **where, **fields)
 
 
