@@ -800,6 +800,7 @@ class Renderer:
         context = self._globals.copy()
         context.update(zip(self._columns, fields))
         context["email"] = email
+        context["campaign_uid"] = self._campaign_uid  # for unsubscribe links (mailerd.unsubscribe)
         if self._uses_token:
             context["token"] = self.token(email)
         return context

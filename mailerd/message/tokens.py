@@ -41,6 +41,16 @@ def load_or_create_key(state_dir: Path) -> bytes:
             key = path.read_bytes()
         finally:
             os.unlink(temporary)
+    return _checked(path, key)
+
+
+def read_key(path: Path) -> bytes:
+    """A key the daemon made (its state directory's KEY_FILE, or a copy), never a new one:
+    for the unsubscribe endpoint, which must verify the daemon's tokens."""
+    return _checked(path, Path(path).read_bytes())
+
+
+def _checked(path: Path, key: bytes) -> bytes:
     if len(key) < 16:
         raise ValueError(f"{path}: an unsubscribe key must have at least 16 bytes")
     return key

@@ -1,0 +1,3 @@
+from mailerd.unsubscribe.main import main
+
+main()
