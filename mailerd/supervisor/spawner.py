@@ -2,7 +2,7 @@
 
 A fresh interpreter per worker would carry ~25 MB of its own. Instead the first
 spawn starts multiprocessing's fork server, which imports the worker's modules
-once (mailerd/worker_template.py, which also freezes them out of the garbage
+once (mailerd/worker/template.py, which also freezes them out of the garbage
 collector so that forked copies keep sharing those pages); every worker is then
 a fork of it. The worker gets its end of the supervisor's socketpair passed over
 the fork server's socket.
@@ -13,6 +13,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import socket
+
+# Imported at start, not at the first spawn: a spawn under descriptor exhaustion could
+# not import it then. The fork server has it preloaded (worker/template.py); the daemon
+# only names the target.
+from mailerd.worker.session import run_in_process
 
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(["mailerd.worker.template"])
@@ -76,9 +81,6 @@ def stop_template() -> None:
 
 
 def spawn_worker(child: socket.socket) -> WorkerProcess:
-    # Lazy: workers get it preloaded by the fork server (worker/template.py); here it only names the target
-    from mailerd.worker.session import run_in_process
-
     process = _context.Process(target=run_in_process, args=(child,), name="mailerd-worker")
     process.start()
     return WorkerProcess(process)

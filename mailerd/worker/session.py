@@ -48,7 +48,7 @@ from typing import Callable, NamedTuple, cast
 import aiosmtplib
 import msgspec
 
-try:  # imported here, not after the fork, so the template's pages hold it (worker_template.py)
+try:  # imported here, not after the fork, so the template's pages hold it (worker/template.py)
     import uvloop
 except ImportError:
     uvloop = None  # type: ignore[assignment]
