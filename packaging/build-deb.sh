@@ -9,7 +9,7 @@
 # dependency list and kept in $MAILERD_DEB_CACHE (default build/deb-cache); mailerd's own
 # wheel is built every time from a clean copy of the checkout's files, so nothing is
 # written into the checkout and no stale build/lib file ends up in the package.
-# Needs: dpkg-deb, python3-venv, python3-dev, gcc, pkg-config, libsystemd-dev
+# Needs: dpkg-deb, python3-venv, python3-dev, gcc, pkg-config, libsystemd-dev, binutils
 # (scripts/setup.sh installs them); lintian for --lintian.
 set -euo pipefail
 
