@@ -54,7 +54,8 @@ def _unavailable() -> str | None:
 
 
 _reason = _unavailable()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"package test skipped: {_reason}")
+needs_nsboot = pytest.mark.skipif(_reason is not None, reason=f"package test skipped: {_reason}")
+RELAY_NAMED = ROOT / "packaging" / "deb" / "relay-named"
 
 CONFIG = f"""\
 # edited by the administrator (test_deb.py)
@@ -204,6 +205,7 @@ def assert_delivered_once(ns: nsboot.SystemdNamespace, cid: int, got: list[str],
     return final
 
 
+@needs_nsboot
 def test_install_run_upgrade_remove_purge(system: nsboot.SystemdNamespace, packages, tmp_path):
     ns, host = system, tmp_path / "host"
     first, second = packages
@@ -292,3 +294,36 @@ def test_install_run_upgrade_remove_purge(system: nsboot.SystemdNamespace, packa
     for gone in ("/var/lib/mailerd", "/etc/mailerd",
                  "/etc/systemd/system/multi-user.target.wants/mailerd.service"):
         assert not exists(ns, gone), f"{gone} is still there after purge"
+
+
+@pytest.mark.parametrize(("config", "starts"), [
+    ((ROOT / "packaging" / "mailerd.toml").read_text(), False),  # the shipped example
+    ("[daemon]\n", False),
+    ('[servers.a]\nhost = "mx.example.org"\n[servers.b]\nhost = "relay.invalid"\n', False),
+    (CONFIG, True),
+    ('[servers.a]\nhost = "smtp.example.net"\n[servers.b]\nhost = "10.1.2.3"\n', True),
+    ("[servers.a\n", True),  # unparsable: the daemon reports it with file and line
+])
+def test_start_condition_wants_a_named_relay(tmp_path, config: str, starts: bool):
+    path = tmp_path / "mailerd.toml"
+    path.write_text(config)
+    done = subprocess.run(["/usr/bin/python3", str(RELAY_NAMED), str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == (0 if starts else 1), done.stderr
+    if not starts:
+        line = done.stderr.strip()
+        assert line.startswith(f"mailerd not started: {path} names no relay yet") and "\n" not in line
+        assert line.endswith("then: systemctl start mailerd")
+
+
+@pytest.mark.skipif(shutil.which("lintian") is None or _reason is not None,
+                    reason="lintian is not installed" if shutil.which("lintian") is None
+                    else f"package test skipped: {_reason}")
+def test_lintian_is_clean(packages):
+    """No error or warning that packaging/deb/lintian-overrides does not explain."""
+    first, _ = packages
+    done = subprocess.run(["lintian", "--fail-on", "error,warning", str(first)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tags = [line for line in done.stdout.splitlines() if re.match(r"[EW]: ", line)]
+    assert not tags, tags
