@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc pkg-config libsystemd-dev)
+# packaging/build-deb.sh and tests/test_deb.py: strip (binutils), lintian (dpkg-deb is in dpkg)
+APT_PACKAGES+=(binutils lintian)
 # tests/test_real_postfix.py: a private Postfix with Dovecot's SASL auth and a test CA (openssl).
 # They are installed unconfigured and never started as system services.
 APT_PACKAGES+=(postfix dovecot-core openssl)
