@@ -105,14 +105,16 @@ install -d "$STAGE/usr/bin" "$STAGE/lib/systemd/system/mailerd.service.d" \
     "$STAGE/etc/mailerd" "$STAGE/usr/share/doc/mailerd" "$STAGE/usr/share/lintian/overrides"
 ln -s "$VENV/bin/mailerd" "$STAGE/usr/bin/mailerd"
 ln -s "$VENV/bin/mailerctl" "$STAGE/usr/bin/mailerctl"
+ln -s "$VENV/bin/mailerd-unsubscribe" "$STAGE/usr/bin/mailerd-unsubscribe"
 install -m 644 "$ROOT/packaging/mailerd.service" "$ROOT/packaging/mailerd.socket" \
-    "$STAGE/lib/systemd/system/"
+    "$ROOT/packaging/mailerd-unsubscribe.service" "$STAGE/lib/systemd/system/"
 install -m 644 "$DEB_DIR/relay-named.conf" "$STAGE/lib/systemd/system/mailerd.service.d/"
 install -m 755 "$DEB_DIR/relay-named" "$STAGE/usr/lib/mailerd/relay-named"
 install -m 644 "$ROOT/packaging/mailerd.sysusers.conf" "$STAGE/usr/lib/sysusers.d/mailerd.conf"
 install -m 644 "$ROOT/packaging/mailerd.tmpfiles.conf" "$STAGE/usr/lib/tmpfiles.d/mailerd.conf"
 install -m 644 "$ROOT/packaging/mailerd.toml" "$STAGE/etc/mailerd/mailerd.toml"
 install -m 644 "$DEB_DIR/copyright" "$STAGE/usr/share/doc/mailerd/copyright"
+install -m 644 "$ROOT/packaging/nginx-unsubscribe.conf" "$STAGE/usr/share/doc/mailerd/"
 install -m 644 "$DEB_DIR/lintian-overrides" "$STAGE/usr/share/lintian/overrides/mailerd"
 gzip -9n < "$ROOT/README.md" > "$STAGE/usr/share/doc/mailerd/README.md.gz"
 {
