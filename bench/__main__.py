@@ -17,14 +17,14 @@ from .tools import BenchUnavailable, ensure_smtp_tools, machine_info
 SCENARIOS = ("throughput", "scale", "journal_cost", "dkim", "longlink")
 
 FULL = {
-    "throughput": {"count": 50_000, "sessions": [8, 16], "repeats": 3, "naive_count": 10_000},
+    "throughput": {"count": 50_000, "sessions": [4, 16], "repeats": 3, "naive_count": 10_000},
     "scale": {"count": 1_000_000, "sample": 100_000, "repeats": 3, "restarts": 3},
     "journal_cost": {"count": 3_000, "repeats": 5},
     "dkim": {"count": 20_000, "sessions": 4, "repeats": 3, "micro_count": 200},
     "longlink": {"per_session": 300, "sessions": [1, 2, 4], "repeats": 3, "loop_per_session": 40},
 }
 QUICK = {
-    "throughput": {"count": 2_000, "sessions": [8, 16], "repeats": 1, "naive_count": 400},
+    "throughput": {"count": 2_000, "sessions": [4, 16], "repeats": 1, "naive_count": 400},
     "scale": {"count": 20_000, "sample": 4_000, "repeats": 1, "restarts": 1},
     "journal_cost": {"count": 300, "repeats": 1},
     "dkim": {"count": 500, "sessions": 4, "repeats": 1, "micro_count": 20},
