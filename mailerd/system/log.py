@@ -16,9 +16,9 @@ value cannot drive the terminal of whoever reads the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import logging.handlers
-import functools
 import math
 import queue
 import re
@@ -159,11 +159,15 @@ class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.pending: list[str] = []
 
+    PENDING_MAX = 256  # lines held at most before a write, whoever flushes or not
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.pending.append(self.format(record) + self.terminator)
         except Exception:
             self.handleError(record)
+        if len(self.pending) >= self.PENDING_MAX:
+            self.flush()
 
     def flush(self) -> None:
         self.acquire()
