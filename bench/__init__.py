@@ -2,7 +2,8 @@
 
 Scenarios (one module each):
   throughput    mailerd end to end vs smtp-source, a prebuilt-message aiosmtplib
-                loop and the naive personalised loop, side by side
+                loop, the transport ceiling of mailerd's shape (C processes x 1
+                session) and the naive personalised loop, side by side, C = 4 and 16
   scale         a 1,000,000-recipient campaign: enqueue, journal size, report,
                 memory of daemon + workers, kill -9 recovery
   journal_cost  journal share of CPU, and the latency the data-sent commit adds

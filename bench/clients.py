@@ -4,7 +4,8 @@
     python -m bench.clients naive    --port P --sessions C --count N
 
 `prebuilt`: C aiosmtplib sessions in one process send one message built once,
-over and over (the Python transport ceiling). `naive`: the loop a user would
+over and over (the Python transport ceiling); with `--sessions 1 --wait-go`, one of
+the C processes of scenario 1's `ceiling` (mailerd's shape: a process per session). `naive`: the loop a user would
 write: per recipient, render the templates and build an EmailMessage, then send
 it, C sessions in one process. Both print one JSON line: wall and CPU seconds.
 """
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import json
 import resource
+import sys
 import time
 from email.message import EmailMessage
 from typing import Awaitable, Callable, Iterator
@@ -44,38 +46,58 @@ def compile_templates() -> dict[str, jinja2.Template]:
     return {name: env.from_string(source) for name, source in sources.items()}
 
 
+Loop = dict[str, float]  # start, end (epoch seconds) and cpu seconds of the sending loop
+
+
 async def run_sessions(port: int, sessions: int, count: int,
-                       send: Callable[[aiosmtplib.SMTP, int], Awaitable[object]]) -> None:
+                       send: Callable[[aiosmtplib.SMTP, int], Awaitable[object]],
+                       wait_go: bool = False) -> Loop:
+    """Connect the sessions, (with `wait_go`: say `ready` and wait for a line on
+    stdin, so several processes start sending together), then send `count` messages."""
     numbers: Iterator[int] = iter(range(count))
 
-    async def session() -> None:
+    async def connect() -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60,
                                local_hostname="bench.example.org", start_tls=False)
         await smtp.connect()
+        return smtp
+
+    async def session(smtp: aiosmtplib.SMTP) -> None:
         for i in numbers:
             await send(smtp, i)
         await smtp.quit()
 
-    await asyncio.gather(*(session() for _ in range(sessions)))
+    clients = await asyncio.gather(*(connect() for _ in range(sessions)))
+    if wait_go:
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    cpu, start = _cpu(), time.time()
+    await asyncio.gather(*(session(smtp) for smtp in clients))
+    return {"start": start, "end": time.time(), "cpu": _cpu() - cpu}
 
 
-async def prebuilt(port: int, sessions: int, count: int) -> None:
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def prebuilt(port: int, sessions: int, count: int, wait_go: bool = False) -> Loop:
     templates = compile_templates()
     message = build_message(templates, 0).as_bytes()
 
     async def send(smtp: aiosmtplib.SMTP, i: int) -> object:
         return await smtp.sendmail(SENDER_ADDRESS, [f"user{i}@example.com"], message)
 
-    await run_sessions(port, sessions, count, send)
+    return await run_sessions(port, sessions, count, send, wait_go)
 
 
-async def naive(port: int, sessions: int, count: int) -> None:
+async def naive(port: int, sessions: int, count: int, wait_go: bool = False) -> Loop:
     templates = compile_templates()
 
     async def send(smtp: aiosmtplib.SMTP, i: int) -> object:
         return await smtp.send_message(build_message(templates, i))
 
-    await run_sessions(port, sessions, count, send)
+    return await run_sessions(port, sessions, count, send, wait_go)
 
 
 def main() -> None:
@@ -85,6 +107,8 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--uvloop", action="store_true")
+    parser.add_argument("--wait-go", action="store_true",
+                        help="connect, print `ready`, start sending at a line on stdin")
     args = parser.parse_args()
     coroutine = {"prebuilt": prebuilt, "naive": naive}[args.kind]
     if args.uvloop:
@@ -93,11 +117,11 @@ def main() -> None:
     else:
         runner = asyncio.run
     started = time.perf_counter()
-    runner(coroutine(args.port, args.sessions, args.count))
+    loop = runner(coroutine(args.port, args.sessions, args.count, args.wait_go))
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
-                      "count": args.count}))
+                      "count": args.count, "loop": loop}))
 
 
 if __name__ == "__main__":

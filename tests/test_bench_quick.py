@@ -24,7 +24,7 @@ EXPECTED = {
     "journal_cost": {"cpu", "window", "targets"},
     "dkim": {"end_to_end", "ratios", "targets", "micro"},
 }
-CONTENDERS = {"mailerd", "smtp_source", "prebuilt", "prebuilt_uvloop", "naive", "ratios"}
+CONTENDERS = {"mailerd", "smtp_source", "prebuilt", "prebuilt_uvloop", "ceiling", "naive", "ratios"}
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,19 @@ def test_quick_bench_writes_every_scenario(smtp_tools: None, tmp_path: Path) -> 
     assert results["mode"] == "quick"
     for scenario, keys in EXPECTED.items():
         assert keys <= set(results[scenario]), (scenario, sorted(results[scenario]))
-    for sessions in ("8", "16"):
-        assert CONTENDERS <= set(results["throughput"]["by_sessions"][sessions])
-        assert results["throughput"]["by_sessions"][sessions]["mailerd"]["median"]["rate"] > 0
-    assert set(results["throughput"]["targets"]) == {"vs_prebuilt", "vs_naive", "vs_smtp_source"}
+    for sessions in ("4", "16"):
+        at = results["throughput"]["by_sessions"][sessions]
+        assert CONTENDERS <= set(at)
+        assert at["mailerd"]["median"]["rate"] > 0
+        assert at["ceiling"]["median"]["rate"] > 0 and at["ceiling"]["median"]["cpu_ms_per_msg"] > 0
+        assert 0 < at["mailerd"]["median"]["journal_cpu_share"] < 1
+    assert set(results["throughput"]["targets"]) == {"vs_prebuilt", "vs_naive", "vs_smtp_source",
+                                                     "cpu_ms_per_msg"}
+    assert set(results["journal_cost"]["targets"]) == {"journal_cpu_share"}
     assert set(results["scale"]["targets"]) == {"enqueue_s", "report_s", "pss_mb", "restart_s"}
     assert "journal/full" in results["journal_cost"]["window"]["ms_per_msg"]
     assert set(results["dkim"]["end_to_end"]) == {"unsigned", "rsa", "ed25519"}
     assert results["dkim"]["micro"]["rsa"]["ours_ms"] > 0
-    assert "### 1. Throughput" in markdown.read_text() and "### DKIM" in markdown.read_text()
+    text = markdown.read_text()
+    assert "### 1. Throughput" in text and "### DKIM" in text
+    assert "transport ceiling" in text and "cpu_ms_per_msg ≤ 0.3 ms" in text

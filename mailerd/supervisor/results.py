@@ -58,6 +58,11 @@ class Results:
         self.tasks = tasks
         self.config = config  # the current one: replaced by a reload
         self.sent_total = 0
+        # what one turn of the event loop asked of the journal, written as one op each
+        self._dot_requests: list[tuple[WorkerSlot, DotRequest]] = []
+        self._outcomes: list[Outcome] = []
+        self._after_outcomes: list[Callable[[], None]] = []
+        self._flush_soon = False
 
     def handle(self, slot: WorkerSlot, message: AnyFromWorker) -> None:
         if isinstance(message, DotRequest):
@@ -74,20 +79,50 @@ class Results:
     # ------------------------------------------------------------ the final "."
 
     def _confirm_data_sent(self, slot: WorkerSlot, message: DotRequest) -> None:
-        key = (message.campaign, message.line)
-        slot.acks_owed.add(key)  # the worker waits for us: its liveness clock stops meanwhile
-        future = self.committer.run(
-            self.journal.mark_data_sent, [(message.campaign, message.line, slot.server_name)]
-        )
+        slot.acks_owed.add((message.campaign, message.line))  # the worker waits: its liveness clock stops
+        self._dot_requests.append((slot, message))
+        self._flush_at_end_of_turn()
+
+    def _flush_at_end_of_turn(self) -> None:
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The DotRequests and outcomes of this turn, each kind as one journal op."""
+        self._flush_soon = False
+        requests, self._dot_requests = self._dot_requests, []
+        if requests:
+            self._mark_data_sent(requests, retry_singly=len(requests) > 1)
+        outcomes, self._outcomes = self._outcomes, []
+        after, self._after_outcomes = self._after_outcomes, []
+        if outcomes:
+            written = self.outbox.write(self.journal.record_outcomes, outcomes)
+            for callback in after:
+                written.add_done_callback(lambda _, callback=callback: callback())
+
+    def _mark_data_sent(self, requests: list[tuple[WorkerSlot, DotRequest]],
+                        retry_singly: bool) -> None:
+        """Each DotAck goes out once `data-sent` is durable. A recipient that may not be
+        sent fails the whole op: then each is tried again alone, so only it is refused."""
+        items = [(m.campaign, m.line, slot.server_name) for slot, m in requests]
+        future = self.committer.run(self.journal.mark_data_sent, items)
 
         def acknowledge(done: asyncio.Future[None]) -> None:
-            ok = not done.cancelled() and done.exception() is None
-            if not ok:
-                event("journal_error", logging.ERROR, campaign=message.campaign,
-                      error=str(done.exception()))
-            slot.acks_owed.discard(key)
-            slot.silent_since = time.monotonic()
-            slot.send(DotAck(message.campaign, message.line, ok))
+            error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+            if error is not None and retry_singly and not isinstance(error, JournalWriteError):
+                for request in requests:
+                    self._mark_data_sent([request], retry_singly=False)
+                return
+            if error is not None:
+                for _, message in requests:
+                    event("journal_error", logging.ERROR, campaign=message.campaign,
+                          error=str(error))
+            now = time.monotonic()
+            for slot, message in requests:
+                slot.acks_owed.discard((message.campaign, message.line))
+                slot.silent_since = now
+                slot.send(DotAck(message.campaign, message.line, error is None))
 
         future.add_done_callback(acknowledge)
 
@@ -112,7 +147,8 @@ class Results:
     def _record(self, slot: WorkerSlot, run: CampaignRun | None, claimed: Claimed | None,
                 done: Done) -> None:
         outcome = self._outcome(claimed, done)
-        written = self.outbox.write(self.journal.record_outcomes, [outcome])
+        self._outcomes.append(outcome)  # written with the others of this turn
+        self._flush_at_end_of_turn()
         now = time.time()
         if run is not None:
             run.held.discard(done.line)
@@ -120,8 +156,8 @@ class Results:
                 run.note_sent(now)
             if run.exhausted and not run.buffer and not run.held:
                 # perhaps the last one: check once it is on disk, not at the next tick
-                written.add_done_callback(
-                    lambda _: self.tasks.spawn(self.dispatch.finish_if_done(run)))
+                self._after_outcomes.append(
+                    lambda: self.tasks.spawn(self.dispatch.finish_if_done(run)))
         if outcome.state == "sent":
             slot.sent += 1
             self.servers[slot.server_name].note_delivered(now)
@@ -161,6 +197,7 @@ class Results:
 
     async def settle_slot(self, slot: WorkerSlot) -> None:
         """What a dead worker held: data-sent -> uncertain, the rest back to the queue."""
+        self._flush()  # its last DotRequest, if any, reaches the journal first, as it came
         held, slot.jobs = slot.jobs, {}
         slot.acks_owed.clear()
         if not held:

@@ -17,6 +17,7 @@ listener thread, so a journald that blocks its writers never stalls the event lo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -55,6 +56,7 @@ def stderr_is_journal(stream: Any = None) -> bool:
     return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
+@functools.lru_cache(maxsize=1024)
 def field_name(key: str) -> str:
     if key in FIELD_NAMES:
         return FIELD_NAMES[key]
@@ -62,6 +64,7 @@ def field_name(key: str) -> str:
     return name[:64]
 
 
+@functools.lru_cache(maxsize=1024)  # field names are few; each event asks for each of them
 def is_secret(key: str) -> bool:
     return bool(SECRET_NAME.search(key))
 

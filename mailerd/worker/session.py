@@ -165,11 +165,24 @@ class Worker:
         self.unproductive: str | None = None  # why the last session ended before any reply
         self._decoder = wire.Decoder(AnyToWorker)
         self._last_state: tuple[str, str, bool] = ("", "", False)
+        self._outgoing: list[bytes] = []  # frames for the supervisor, until `flush`
+        self._flush_soon = False
 
     # -------------------------------------------------------- supervisor link
 
     def send(self, message: FromWorker) -> None:
-        self.writer.write(wire.pack(message))
+        """Frames made in one turn of the event loop leave in one write at its end (a
+        message's Done and the next one's DotRequest, typically); `flush` sends at once."""
+        self._outgoing.append(wire.pack(message))
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_soon = False
+        if self._outgoing:
+            frames, self._outgoing = b"".join(self._outgoing), []
+            self.writer.write(frames)
 
     async def read_supervisor(self) -> None:
         """Dispatch supervisor messages; EOF means the daemon is gone: exit at once."""
@@ -261,6 +274,7 @@ class Worker:
                 await self.close_session(f"rotated after {self.session_messages} messages")
         await self.close_session("stopping")
         self.state("closed", "stopped")
+        self.flush()
         await self.writer.drain()
         reader_task.cancel()
 
@@ -528,6 +542,7 @@ class Worker:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.dot_acks[(job.campaign, job.line)] = future
         self.send(DotRequest(job.campaign, job.line))
+        self.flush()  # the journal's commit starts only when the supervisor has it
         return future
 
 
