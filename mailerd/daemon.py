@@ -28,7 +28,9 @@ from mailerd.system import activation
 from mailerd.system import notify
 from mailerd.control.commands import Commands
 from mailerd.journal.committer import Committer
-from mailerd.config import ConfigError, load_config
+from mailerd.config import ConfigError, load_config, read_password
+from mailerd.message.addresses import allow_special_use_domains
+from mailerd.supervisor.identity import read_server_dkim
 from mailerd.schema.config import Config
 from mailerd.control.server import ControlServer
 from mailerd.journal.store import Journal, JournalError
@@ -185,15 +187,18 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; a bad file changes nothing."""
         notify.reloading()
+        failed = ""
         try:
             config = load_config(self.config.path)
             await self.supervisor.reload(config)  # ConfigError before any change: a bad DKIM key
         except ConfigError as exc:
             event("config_reload_failed", logging.ERROR, error=str(exc))
+            failed = f"config reload failed, the previous config stays: {exc}; "
         else:
             self.config = config
+            allow_special_use_domains(config.delivery.allow_special_use_domains)
         finally:
-            notify.ready(self.supervisor.status_line())
+            notify.ready(failed + self.supervisor.status_line())
 
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop_requested.is_set():
@@ -213,16 +218,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mailerd", description="Bulk-mail sending daemon.")
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     parser.add_argument("--check-config", action="store_true",
-                        help="check the config file and exit")
+                        help="check the config file and every file it names (relay passwords, "
+                        "DKIM keys, CA bundles), then exit: 0 ok, 2 not")
     parser.add_argument("--version", action="version", version=f"mailerd {__version__}")
     return parser.parse_args(argv)
+
+
+def check_files(config: Config) -> list[str]:
+    """Read every file the daemon will read at start (relay passwords, DKIM keys; the CA
+    files were read by load_config): ConfigError for the first that cannot be used. The
+    returned notes name what cannot be checked here: a file under $CREDENTIALS_DIRECTORY
+    when that is unset (an admin shell; `systemctl reload mailerd` checks inside the unit)."""
+    notes = []
+    for name, server in config.servers.items():
+        for key in ("password_file", "dkim_key_file"):
+            path = getattr(server, key)
+            if path and "CREDENTIALS_DIRECTORY" in path and not os.environ.get(
+                    "CREDENTIALS_DIRECTORY"):
+                notes.append(f"servers.{name}.{key}: not checked: $CREDENTIALS_DIRECTORY is set "
+                             "only inside the service (`systemctl reload mailerd` checks it there)")
+            elif key == "password_file":
+                read_password(name, server)
+            else:
+                read_server_dkim(name, server)
+    return notes
 
 
 def start(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.check_config:
-        print(f"{args.config or '<built-in defaults>'}: ok")
+        notes = check_files(config)
+        print("\n".join([*notes, f"{args.config or '<built-in defaults>'}: ok"]))
         return 0
+    allow_special_use_domains(config.delivery.allow_special_use_domains)
     setup_logging(config.daemon.log_level)
     os.umask(0o077)  # whatever started us: new state files are the daemon's alone
     lock_state_dir(config.state_dir)
