@@ -21,7 +21,10 @@ import os
 import signal
 import stat
 import sys
+import time
 from pathlib import Path
+
+import msgspec
 
 from mailerd import __version__
 from mailerd.system import activation
@@ -31,7 +34,7 @@ from mailerd.journal.committer import Committer
 from mailerd.config import ConfigError, load_config, read_password
 from mailerd.message.addresses import allow_special_use_domains
 from mailerd.supervisor.identity import read_server_dkim
-from mailerd.schema.config import Config
+from mailerd.schema.config import Config, ReloadResult
 from mailerd.control.server import ControlServer
 from mailerd.journal.store import Journal, JournalError
 from mailerd.system.log import event, setup_logging, stop_logging
@@ -42,6 +45,8 @@ EXIT_STATE = 3
 EXIT_LOCKED = 4
 
 JOURNAL_FILE = "journal.sqlite3"
+RELOAD_FILE = "reload.result"  # the last SIGHUP's verdict (ReloadResult as JSON)
+RELOAD_WAIT = 60.0  # seconds `mailerd --reload` waits for the verdict
 # what must stay the daemon's alone: the journal holds lists, merge values and campaign
 # DKIM keys; its WAL and shared memory hold the same pages; the key files are keys
 PRIVATE_FILES = (JOURNAL_FILE, f"{JOURNAL_FILE}-wal", f"{JOURNAL_FILE}-shm",
@@ -154,6 +159,7 @@ class Daemon:
         )
         self.stop_requested = asyncio.Event()
         self.notifier: asyncio.Task[None] | None = None
+        self.reloads = 0
 
     async def run(self) -> None:
         self.committer.start()
@@ -187,17 +193,22 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; a bad file changes nothing."""
         notify.reloading()
-        failed = ""
+        self.reloads += 1
+        error = ""
         try:
             config = load_config(self.config.path)
+            check_files(config)  # every password and key file first: a bad one changes nothing
             await self.supervisor.reload(config)  # ConfigError before any change: a bad DKIM key
         except ConfigError as exc:
-            event("config_reload_failed", logging.ERROR, error=str(exc))
-            failed = f"config reload failed, the previous config stays: {exc}; "
+            error = str(exc)
+            event("config_reload_failed", logging.ERROR, error=error)
         else:
             self.config = config
             allow_special_use_domains(config.delivery.allow_special_use_domains)
         finally:
+            write_reload_result(self.config.state_dir, ReloadResult(
+                pid=os.getpid(), count=self.reloads, ok=not error, message=error))
+            failed = f"config reload failed, the previous config stays: {error}; " if error else ""
             notify.ready(failed + self.supervisor.status_line())
 
     def _request_stop(self, sig: signal.Signals) -> None:
@@ -214,12 +225,57 @@ class Daemon:
         event("daemon_stopped", commits=self.committer.commits)
 
 
+def write_reload_result(state_dir: Path, result: ReloadResult) -> None:
+    path = state_dir / RELOAD_FILE
+    try:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(msgspec.json.encode(result))
+        os.replace(temporary, path)
+    except OSError as exc:
+        event("reload_result_unwritable", logging.WARNING, path=str(path), error=exc.strerror)
+
+
+def read_reload_result(state_dir: Path) -> ReloadResult | None:
+    try:
+        return msgspec.json.decode((state_dir / RELOAD_FILE).read_bytes(), type=ReloadResult)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def request_reload(config: Config, pid: int) -> int:
+    """`mailerd --reload PID` (ExecReload=): SIGHUP the daemon, wait for its verdict, and
+    exit 2 with its message if it kept the old config, so that `systemctl reload` fails.
+    Runs inside the unit, where systemd 252 does not give ExecReload= the credentials:
+    the daemon itself reads them."""
+    before = read_reload_result(config.state_dir)
+    seen = before.count if before is not None and before.pid == pid else 0
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise StartupError(f"cannot signal mailerd (pid {pid}): {exc.strerror}", EXIT_STATE) from None
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        result = read_reload_result(config.state_dir)
+        if result is not None and result.pid == pid and result.count > seen:
+            if result.ok:
+                print(f"mailerd (pid {pid}): config reloaded")
+                return 0
+            raise ConfigError(f"{result.message} (pid {pid} keeps the previous config)")
+        time.sleep(0.05)
+    raise StartupError(f"mailerd (pid {pid}) did not report on the reload within "
+                       f"{RELOAD_WAIT:.0f} s", EXIT_STATE)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mailerd", description="Bulk-mail sending daemon.")
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     parser.add_argument("--check-config", action="store_true",
                         help="check the config file and every file it names (relay passwords, "
                         "DKIM keys, CA bundles), then exit: 0 ok, 2 not")
+    parser.add_argument("--reload", type=int, metavar="PID",
+                        help="make the running daemon PID re-read its config (SIGHUP) and wait "
+                             "for its verdict: 0 applied, 2 refused (the old config stays); "
+                             "the unit's ExecReload=")
     parser.add_argument("--version", action="version", version=f"mailerd {__version__}")
     return parser.parse_args(argv)
 
@@ -250,6 +306,8 @@ def start(args: argparse.Namespace) -> int:
         notes = check_files(config)
         print("\n".join([*notes, f"{args.config or '<built-in defaults>'}: ok"]))
         return 0
+    if args.reload is not None:
+        return request_reload(config, args.reload)
     allow_special_use_domains(config.delivery.allow_special_use_domains)
     setup_logging(config.daemon.log_level)
     os.umask(0o077)  # whatever started us: new state files are the daemon's alone

@@ -293,3 +293,12 @@ class Config(msgspec.Struct, kw_only=True):
         if self.daemon.socket_mode is not None:
             return self.daemon.socket_mode
         return 0o660 if self.daemon.socket_group else 0o600
+
+
+class ReloadResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What the daemon's last SIGHUP did, written to its state directory, so that
+    `mailerd --reload PID` (the unit's ExecReload=) can make `systemctl reload` fail."""
+    pid: int  # the daemon that reloaded
+    count: int  # its reloads so far: a newer result has a higher count
+    ok: bool
+    message: str  # the config error when not ok
