@@ -350,21 +350,24 @@ def test_unhappy_paths_of_the_service(system: nsboot.SystemdNamespace, tmp_path)
     make_campaign(host / "c", 200, servers=["relay"])
     cid = json.loads(ctl(ns, "enqueue", "/run/host/c/campaign.toml", "--recipients",
                          "/run/host/c/list.csv", "--json").stdout)["id"]
-    watch = subprocess.Popen(
-        ["nsenter", "-t", str(ns.pid), "-m", "-u", "-i", "-n", "-p", "-C", "--wd=/",
-         sys.executable, "-m", "mailerctl", "--socket", "/run/mailerd/control.sock", "watch",
-         str(cid), "--interval", "0.2"],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: len(received(host / "received.txt")) >= 20, 30, "the campaign to run")
+    watched = tmp_path / "watch.out"
+    with open(watched, "w") as sink:
+        watch = subprocess.Popen(
+            ["nsenter", "-t", str(ns.pid), "-m", "-u", "-i", "-n", "-p", "-C", "--wd=/",
+             sys.executable, "-m", "mailerctl", "--socket", "/run/mailerd/control.sock", "watch",
+             str(cid), "--interval", "0.2"],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8"},
+            stdout=sink, stderr=subprocess.PIPE, text=True)
+    try:  # killed once watch has its connection and shows a campaign still running
+        wait_until(lambda: "running" in watched.read_text(), 30, "watch to show the campaign")
         ns.systemctl("kill", "-s", "KILL", "mailerd")
-        out, err = watch.communicate(timeout=90)
+        _, err = watch.communicate(timeout=90)
     finally:
         if watch.poll() is None:
             watch.kill()
     assert watch.returncode == 0, err
-    assert out.strip().splitlines()[-1].endswith("done"), out
+    lines = watched.read_text().strip().splitlines()
+    assert lines[-1].endswith("done") and "sent 0 " not in lines[-1], lines
     assert ns.show("mailerd", "NRestarts") == "1"
 
     # ---- the socket unit removed while mailerd runs: mailerd stays reachable
