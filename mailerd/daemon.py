@@ -145,12 +145,20 @@ def tighten(path: Path, allowed: int) -> None:
               mode_was=f"{mode:04o}", mode=f"{mode & allowed:04o}")
 
 
+def sent_in_journal(journal: Journal) -> int:
+    """Every recipient recorded sent, over all campaigns (read once, before the loop runs)."""
+    return sum(journal.counts(campaign.id).sent for campaign in journal.campaigns())
+
+
 class Daemon:
     def __init__(self, config: Config, journal: Journal) -> None:
         self.config = config
         self.journal = journal
         self.committer = Committer(journal)
         self.supervisor = Supervisor(config, journal, self.committer)
+        # STATUS= counts what the journal holds, not what this process sent: after a
+        # restart it still matches `mailerctl report` (issue 15)
+        self.supervisor.results.sent_total = sent_in_journal(journal)
         self.commands = Commands(journal, self.committer, self.supervisor)
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,
@@ -266,7 +274,8 @@ def request_reload(config: Config, pid: int) -> int:
                        f"{RELOAD_WAIT:.0f} s", EXIT_STATE)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; also the source of mailerd(8) (packaging/gen-docs.py)."""
     parser = argparse.ArgumentParser(prog="mailerd", description="Bulk-mail sending daemon.")
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     parser.add_argument("--check-config", action="store_true",
@@ -277,7 +286,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "for its verdict: 0 applied, 2 refused (the old config stays); "
                              "the unit's ExecReload=")
     parser.add_argument("--version", action="version", version=f"mailerd {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_files(config: Config) -> list[str]:
