@@ -162,3 +162,62 @@ def test_version(module):
     result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == f"{module} {__version__}"
+
+
+# ---------------------------------------------------------------- man pages, completion
+
+GEN_DOCS = ROOT / "packaging" / "gen-docs.py"
+
+
+def test_man_pages_and_completion_in_packaging_are_current():
+    """They are generated from the parsers: a new option shows in both or the suite fails."""
+    result = subprocess.run([sys.executable, str(GEN_DOCS), "--check"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_generated_pages_follow_the_parsers(tmp_path):
+    subprocess.run([sys.executable, str(GEN_DOCS), str(tmp_path)], check=True, timeout=60)
+    page = (tmp_path / "man" / "mailerctl.1").read_text()
+    ctl_help = subprocess.run([sys.executable, "-m", "mailerctl", "watch", "--help"],
+                              capture_output=True, text=True, timeout=30).stdout
+    assert "--reconnect-timeout" in ctl_help and "\\-\\-reconnect\\-timeout" in page
+    assert '.SS "mailerctl settle' in page and "debug\\-freeze" not in page  # hidden stays hidden
+    assert "\\-\\-reload" in (tmp_path / "man" / "mailerd.8").read_text()
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="man is not installed")
+@pytest.mark.parametrize("page", ["mailerd.8", "mailerctl.1"])
+def test_man_pages_render_without_warnings(page):
+    result = subprocess.run(["man", "--warnings", "-l", str(ROOT / "packaging" / "man" / page)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat"})
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    assert "SYNOPSIS" in result.stdout
+
+
+def bash_complete(line: str) -> list[str]:
+    """What bash offers for `line` with packaging/completion/mailerctl.bash loaded."""
+    words = line.split(" ")
+    script = (f"source {ROOT / 'packaging' / 'completion' / 'mailerctl.bash'}\n"
+              f"COMP_WORDS=({' '.join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}\n"
+              "_mailerctl; printf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_bash_completion_offers_commands_options_and_choices():
+    assert {"enqueue", "settle", "watch", "--socket", "--version"} <= set(bash_complete("mailerctl "))
+    assert "debug-freeze" not in bash_complete("mailerctl ")
+    assert bash_complete("mailerctl se") == ["set", "settle"]
+    assert "--reconnect-timeout" in bash_complete("mailerctl watch --")
+    assert bash_complete("mailerctl --socket /tmp/s settle 1 --as ") == ["sent", "resend"]
+    assert "uncertain" in bash_complete("mailerctl report 1 --state ")
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+def test_zsh_completion_parses():
+    result = subprocess.run(["zsh", "-n", str(ROOT / "packaging" / "completion" / "_mailerctl")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
