@@ -145,6 +145,17 @@ def tighten(path: Path, allowed: int) -> None:
               mode_was=f"{mode:04o}", mode=f"{mode & allowed:04o}")
 
 
+def log_recovered_uncertain(journal: Journal, since: float) -> None:
+    """One entry per recipient the recovery just made uncertain, like the entry of any
+    other outcome, so that `journalctl MAILERD_CAMPAIGN=N` shows them too."""
+    for campaign in journal.campaigns():
+        for recipient in journal.recipients(campaign.id, "uncertain", None):
+            if recipient.updated >= since:
+                event("uncertain", logging.WARNING, campaign=campaign.id,
+                      recipient=recipient.email, server=recipient.server,
+                      reason=recipient.reply)
+
+
 def sent_in_journal(journal: Journal) -> int:
     """Every recipient recorded sent, over all campaigns (read once, before the loop runs)."""
     return sum(journal.counts(campaign.id).sent for campaign in journal.campaigns())
@@ -329,6 +340,7 @@ def start(args: argparse.Namespace) -> int:
     secure_state_dir(config.state_dir)
     lock_journal(journal_path)
     journal = Journal(journal_path, config.daemon.journal_sync)
+    opened_at = time.time()
     try:
         recovery = journal.open()
     except JournalError as exc:
@@ -336,6 +348,8 @@ def start(args: argparse.Namespace) -> int:
     secure_state_dir(config.state_dir)  # the WAL and shared-memory files are new now
     event("journal_recovered", path=str(journal.path), requeued=recovery.requeued,
           uncertain=recovery.uncertain, discarded_campaigns=recovery.discarded_campaigns)
+    if recovery.uncertain:
+        log_recovered_uncertain(journal, opened_at)
     try:
         asyncio.run(Daemon(config, journal).run())
     finally:

@@ -221,3 +221,24 @@ def test_zsh_completion_parses():
     result = subprocess.run(["zsh", "-n", str(ROOT / "packaging" / "completion" / "_mailerctl")],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- uncertain after a crash
+
+
+def test_each_recipient_made_uncertain_by_a_crash_gets_a_log_entry(daemon_factory, relay_factory,
+                                                                   tmp_path):
+    relay = relay_factory(Faults(reply_delay=30))  # every "." waits: data-sent when killed
+    daemon = daemon_factory({"relay": relay_server(relay, connections=2)}).start()
+    cid = daemon.send_campaign(tmp_path / "c", 10)
+    wait_until(lambda: len(relay.received) >= 2, 20, "two messages past their final dot")
+    daemon.kill_group()
+    relay.set_faults(Faults())
+    daemon.start()
+    uncertain = daemon.emails(cid, "uncertain")
+    assert uncertain and uncertain <= {r.rcpt for r in relay.received}
+    for email in uncertain:
+        line = daemon.log_line(" uncertain ", f"recipient={email}")
+        assert f"campaign={cid}" in line and "server=relay" in line, line
+    logged = [line for line in daemon.log().splitlines() if " uncertain campaign=" in line]
+    assert len(logged) == len(uncertain), logged
