@@ -386,7 +386,9 @@ def test_unhappy_paths_of_the_service(system: nsboot.SystemdNamespace, tmp_path)
     try:
         assert ns.systemctl("start", "mailerd", check=False).returncode != 0
         wait_until(lambda: ns.show("mailerd", "ActiveState") == "failed", 20, "the unit to fail")
-        assert "which ProtectHome= hides from the service" in journal_text(ns)
+        assert ("/opt/mailerd/bin/python3 is /root/.pyenv/versions/3.11/bin/python3, which "
+                "ProtectHome= hides from the service") in journal_text(ns)
+        assert ns.show("mailerd", "ExecMainStatus") == "78"
         assert ns.show("mailerd", "NRestarts") == "0", "restarted in a loop"
     finally:
         link.unlink()
