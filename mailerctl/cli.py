@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import msgspec
 
-from mailerd import wire
+from mailerd import __version__, wire
 from mailerd.schema.control import (
     COUNTED_STATES,
     Plan,
@@ -41,7 +41,8 @@ from mailerd.schema.control import (
 from . import output
 from .campaign import InputError, RecipientList, load_campaign_files
 from . import messages
-from .client import SYSTEM_SOCKET, Client, Refused, Unreachable, socket_path
+from .client import (SYSTEM_SOCKET, Client, PermissionDenied, Refused, Unreachable, Untrusted,
+                     socket_path)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 EXIT_CLOSED_PIPE = 128 + 13  # what a shell shows for a command ended by SIGPIPE
@@ -50,6 +51,7 @@ CHUNK_ROWS = 2000
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailerctl", description="Control a running mailerd.")
+    parser.add_argument("--version", action="version", version=f"mailerctl {__version__}")
     parser.add_argument("--socket", help=f"control socket (default: $MAILERD_SOCKET, else "
                         f"{SYSTEM_SOCKET}); it must belong to root, you, or the daemon's user "
                         "(mailerd, or $MAILERD_USER)")
@@ -130,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the command it answered (default: show every stage)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("watch", help="live progress until the campaign is done")
+    p = sub.add_parser("watch", help="live progress until the campaign is done; waits "
+                       "through a daemon restart")
     p.add_argument("id", type=int)
     p.add_argument("--interval", type=float, default=0.5)
+    p.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for a daemon that went away before giving up "
+                        "(default 300)")
     return parser
 
 
@@ -374,19 +380,38 @@ def _explained_text(explained: Explained) -> str:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     view = output.WatchView(sys.stdout)
-    with connect(args) as client:
-        try:
-            while True:
+    client: Client | None = None
+    lost_since: float | None = None
+    try:
+        while True:
+            try:
+                client = client or connect(args)
                 report = client.call(Report(campaign=args.id))
-                assert isinstance(report, CampaignReport)
-                view.show(report)
-                if report.state in ("done", "cancelled"):
-                    view.finish(report)
-                    return EXIT_OK
+            except (PermissionDenied, Untrusted):
+                raise
+            except Unreachable as exc:  # a restart (Restart=, systemctl restart, a crash)
+                if client is not None:
+                    client.close()
+                    client = None
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > args.reconnect_timeout:
+                    raise
+                view.waiting(str(exc))
                 time.sleep(args.interval)
-        except KeyboardInterrupt:
-            view.interrupted()
-            return EXIT_OK
+                continue
+            lost_since = None
+            assert isinstance(report, CampaignReport)
+            view.show(report)
+            if report.state in ("done", "cancelled"):
+                view.finish(report)
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        view.interrupted()
+        return EXIT_OK
+    finally:
+        if client is not None:
+            client.close()
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -35,6 +35,10 @@ class Untrusted(Unreachable):
     """The socket, or the process behind it, belongs to someone who is not the daemon."""
 
 
+class PermissionDenied(Unreachable):
+    """The caller may not open the socket: waiting will not help."""
+
+
 class Refused(Exception):
     """The daemon answered with an error (exit code 1)."""
 
@@ -78,7 +82,7 @@ def untrusted(path: str, what: str, uid: int) -> Untrusted:
         f"MAILERD_SOCKET), or set MAILERD_USER if mailerd runs under another account")
 
 
-def permission_denied(path: str) -> Unreachable:
+def permission_denied(path: str) -> PermissionDenied:
     """EACCES on the socket or its directory: the caller is not in the socket's group."""
     group = None
     for candidate in (path, os.path.dirname(os.path.abspath(path))):
@@ -88,7 +92,7 @@ def permission_denied(path: str) -> Unreachable:
         except OSError:
             continue
     group = group or "of the daemon's socket"
-    return Unreachable(
+    return PermissionDenied(
         f"permission denied: cannot open {path}: only root, the daemon's user and members of "
         f"group {group} may (after `usermod -aG {group} USER`, log in again)")
 

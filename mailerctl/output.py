@@ -276,6 +276,7 @@ class WatchView:
         self.stream = stream
         self.tty = stream.isatty()
         self.last_print = 0.0
+        self.waiting_since: float | None = None
 
     def line(self, report: CampaignReport) -> str:
         c = report.counts
@@ -289,6 +290,9 @@ class WatchView:
 
     def show(self, report: CampaignReport) -> None:
         text = self.line(report)
+        if self.waiting_since is not None:
+            self.waiting_since = None
+            self.last_print = 0.0  # the first line after an outage is always shown
         if self.tty:
             width = shutil.get_terminal_size().columns
             self.stream.write("\r" + text[: width - 1].ljust(width - 1))
@@ -304,6 +308,16 @@ class WatchView:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+    def waiting(self, reason: str) -> None:
+        """The daemon went away: said once per outage, on stderr; show() ends the outage."""
+        if self.waiting_since is None:
+            self.waiting_since = time.time()
+            if self.tty:
+                self.stream.write("\n")
+                self.stream.flush()
+            print(f"mailerctl: {printable(reason)}; waiting for mailerd to come back "
+                  f"(since {iso(self.waiting_since)})", file=sys.stderr, flush=True)
 
     def interrupted(self) -> None:
         self.stream.write("\n")

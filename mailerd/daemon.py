@@ -21,15 +21,20 @@ import os
 import signal
 import stat
 import sys
+import time
 from pathlib import Path
+
+import msgspec
 
 from mailerd import __version__
 from mailerd.system import activation
 from mailerd.system import notify
 from mailerd.control.commands import Commands
 from mailerd.journal.committer import Committer
-from mailerd.config import ConfigError, load_config
-from mailerd.schema.config import Config
+from mailerd.config import ConfigError, load_config, read_password
+from mailerd.message.addresses import allow_special_use_domains
+from mailerd.supervisor.identity import read_server_dkim
+from mailerd.schema.config import Config, ReloadResult
 from mailerd.control.server import ControlServer
 from mailerd.journal.store import Journal, JournalError
 from mailerd.system.log import event, setup_logging, stop_logging
@@ -40,6 +45,8 @@ EXIT_STATE = 3
 EXIT_LOCKED = 4
 
 JOURNAL_FILE = "journal.sqlite3"
+RELOAD_FILE = "reload.result"  # the last SIGHUP's verdict (ReloadResult as JSON)
+RELOAD_WAIT = 60.0  # seconds `mailerd --reload` waits for the verdict
 # what must stay the daemon's alone: the journal holds lists, merge values and campaign
 # DKIM keys; its WAL and shared memory hold the same pages; the key files are keys
 PRIVATE_FILES = (JOURNAL_FILE, f"{JOURNAL_FILE}-wal", f"{JOURNAL_FILE}-shm",
@@ -138,12 +145,31 @@ def tighten(path: Path, allowed: int) -> None:
               mode_was=f"{mode:04o}", mode=f"{mode & allowed:04o}")
 
 
+def log_recovered_uncertain(journal: Journal, since: float) -> None:
+    """One entry per recipient the recovery just made uncertain, like the entry of any
+    other outcome, so that `journalctl MAILERD_CAMPAIGN=N` shows them too."""
+    for campaign in journal.campaigns():
+        for recipient in journal.recipients(campaign.id, "uncertain", None):
+            if recipient.updated >= since:
+                event("uncertain", logging.WARNING, campaign=campaign.id,
+                      recipient=recipient.email, server=recipient.server,
+                      reason=recipient.reply)
+
+
+def sent_in_journal(journal: Journal) -> int:
+    """Every recipient recorded sent, over all campaigns (read once, before the loop runs)."""
+    return sum(journal.counts(campaign.id).sent for campaign in journal.campaigns())
+
+
 class Daemon:
     def __init__(self, config: Config, journal: Journal) -> None:
         self.config = config
         self.journal = journal
         self.committer = Committer(journal)
         self.supervisor = Supervisor(config, journal, self.committer)
+        # STATUS= counts what the journal holds, not what this process sent: after a
+        # restart it still matches `mailerctl report` (issue 15)
+        self.supervisor.results.sent_total = sent_in_journal(journal)
         self.commands = Commands(journal, self.committer, self.supervisor)
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,
@@ -152,6 +178,7 @@ class Daemon:
         )
         self.stop_requested = asyncio.Event()
         self.notifier: asyncio.Task[None] | None = None
+        self.reloads = 0
 
     async def run(self) -> None:
         self.committer.start()
@@ -185,15 +212,23 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; a bad file changes nothing."""
         notify.reloading()
+        self.reloads += 1
+        error = ""
         try:
             config = load_config(self.config.path)
+            check_files(config)  # every password and key file first: a bad one changes nothing
             await self.supervisor.reload(config)  # ConfigError before any change: a bad DKIM key
         except ConfigError as exc:
-            event("config_reload_failed", logging.ERROR, error=str(exc))
+            error = str(exc)
+            event("config_reload_failed", logging.ERROR, error=error)
         else:
             self.config = config
+            allow_special_use_domains(config.delivery.allow_special_use_domains)
         finally:
-            notify.ready(self.supervisor.status_line())
+            write_reload_result(self.config.state_dir, ReloadResult(
+                pid=os.getpid(), count=self.reloads, ok=not error, message=error))
+            failed = f"config reload failed, the previous config stays: {error}; " if error else ""
+            notify.ready(failed + self.supervisor.status_line())
 
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop_requested.is_set():
@@ -209,20 +244,95 @@ class Daemon:
         event("daemon_stopped", commits=self.committer.commits)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def write_reload_result(state_dir: Path, result: ReloadResult) -> None:
+    path = state_dir / RELOAD_FILE
+    try:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(msgspec.json.encode(result))
+        os.replace(temporary, path)
+    except OSError as exc:
+        event("reload_result_unwritable", logging.WARNING, path=str(path), error=exc.strerror)
+
+
+def read_reload_result(state_dir: Path) -> ReloadResult | None:
+    try:
+        return msgspec.json.decode((state_dir / RELOAD_FILE).read_bytes(), type=ReloadResult)
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def request_reload(config: Config, pid: int) -> int:
+    """`mailerd --reload PID` (ExecReload=): SIGHUP the daemon, wait for its verdict, and
+    exit 2 with its message if it kept the old config, so that `systemctl reload` fails.
+    Runs inside the unit, where systemd 252 does not give ExecReload= the credentials:
+    the daemon itself reads them."""
+    before = read_reload_result(config.state_dir)
+    seen = before.count if before is not None and before.pid == pid else 0
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        raise StartupError(f"cannot signal mailerd (pid {pid}): {exc.strerror}", EXIT_STATE) from None
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        result = read_reload_result(config.state_dir)
+        if result is not None and result.pid == pid and result.count > seen:
+            if result.ok:
+                print(f"mailerd (pid {pid}): config reloaded")
+                return 0
+            raise ConfigError(f"{result.message} (pid {pid} keeps the previous config)")
+        time.sleep(0.05)
+    raise StartupError(f"mailerd (pid {pid}) did not report on the reload within "
+                       f"{RELOAD_WAIT:.0f} s", EXIT_STATE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; also the source of mailerd(8) (packaging/gen-docs.py)."""
     parser = argparse.ArgumentParser(prog="mailerd", description="Bulk-mail sending daemon.")
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     parser.add_argument("--check-config", action="store_true",
-                        help="check the config file and exit")
+                        help="check the config file and every file it names (relay passwords, "
+                        "DKIM keys, CA bundles), then exit: 0 ok, 2 not")
+    parser.add_argument("--reload", type=int, metavar="PID",
+                        help="make the running daemon PID re-read its config (SIGHUP) and wait "
+                             "for its verdict: 0 applied, 2 refused (the old config stays); "
+                             "the unit's ExecReload=")
     parser.add_argument("--version", action="version", version=f"mailerd {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def check_files(config: Config) -> list[str]:
+    """Read every file the daemon will read at start (relay passwords, DKIM keys; the CA
+    files were read by load_config): ConfigError for the first that cannot be used. The
+    returned notes name what cannot be checked here: a file under $CREDENTIALS_DIRECTORY
+    when that is unset (an admin shell; `systemctl reload mailerd` checks inside the unit)."""
+    notes = []
+    for name, server in config.servers.items():
+        for key in ("password_file", "dkim_key_file"):
+            path = getattr(server, key)
+            if path and "CREDENTIALS_DIRECTORY" in path and not os.environ.get(
+                    "CREDENTIALS_DIRECTORY"):
+                notes.append(f"servers.{name}.{key}: not checked: $CREDENTIALS_DIRECTORY is set "
+                             "only inside the service (`systemctl reload mailerd` checks it there)")
+            elif key == "password_file":
+                read_password(name, server)
+            else:
+                read_server_dkim(name, server)
+    return notes
 
 
 def start(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.check_config:
-        print(f"{args.config or '<built-in defaults>'}: ok")
+        notes = check_files(config)
+        print("\n".join([*notes, f"{args.config or '<built-in defaults>'}: ok"]))
         return 0
+    if args.reload is not None:
+        return request_reload(config, args.reload)
+    allow_special_use_domains(config.delivery.allow_special_use_domains)
     setup_logging(config.daemon.log_level)
     os.umask(0o077)  # whatever started us: new state files are the daemon's alone
     lock_state_dir(config.state_dir)
@@ -230,6 +340,7 @@ def start(args: argparse.Namespace) -> int:
     secure_state_dir(config.state_dir)
     lock_journal(journal_path)
     journal = Journal(journal_path, config.daemon.journal_sync)
+    opened_at = time.time()
     try:
         recovery = journal.open()
     except JournalError as exc:
@@ -237,6 +348,8 @@ def start(args: argparse.Namespace) -> int:
     secure_state_dir(config.state_dir)  # the WAL and shared-memory files are new now
     event("journal_recovered", path=str(journal.path), requeued=recovery.requeued,
           uncertain=recovery.uncertain, discarded_campaigns=recovery.discarded_campaigns)
+    if recovery.uncertain:
+        log_recovered_uncertain(journal, opened_at)
     try:
         asyncio.run(Daemon(config, journal).run())
     finally:

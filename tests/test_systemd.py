@@ -215,8 +215,10 @@ def test_mailerd_service_under_real_systemd(system: nsboot.SystemdNamespace, tmp
     got = received(host / "received.txt")
     assert_nobody_lost_or_sent_twice(Counter(got), uncertain, campaign_addresses(COUNT),
                                      final["counts"]["sent"], final["counts"]["uncertain"])
-    wait_until(lambda: re.match(r"0 campaigns running, [\d,]+ sent, \d servers? parked$",
-                                ns.show("mailerd", "StatusText")), 10, "STATUS= after the campaign")
+    # the count is the journal's, not the restarted process's (issue 15)
+    wait_until(lambda: re.match(rf"0 campaigns running, {final['counts']['sent']:,} sent, "
+                                r"\d servers? parked$", ns.show("mailerd", "StatusText")),
+               10, "STATUS= after the campaign, with every recipient sent")
 
     # ---- reload (SIGHUP) keeps the same process
     pid = ns.show("mailerd", "MainPID")
@@ -283,3 +285,113 @@ def test_security_exposure_of_the_shipped_unit():
     match = re.search(r"Overall exposure level for mailerd\.service: (\d+\.\d+)", out.stdout)
     assert match, out.stdout + out.stderr
     assert float(match[1]) <= 2.0, out.stdout
+
+
+def journal_text(ns: nsboot.SystemdNamespace, unit: str = "mailerd") -> str:
+    return ns.run(["journalctl", "--no-pager", "-o", "cat", "-u", unit], check=False).stdout
+
+
+def write_config(ns: nsboot.SystemdNamespace, text: str) -> None:
+    ns.run(["sh", "-c", "cat > /etc/mailerd/mailerd.toml"], input=text)
+
+
+@needs_systemd
+def test_unhappy_paths_of_the_service(system: nsboot.SystemdNamespace, tmp_path):
+    """Issue 15's frictions, each as an administrator meets it: a bad reload, a credential
+    error, the socket unit added and removed while mailerd runs, `systemctl stop` with the
+    socket enabled, a venv whose interpreter ProtectHome= hides, `watch` across a restart."""
+    ns = system
+    host = tmp_path / "host"
+    ns.run(["systemd-sysusers", "/etc/sysusers.d/mailerd.conf"])
+    ns.run(["systemd-tmpfiles", "--create", "/etc/tmpfiles.d/mailerd.conf"])
+    ns.run(["sh", "-c", f"umask 077; printf '%s\\n' '{SECRET}' > /etc/mailerd/credentials/auth"])
+    ns.systemctl("start", "mailerd")  # without the socket unit
+    pid = ns.show("mailerd", "MainPID")
+
+    # ---- reload: a typo, then a password file that does not exist; each fails visibly
+    for broken in (CONFIG.replace("connections = 3", "conections = 3"),
+                   CONFIG.replace("relay_auth", "relay_missing")):
+        write_config(ns, broken)
+        reload = ns.systemctl("reload", "mailerd", check=False)
+        assert reload.returncode != 0, reload.stdout + reload.stderr
+        assert ns.show("mailerd", "MainPID") == pid and ns.show("mailerd", "ActiveState") == "active"
+    log = journal_text(ns)
+    assert "unknown key servers.relay.conections" in log and "relay_missing" in log, log[-2000:]
+    assert "config_reloaded" not in log  # the old config stayed in force
+    assert json.loads(ctl(ns, "status", "--json").stdout)["pid"] == int(pid)
+
+    # ---- a credential error at start (the config still names relay_missing): "failed"
+    # at once, no restart loop
+    ns.systemctl("stop", "mailerd")
+    start = ns.systemctl("start", "mailerd", check=False)
+    assert start.returncode != 0
+    wait_until(lambda: ns.show("mailerd", "ActiveState") == "failed", 20, "the unit to fail")
+    assert ns.show("mailerd", "ExecMainStatus") == "2"
+    assert ns.show("mailerd", "NRestarts") == "0"
+    assert "cannot read /run/credentials/mailerd.service/relay_missing" in journal_text(ns)
+    write_config(ns, CONFIG)
+    ns.systemctl("reset-failed", "mailerd")
+    ns.systemctl("start", "mailerd")
+
+    # ---- the socket unit added while mailerd runs (and the line is safe to re-run)
+    for _ in range(2):
+        ns.systemctl("enable", "mailerd.socket", "mailerd")
+        ns.systemctl("stop", "mailerd")
+        ns.systemctl("start", "mailerd.socket", "mailerd")
+        assert ns.show("mailerd.socket", "ActiveState") == "active"
+        assert ns.show("mailerd", "ActiveState") == "active"
+    ready = ns.run(["journalctl", "--no-pager", "-o", "json", "-u", "mailerd",
+                    "MAILERD_EVENT=daemon_ready", "-n", "1"]).stdout
+    assert json.loads(ready)["MAILERD_SOCKET_ACTIVATED"] == "True"
+
+    # ---- `mailerctl watch` across a restart: it waits and ends when the campaign is done
+    ns.run(["systemd-run", "--unit=relay", "--collect", f"--setenv=PYTHONPATH={ROOT}",
+            sys.executable, "-m", "mailerd.testing.relay", "--port", str(RELAY_PORT), "--quiet",
+            "--reply-delay", "0.02", "--record", "/run/host/received.txt"])
+    wait_until(lambda: "listening" in journal_text(ns, "relay"), 20, "the relay to listen")
+    make_campaign(host / "c", 200, servers=["relay"])
+    cid = json.loads(ctl(ns, "enqueue", "/run/host/c/campaign.toml", "--recipients",
+                         "/run/host/c/list.csv", "--json").stdout)["id"]
+    watched = tmp_path / "watch.out"
+    with open(watched, "w") as sink:
+        watch = subprocess.Popen(
+            ["nsenter", "-t", str(ns.pid), "-m", "-u", "-i", "-n", "-p", "-C", "--wd=/",
+             sys.executable, "-m", "mailerctl", "--socket", "/run/mailerd/control.sock", "watch",
+             str(cid), "--interval", "0.2"],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8"},
+            stdout=sink, stderr=subprocess.PIPE, text=True)
+    try:  # killed once watch has its connection and shows a campaign still running
+        wait_until(lambda: "running" in watched.read_text(), 30, "watch to show the campaign")
+        ns.systemctl("kill", "-s", "KILL", "mailerd")
+        _, err = watch.communicate(timeout=90)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    assert watch.returncode == 0, err
+    lines = watched.read_text().strip().splitlines()
+    assert lines[-1].endswith("done") and "sent 0 " not in lines[-1], lines
+    assert ns.show("mailerd", "NRestarts") == "1"
+
+    # ---- the socket unit removed while mailerd runs: mailerd stays reachable
+    ns.systemctl("disable", "--now", "mailerd.socket")
+    assert ns.show("mailerd", "ActiveState") == "active"
+    ctl(ns, "status")
+    ns.systemctl("restart", "mailerd")  # and makes its own socket where the old one was
+    ctl(ns, "status")
+
+    # ---- a venv made from an interpreter under /root: a clear message, not 203/EXEC
+    link = tmp_path / "opt" / "mailerd" / "bin" / "python3"
+    link.symlink_to("/root/.pyenv/versions/3.11/bin/python3")  # pyenv in root's shell
+    ns.systemctl("stop", "mailerd")
+    try:
+        assert ns.systemctl("start", "mailerd", check=False).returncode != 0
+        wait_until(lambda: ns.show("mailerd", "ActiveState") == "failed", 20, "the unit to fail")
+        assert ("/opt/mailerd/bin/python3 is /root/.pyenv/versions/3.11/bin/python3, which "
+                "ProtectHome= hides from the service") in journal_text(ns)
+        assert ns.show("mailerd", "ExecMainStatus") == "78"
+        assert ns.show("mailerd", "NRestarts") == "0", "restarted in a loop"
+    finally:
+        link.unlink()
+    ns.systemctl("reset-failed", "mailerd")
+    ns.systemctl("start", "mailerd")
+    ctl(ns, "status")

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import email_validator
 
-__all__ = ["AddressCheck", "check_address", "suppression_key"]
+__all__ = ["AddressCheck", "allow_special_use_domains", "check_address", "suppression_key"]
 
 _LOCAL_PART_MAX = 64
 _ADDRESS_MAX = 254
@@ -44,6 +44,19 @@ _COMMON_ADDRESS = re.compile(
 _SPECIAL_USE_TLDS = frozenset(
     name.rsplit(".", 1)[-1].lower() for name in email_validator.SPECIAL_USE_DOMAIN_NAMES
 )
+
+
+# [delivery] allow_special_use_domains: set by the daemon from its config (start, reload)
+_allowed_special_use: frozenset[str] = frozenset()
+# a stand-in top-level domain that email_validator accepts: an allowed special-use
+# suffix is swapped for it, so that everything else about the address is still checked
+_STAND_IN = "example"
+
+
+def allow_special_use_domains(names: list[str]) -> None:
+    """Accept addresses on these special-use domains (and their subdomains) from now on."""
+    global _allowed_special_use
+    _allowed_special_use = frozenset(name.strip(".").lower() for name in names)
 
 
 class AddressCheck(NamedTuple):
@@ -85,11 +98,25 @@ def _is_common_address(address: str) -> bool:
 
 
 def _check_with_validator(address: str) -> AddressCheck:
+    local, at, domain = address.rpartition("@")
+    allowed = _allowed_suffix(domain) if at else None
+    checked = f"{local}@{domain[:-len(allowed)]}{_STAND_IN}" if allowed else address
     try:
-        validated = email_validator.validate_email(address, check_deliverability=False)
+        validated = email_validator.validate_email(checked, check_deliverability=False)
     except email_validator.EmailNotValidError as exc:
         return AddressCheck(False, address, "", str(exc))
     # The normalised form folds IDNA/Unicode variants of the same mailbox
     # together; for the ASCII addresses of the fast path it equals the input
     # up to the domain's case, so both paths produce the same key.
-    return AddressCheck(True, address, f"{validated.local_part}@{validated.domain.casefold()}", "")
+    normalised = validated.domain.casefold()
+    if allowed:
+        normalised = normalised[:-len(_STAND_IN)] + allowed
+    return AddressCheck(True, address, f"{validated.local_part}@{normalised}", "")
+
+
+def _allowed_suffix(domain: str) -> str | None:
+    """The allowed special-use name `domain` ends in (as a whole label), or None."""
+    if not _allowed_special_use or "." not in domain or domain.endswith("."):
+        return None  # a bare or dot-ended name is left to the validator's refusal
+    last = domain.rsplit(".", 1)[-1].lower()
+    return last if last in _allowed_special_use else None

@@ -23,6 +23,9 @@ MAX_DURATION = 30 * 86400.0  # a pause or timeout longer than this is a typing e
 
 NonNegative = Annotated[int, Meta(ge=0)]
 
+# the names email_validator refuses as special-use (its SPECIAL_USE_DOMAIN_NAMES)
+SPECIAL_USE_DOMAINS = frozenset({"arpa", "invalid", "local", "localhost", "onion", "test"})
+
 
 def shorten(text: object, limit: int = 20) -> str:
     """`text` for an error message, cut short: a 400-digit number need not be echoed."""
@@ -132,10 +135,20 @@ class DeliveryConfig(Section):
     max_attempts: Annotated[int, Meta(ge=1)] = 10
     reconnect_initial: Duration = Duration(1)
     reconnect_max: Duration = Duration(60)
+    # special-use domains (RFC 6761/6762) whose addresses are accepted, for a relay that
+    # serves them (an intranet's .local, a test setup's .test); by default all are refused
+    allow_special_use_domains: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.retry_max < self.retry_initial:
             raise problem("retry_max", "must not be less than retry_initial")
+        for name in self.allow_special_use_domains:
+            if name.strip(".").lower() not in SPECIAL_USE_DOMAINS:
+                raise problem("allow_special_use_domains",
+                              f"{shorten(name)!r} is not a special-use domain (one of "
+                              f"{', '.join(sorted(SPECIAL_USE_DOMAINS))})")
+        self.allow_special_use_domains = [name.strip(".").lower()
+                                          for name in self.allow_special_use_domains]
 
 
 class ServerConfig(Section):
@@ -280,3 +293,12 @@ class Config(msgspec.Struct, kw_only=True):
         if self.daemon.socket_mode is not None:
             return self.daemon.socket_mode
         return 0o660 if self.daemon.socket_group else 0o600
+
+
+class ReloadResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What the daemon's last SIGHUP did, written to its state directory, so that
+    `mailerd --reload PID` (the unit's ExecReload=) can make `systemctl reload` fail."""
+    pid: int  # the daemon that reloaded
+    count: int  # its reloads so far: a newer result has a higher count
+    ok: bool
+    message: str  # the config error when not ok
