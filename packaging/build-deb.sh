@@ -115,6 +115,13 @@ install -m 644 "$ROOT/packaging/mailerd.tmpfiles.conf" "$STAGE/usr/lib/tmpfiles.
 install -m 644 "$ROOT/packaging/mailerd.toml" "$STAGE/etc/mailerd/mailerd.toml"
 install -m 644 "$DEB_DIR/copyright" "$STAGE/usr/share/doc/mailerd/copyright"
 install -m 644 "$ROOT/packaging/nginx-unsubscribe.conf" "$STAGE/usr/share/doc/mailerd/"
+install -d "$STAGE/usr/share/man/man1" "$STAGE/usr/share/man/man8" \
+    "$STAGE/usr/share/bash-completion/completions" "$STAGE/usr/share/zsh/vendor-completions"
+gzip -9n < "$ROOT/packaging/man/mailerctl.1" > "$STAGE/usr/share/man/man1/mailerctl.1.gz"
+gzip -9n < "$ROOT/packaging/man/mailerd.8" > "$STAGE/usr/share/man/man8/mailerd.8.gz"
+install -m 644 "$ROOT/packaging/completion/mailerctl.bash" \
+    "$STAGE/usr/share/bash-completion/completions/mailerctl"
+install -m 644 "$ROOT/packaging/completion/_mailerctl" "$STAGE/usr/share/zsh/vendor-completions/_mailerctl"
 install -m 644 "$DEB_DIR/lintian-overrides" "$STAGE/usr/share/lintian/overrides/mailerd"
 gzip -9n < "$ROOT/README.md" > "$STAGE/usr/share/doc/mailerd/README.md.gz"
 {
