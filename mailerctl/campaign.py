@@ -25,7 +25,7 @@ from mailerd.schema.control import (
     email_column_index,
 )
 from mailerd.message.render import content_type_for
-from mailerd.message.signing import KeyError_, Signer
+from mailerd.message.signing import DkimKeyError, Signer
 
 
 class InputError(Exception):
@@ -102,7 +102,7 @@ def _read_dkim(campaign_path: Path, dkim: DkimFile | None) -> DkimKey | None:
                          "text key file") from None
     try:
         Signer(dkim.domain, dkim.selector, text)
-    except KeyError_ as exc:
+    except DkimKeyError as exc:
         raise InputError(f"{campaign_path}: dkim: {exc}") from None
     return DkimKey(domain=dkim.domain, selector=dkim.selector, key=text)
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import relay_server, wait_until, write_config
 from mailerd.message.dkim import DkimSigner
 from mailerd.message.render import Attachment, Renderer, format_date
-from mailerd.message.signing import KeyError_, Signer, campaign_signer, load_key
+from mailerd.message.signing import DkimKeyError, Signer, campaign_signer, load_key
 from mailerd.schema.control import CampaignSpec, DkimKey
 from test_messages import write_campaign
 
@@ -251,7 +251,7 @@ TRUNCATED = ("-----BEGIN RSA PRIVATE KEY-----\n"
     (TRUNCATED, "not an RSA private key in PKCS#1 form"),
 ])
 def test_unusable_keys_are_refused_without_showing_the_key(text: str, expected: str) -> None:
-    with pytest.raises(KeyError_) as caught:
+    with pytest.raises(DkimKeyError) as caught:
         Signer(DOMAIN, SELECTOR, text)
     assert expected in str(caught.value)
     body = "".join(line for line in text.splitlines() if "-----" not in line)
@@ -264,14 +264,14 @@ def test_a_server_key_signs_only_its_listed_from_domains() -> None:
     def spec(sender: str, own: DkimKey | None = None) -> CampaignSpec:
         return CampaignSpec(name="n", sender=sender, subject="s", text="t", dkim=own)
 
-    with pytest.raises(KeyError_, match=r"from: 'security@paypal.com'.* servers.isp.dkim_domains"):
+    with pytest.raises(DkimKeyError, match=r"from: 'security@paypal.com'.* servers.isp.dkim_domains"):
         campaign_signer(spec("PayPal <security@paypal.com>"), lambda: key, None,
                         "servers.isp.dkim_domains")
-    with pytest.raises(KeyError_, match="example.org"):  # the default: the key's own domain only
+    with pytest.raises(DkimKeyError, match="example.org"):  # the default: the key's own domain only
         campaign_signer(spec("a@news.example.org"), lambda: key)
     assert campaign_signer(spec("News <news@EXAMPLE.org>"), lambda: key) is not None
     assert campaign_signer(spec("a@example.net"), lambda: key, ["example.org", "Example.NET."])
-    with pytest.raises(KeyError_):
+    with pytest.raises(DkimKeyError):
         campaign_signer(spec("a@example.org"), lambda: key, ["example.net"])
     own = DkimKey(domain="paypal.com", selector="s", key=ED_BASE64)  # its own key: its business
     assert campaign_signer(spec("security@paypal.com", own), lambda: key) is not None

@@ -17,7 +17,7 @@ from mailerd.control.bounded import TEMPLATE_TIME_LIMIT, TemplateTimeout, run_bo
 from mailerd.message.addresses import check_address
 from mailerd.message.check import SpecError, check_message_parts
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from mailerd.message.signing import KeyError_, campaign_signer
+from mailerd.message.signing import DkimKeyError, campaign_signer
 from mailerd.schema.control import CampaignSpec, DkimKey, Error, Reply, TestSend, TestSent
 from mailerd.supervisor.identity import Identity
 from mailerd.worker.connect import greet, smtp_client
@@ -51,7 +51,7 @@ async def test_send(request: TestSend, config: Config, identity: Identity,
             _build, spec, uid, attachments, identity.unsubscribe_key,
             lambda: identity.server_dkim(name, server), server.dkim_domains, name,
             to.address, [fields[c] for c in spec.columns[1:]], utf8)
-    except (SpecError, KeyError_) as exc:
+    except (SpecError, DkimKeyError) as exc:
         return Error(message=f"test-send refused: {exc}")
     except (TemplateError, RenderError) as exc:
         return Error(message=f"test-send: cannot render the message: {exc} "

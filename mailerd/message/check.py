@@ -11,7 +11,7 @@ from email.utils import parseaddr
 from mailerd.message.addresses import check_address
 from mailerd.message.render import (RenderError, Renderer, TemplateError, header_name_problem,
                                     list_unsubscribe_value)
-from mailerd.message.signing import KeyError_, Signer
+from mailerd.message.signing import DkimKeyError, Signer
 from mailerd.schema.control import CampaignSpec
 
 MAX_ATTACHMENT_BYTES = 40 * 1024 * 1024  # all of a campaign's attachments together
@@ -53,7 +53,7 @@ def check_message_parts(spec: CampaignSpec) -> None:
     if spec.dkim is not None:
         try:
             Signer(spec.dkim.domain, spec.dkim.selector, spec.dkim.key)
-        except KeyError_ as exc:
+        except DkimKeyError as exc:
             raise SpecError(f"dkim: {exc}") from None
     total = 0
     for i, attachment in enumerate(spec.attachments):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from mailerd.schema.control import CampaignSpec, DkimKey
 
-__all__ = ["KeyError_", "Signer", "campaign_signer", "comparable_domain", "domain_refusal",
+__all__ = ["DkimKeyError", "Signer", "campaign_signer", "comparable_domain", "domain_refusal",
            "load_key"]
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\s*(.*?)\s*-----END \1-----", re.DOTALL)
@@ -47,7 +47,7 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+):", re.MULTILINE)
 _SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
-class KeyError_(ValueError):
+class DkimKeyError(ValueError):
     """A DKIM key or its parameters are unusable; the message says why (never the key)."""
 
 
@@ -62,19 +62,19 @@ def load_key(text: str | bytes) -> tuple[bytes, PrivateKey]:
         except (binascii.Error, ValueError):
             seed = b""
         if len(seed) != 32:
-            raise KeyError_("not a PEM private key, nor a base64 Ed25519 key (32 bytes)")
+            raise DkimKeyError("not a PEM private key, nor a base64 Ed25519 key (32 bytes)")
         key: PrivateKey = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
         return algorithm_of(key), key
     kind = match[1].decode()
     if kind not in ("RSA PRIVATE KEY", "PRIVATE KEY"):
-        raise KeyError_(f"a {kind} is not supported: use an RSA or Ed25519 private key")
+        raise DkimKeyError(f"a {kind} is not supported: use an RSA or Ed25519 private key")
     try:
         der = base64.b64decode(b"".join(match[2].split()), validate=True)
     except (binascii.Error, ValueError):
-        raise KeyError_(f"the {kind} block is not valid base64") from None
+        raise DkimKeyError(f"the {kind} block is not valid base64") from None
     key = _parse_der(kind, der)
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 1024:
-        raise KeyError_(f"the RSA key has {key.key_size} bits; DKIM verifiers want at least 1024")
+        raise DkimKeyError(f"the RSA key has {key.key_size} bits; DKIM verifiers want at least 1024")
     return algorithm_of(key), key
 
 
@@ -86,9 +86,9 @@ def _parse_der(kind: str, der: bytes) -> PrivateKey:
     try:
         key = load_der_private_key(der, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise KeyError_(problem) from None
+        raise DkimKeyError(problem) from None
     if not isinstance(key, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
-        raise KeyError_(problem)
+        raise DkimKeyError(problem)
     return key
 
 
@@ -125,11 +125,11 @@ class Signer:
         try:
             ascii_domain = given.encode("idna") if not given.isascii() else given.encode("ascii")
         except UnicodeError:
-            raise KeyError_(f"domain {given!r} is not a valid domain name") from None
+            raise DkimKeyError(f"domain {given!r} is not a valid domain name") from None
         if not given or not _SELECTOR.fullmatch(ascii_domain.decode()):
-            raise KeyError_(f"domain {given!r} is not a valid domain name")
+            raise DkimKeyError(f"domain {given!r} is not a valid domain name")
         if not _SELECTOR.fullmatch(selector):
-            raise KeyError_(f"selector {selector!r} is not a valid selector")
+            raise DkimKeyError(f"selector {selector!r} is not a valid selector")
         self.domain = ascii_domain
         self.selector = selector.encode("ascii")
         self.algorithm, key = load_key(key_text)
@@ -154,7 +154,7 @@ class Signer:
         try:
             signature = self._dkim.signature(message, include, when)
         except DkimError as exc:
-            raise KeyError_(f"dkim: cannot sign: {exc}") from None
+            raise DkimKeyError(f"dkim: cannot sign: {exc}") from None
         return signature + message
 
 
@@ -162,7 +162,7 @@ def campaign_signer(spec: CampaignSpec, server_key: Callable[[], DkimKey | None]
                     server_domains: Sequence[str] | None = None,
                     field: str = "the server's dkim_domains") -> Signer | None:
     """The Signer of a campaign's messages: its own key, else its server's (asked
-    for only then: reading it may touch the key file), else none. KeyError_ when
+    for only then: reading it may touch the key file), else none. DkimKeyError when
     the server's key may not sign the campaign's From domain (`server_domains`,
     None: the key's own domain; `field` names where they are configured)."""
     key = spec.dkim or server_key()  # the campaign's key wins over the server's
@@ -171,5 +171,5 @@ def campaign_signer(spec: CampaignSpec, server_key: Callable[[], DkimKey | None]
     if spec.dkim is None:
         refusal = domain_refusal(spec.sender, key.domain, server_domains, field)
         if refusal is not None:
-            raise KeyError_(refusal)
+            raise DkimKeyError(refusal)
     return Signer(key.domain, key.selector, key.key, tuple(spec.headers))

@@ -11,7 +11,7 @@ from mailerd.message import tokens
 from mailerd.config import ConfigError
 from mailerd.schema.config import Config, ServerConfig
 from mailerd.schema.control import DkimKey
-from mailerd.message.signing import KeyError_, Signer
+from mailerd.message.signing import DkimKeyError, Signer
 
 
 def read_server_dkim(name: str, server: ServerConfig) -> DkimKey | None:
@@ -27,7 +27,7 @@ def read_server_dkim(name: str, server: ServerConfig) -> DkimKey | None:
     key = DkimKey(domain=server.dkim_domain, selector=server.dkim_selector, key=text)
     try:
         Signer(key.domain, key.selector, key.key)
-    except KeyError_ as exc:
+    except DkimKeyError as exc:
         raise ConfigError(f"servers.{name}.dkim_key_file: {path}: {exc}") from None
     return key
 

@@ -55,7 +55,7 @@ except ImportError:
 
 from mailerd import wire
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
-from mailerd.message.signing import KeyError_, Signer, campaign_signer
+from mailerd.message.signing import DkimKeyError, Signer, campaign_signer
 from mailerd.schema.workers import (
     AnyToWorker,
     CampaignAttachment,
@@ -232,7 +232,7 @@ class Worker:
             renderer = Renderer.from_spec(spec, message.uid, attachments, self.setup.unsubscribe_key)
             signer = campaign_signer(spec, lambda: self.setup.dkim, self.server.dkim_domains)
             problem = ""
-        except (TemplateError, RenderError, KeyError_) as exc:  # checked at enqueue: not expected
+        except (TemplateError, RenderError, DkimKeyError) as exc:  # checked at enqueue: not expected
             renderer, signer, problem = None, None, str(exc)
         self.campaigns[message.campaign] = Campaign(
             renderer, signer, sender, b"FROM:<" + sender.encode() + b">",
@@ -408,7 +408,7 @@ class Worker:
         else:
             try:
                 message = self.render(job, campaign, smtputf8)
-            except (RenderError, KeyError_) as exc:
+            except (RenderError, DkimKeyError) as exc:
                 refusal = f"cannot render message: {exc}"
             except Exception as exc:  # any other failure to make one message is that message's
                 refusal = f"cannot make message: {type(exc).__name__}: {exc}"
