@@ -20,6 +20,7 @@ import msgspec
 
 from mailerd.schema.config import (
     PACING_KEYS,
+    BouncesConfig,
     Config,
     DaemonConfig,
     DeliveryConfig,
@@ -65,7 +66,7 @@ def _dotted(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
-_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression"}
+_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression", "bounces"}
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -93,6 +94,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         delivery=_section(raw.get("delivery", {}), "delivery", DeliveryConfig, where),
         patterns=_section(raw.get("patterns", {}), "patterns", PatternConfig, where),
         suppression=_section(raw.get("suppression", {}), "suppression", SuppressionConfig, where),
+        bounces=_section(raw.get("bounces", {}), "bounces", BouncesConfig, where),
         servers=servers,
         path=str(path) if path else None,
     )

@@ -1,0 +1,339 @@
+"""What comes back (issue 14): bounces and complaints, read into the journal.
+
+Samples are generated here the way Postfix, Exim, Sendmail and feedback loops
+write them (RFC 3464 DSNs, RFC 5965 ARF reports, Exim's plain-text bounces, an
+out-of-office reply). What a user cares about: a hard bounce or a complaint puts
+exactly that address on the suppression list and shows in the report, soft ones
+only after soft_bounce_limit in a row, a forged bounce changes nothing, the same
+mailbox message read twice changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailerd.bounces import classify
+from mailerd.journal.store import _MIGRATIONS, Journal
+from mailerd.message import verp
+from mailerd.message.render import message_id_for
+from mailerd.schema.control import CampaignSpec
+from mailerd.schema.records import NewRecipient, Outcome
+
+KEY = b"k" * 32
+RETURN_PATH = "bounces+{{ tag }}@example.org"
+SPEC = CampaignSpec(name="t", sender="news@example.org", subject="s", text="t", columns=["email"],
+                    return_path=RETURN_PATH)
+
+
+# ---------------------------------------------------------------- samples
+
+
+def original_headers(uid: str, line: int, rcpt: str) -> str:
+    return (f"Return-Path: <{verp.return_path(RETURN_PATH, KEY, uid, line)}>\n"
+            f"From: News <news@example.org>\nTo: {rcpt}\nSubject: Hello\n"
+            f"Message-ID: {message_id_for(uid, line, 'news@example.org')}\n")
+
+
+def multipart_report(report_type: str, headers: dict[str, str], parts: list[tuple[str, str]]) -> bytes:
+    """A multipart/report written out as text, the way MTAs write them."""
+    boundary = "=_report_boundary_42"
+    lines = [f"{name}: {value}" for name, value in headers.items()]
+    lines += ["MIME-Version: 1.0",
+              f'Content-Type: multipart/report; report-type={report_type}; boundary="{boundary}"', "",
+              "This is a MIME-encapsulated message.", ""]
+    for content_type, body in parts:
+        lines += [f"--{boundary}", f"Content-Type: {content_type}", "", body.rstrip("\n"), ""]
+    lines += [f"--{boundary}--", ""]
+    return "\n".join(lines).encode()
+
+
+def dsn(rcpt: str, status: str, *, action: str = "failed", to: str = "bounces@example.org",
+        original: str = "", diagnostic: str = "smtp; 550 5.1.1 <x>: Recipient address rejected",
+        mta: str = "mx.example.com", headers_part: str = "text/rfc822-headers") -> bytes:
+    """An RFC 3464 report as Postfix and Sendmail write it."""
+    headers = {"From": f"MAILER-DAEMON@{mta} (Mail Delivery System)", "To": to,
+               "Subject": "Undelivered Mail Returned to Sender", "Auto-Submitted": "auto-replied",
+               "Date": email.utils.formatdate()}
+    parts = [("text/plain", "I'm sorry to have to inform you that your message could not be delivered."),
+             ("message/delivery-status",
+              f"Reporting-MTA: dns; {mta}\nArrival-Date: {email.utils.formatdate()}\n\n"
+              f"Final-Recipient: rfc822; {rcpt}\nOriginal-Recipient: rfc822;{rcpt}\n"
+              f"Action: {action}\nStatus: {status}\nDiagnostic-Code: {diagnostic}\n")]
+    if original:
+        parts.append((headers_part, original + ("\nbody\n" if headers_part == "message/rfc822" else "")))
+    return multipart_report("delivery-status", headers, parts)
+
+
+def arf(rcpt: str, *, to: str = "bounces@example.org", original: str = "",
+        feedback_type: str = "abuse") -> bytes:
+    """An RFC 5965 feedback report, as a mailbox provider's feedback loop sends it."""
+    headers = {"From": "fbl@isp.example", "To": to, "Subject": "FW: Hello"}
+    parts = [("text/plain", "This is an email abuse report for an email message received."),
+             ("message/feedback-report",
+              f"Feedback-Type: {feedback_type}\nUser-Agent: SomeFBL/1.0\nVersion: 1\n"
+              f"Original-Rcpt-To: {rcpt}\nArrival-Date: {email.utils.formatdate()}\n"),
+             ("message/rfc822", original + "\nthe message\n")]
+    return multipart_report("feedback-report", headers, parts)
+
+
+def exim_bounce(rcpt: str, to: str, original: str) -> bytes:
+    """Exim's plain-text bounce (no DSN part): only flufl.bounce reads those."""
+    return (f"Return-path: <>\nTo: {to}\nFrom: Mail Delivery System <Mailer-Daemon@mx.example.net>\n"
+            "Subject: Mail delivery failed: returning message to sender\n"
+            "X-Failed-Recipients: " + rcpt + "\nAuto-Submitted: auto-replied\n\n"
+            "This message was created automatically by mail delivery software.\n\n"
+            "A message that you sent could not be delivered to one or more of its\n"
+            "recipients. This is a permanent error. The following address(es) failed:\n\n"
+            f"  {rcpt}\n    SMTP error from remote mail server after RCPT TO:<{rcpt}>:\n"
+            "    550 5.1.1 User unknown\n\n------ This is a copy of the message, including all the headers. ------\n\n"
+            + original + "\nbody\n").encode()
+
+
+def out_of_office(to: str, original_id: str) -> bytes:
+    message = EmailMessage()
+    message["From"] = "user1@example.com"
+    message["To"] = to
+    message["Subject"] = "Automatic reply: Hello"
+    message["Auto-Submitted"] = "auto-replied"
+    message["In-Reply-To"] = original_id
+    message.set_content("I am out of the office until Monday.\n")
+    return message.as_bytes()
+
+
+# ---------------------------------------------------------------- a journal with sent campaigns
+
+
+@pytest.fixture
+def journal(tmp_path: Path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.open()
+    yield journal
+    journal.close()
+
+
+def sent_campaign(journal: Journal, uid: str, count: int) -> int:
+    """A campaign whose `count` recipients (user1..) the relay took."""
+    campaign = journal.begin_campaign(uid, SPEC)
+    journal.add_recipients(campaign, [
+        NewRecipient(line, f"user{line}@example.com", f"user{line}@example.com", b"\x90", "queued", None)
+        for line in range(1, count + 1)])
+    journal.commit_campaign(campaign)
+    items = [(campaign, line, "isp") for line in range(1, count + 1)]
+    journal.mark_sending(items)
+    journal.mark_data_sent(items)
+    journal.record_outcomes([Outcome(campaign, line, "sent", 250, "2.0.0 Ok") for line in range(1, count + 1)])
+    return campaign
+
+
+def take(journal: Journal, raw: bytes, limit: int = 3, key: bytes = KEY):
+    understood = classify.understand(raw, key)
+    return journal.apply_bounce(understood.source, "test", understood.format, understood.summary,
+                                understood.targets, limit)
+
+
+def suppressed(journal: Journal) -> dict[str, str]:
+    rows, _ = journal.list_suppressions("", 1000)
+    return {email: reason for email, _, reason, _, _ in rows}
+
+
+UID = "0123456789abcdef"
+UID2 = "fedcba9876543210"
+UID3 = "00112233445566aa"
+
+
+def tagged(uid: str, line: int) -> str:
+    return verp.return_path(RETURN_PATH, KEY, uid, line)
+
+
+# ---------------------------------------------------------------- the VERP tag
+
+
+def test_the_tag_names_campaign_and_recipient_and_cannot_be_forged():
+    address = tagged(UID, 7)
+    assert address.startswith("bounces+") and address.endswith("@example.org")
+    assert verp.find_tag(KEY, address) == verp.Tagged(UID, 7)
+    assert verp.find_tag(KEY, address.upper()) == verp.Tagged(UID, 7)  # case folded on the way
+    assert verp.find_tag(b"another key" * 3, address) is None
+    forged_line = address.replace(f"{UID}-7-", f"{UID}-8-")
+    assert verp.find_tag(KEY, forged_line) is None
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_a_postfix_dsn_for_an_unknown_user_is_a_hard_bounce_for_that_recipient():
+    raw = dsn("user3@example.com", "5.1.1", to=tagged(UID, 3))
+    reading = classify.read(raw, KEY)
+    assert reading.format == "dsn"
+    assert reading.tag == verp.Tagged(UID, 3)
+    assert reading.findings == [classify.Finding(
+        "hard", "user3@example.com", "5.1.1", "smtp; 550 5.1.1 <x>: Recipient address rejected")]
+
+
+def test_a_delayed_dsn_is_soft_and_a_delivered_one_is_nothing():
+    soft = classify.read(dsn("u@example.com", "4.4.7", action="delayed", to=tagged(UID, 1)), KEY)
+    assert [f.kind for f in soft.findings] == ["soft"]
+    delivered = dsn("u@example.com", "2.0.0", action="delivered", to=tagged(UID, 1))
+    assert classify.targets(classify.read(delivered, KEY)) == []
+
+
+def test_an_arf_report_is_a_complaint_matched_through_the_original_return_path():
+    raw = arf("user2@example.com", original=original_headers(UID, 2, "user2@example.com"))
+    reading = classify.read(raw, KEY)
+    assert reading.format == "arf" and reading.tag == verp.Tagged(UID, 2)
+    assert {f.kind for f in reading.findings} == {"complaint"}
+
+
+def test_exim_plain_text_bounce_is_read_by_flufl_bounce():
+    raw = exim_bounce("user4@example.com", tagged(UID, 4), original_headers(UID, 4, "user4@example.com"))
+    reading = classify.read(raw, KEY)
+    assert reading.format == "flufl"
+    assert [(f.kind, f.address) for f in reading.findings] == [("hard", "user4@example.com")]
+
+
+def test_an_out_of_office_reply_is_ignored():
+    raw = out_of_office(tagged(UID, 1), message_id_for(UID, 1, "news@example.org"))
+    reading = classify.read(raw, KEY)
+    assert reading.format == "auto-reply" and classify.targets(reading) == []
+
+
+def test_a_message_that_is_no_report_and_names_nobody_is_unreadable():
+    message = EmailMessage()
+    message["From"] = "someone@example.net"
+    message["Subject"] = "hello there"
+    message.set_content("nothing to see\n")
+    with pytest.raises(classify.Unreadable, match="hello there"):
+        classify.read(message.as_bytes(), KEY)
+
+
+# ---------------------------------------------------------------- into the journal
+
+
+def test_hard_bounces_and_complaints_suppress_and_show_in_the_report(journal):
+    campaign = sent_campaign(journal, UID, 5)
+    take(journal, dsn("user3@example.com", "5.1.1", to=tagged(UID, 3)))
+    take(journal, arf("user2@example.com", original=original_headers(UID, 2, "user2@example.com")))
+    assert suppressed(journal) == {"user3@example.com": "bounced", "user2@example.com": "complained"}
+    counts = journal.counts(campaign)
+    assert (counts.sent, counts.bounced, counts.complained) == (5, 1, 1)  # they stay sent
+    bounced = journal.recipients(campaign, "bounced", None)
+    assert [(r.email, r.state) for r in bounced] == [("user3@example.com", "sent")]
+    assert "5.1.1" in (bounced[0].reply or "")
+    assert [r.email for r in journal.recipients(campaign, "complained", None)] == ["user2@example.com"]
+    listed = journal.bounce_list(campaign, 100)
+    assert {(b.email, b.kind, b.status) for b in listed} == {
+        ("user3@example.com", "hard", "5.1.1"), ("user2@example.com", "complaint", None)}
+
+
+def test_the_same_mailbox_message_read_twice_changes_nothing_twice(journal):
+    campaign = sent_campaign(journal, UID, 3)
+    raw = dsn("user1@example.com", "5.1.1", to=tagged(UID, 1))
+    assert take(journal, raw).new
+    again = take(journal, raw)
+    assert not again.new and again.matched == [] and again.suppressed == []
+    assert len(journal.bounce_list(campaign, 100)) == 1
+
+
+def test_forged_bounces_change_nothing(journal):
+    campaign = sent_campaign(journal, UID, 3)
+    forged_tag = tagged(UID, 2).replace(f"{UID}-2-", f"{UID}-1-")  # someone else's line, old mac
+    wrong_key = verp.return_path(RETURN_PATH, b"z" * 32, UID, 1)
+    other_campaign = tagged(UID2, 1)  # authentic tag of a campaign this journal does not have
+    for to in (forged_tag, wrong_key, other_campaign):
+        take(journal, dsn("user1@example.com", "5.1.1", to=to))
+    # a Message-ID is no secret to its recipient: alone, it needs the address it was sent to
+    take(journal, dsn("user3@example.com", "5.1.1",
+                      original=original_headers(UID, 1, "user1@example.com").replace(
+                          "Return-Path", "X-Old-Return-Path")))
+    assert suppressed(journal) == {}
+    assert journal.bounce_list(campaign, 100) == []
+    assert len(journal.unmatched_bounces(100)) == 4
+    assert journal.counts(campaign).bounced == 0
+
+
+def test_a_bounce_that_lost_its_envelope_is_matched_by_message_id_and_address(journal):
+    campaign = sent_campaign(journal, UID, 3)
+    headers = original_headers(UID, 2, "user2@example.com").replace("Return-Path", "X-Old-Return-Path")
+    take(journal, dsn("user2@example.com", "5.1.1", original=headers, headers_part="message/rfc822"))
+    assert suppressed(journal) == {"user2@example.com": "bounced"}
+    assert journal.counts(campaign).bounced == 1
+
+
+def test_soft_bounces_suppress_only_after_the_limit_in_a_row(journal):
+    uids = [UID, UID2, UID3]
+    campaigns = [sent_campaign(journal, uid, 2) for uid in uids]
+    for n, uid in enumerate(uids, start=1):
+        take(journal, dsn("user1@example.com", "4.2.2", action="delayed", to=tagged(uid, 1)))
+        # the same campaign's second delay notice does not count twice
+        take(journal, dsn("user1@example.com", "4.2.2", action="delayed", to=tagged(uid, 1),
+                          mta="mx2.example.com"))
+        if n < 3:
+            assert suppressed(journal) == {}, n
+    assert suppressed(journal) == {"user1@example.com": "bounced"}
+    assert all(journal.counts(c).bounced == 0 for c in campaigns)  # soft ones are listed, not counted
+
+
+def test_a_campaign_without_a_soft_bounce_breaks_the_row(journal):
+    uids = [UID, UID2, UID3]
+    for uid in uids:
+        sent_campaign(journal, uid, 2)
+    take(journal, dsn("user1@example.com", "4.2.2", action="delayed", to=tagged(UID, 1)))
+    take(journal, dsn("user1@example.com", "4.2.2", action="delayed", to=tagged(UID3, 1)))
+    assert suppressed(journal) == {}
+    take(journal, dsn("user1@example.com", "4.2.2", action="delayed", to=tagged(UID2, 1)))
+    assert suppressed(journal) == {"user1@example.com": "bounced"}
+
+
+def test_a_version_3_journal_is_migrated_and_keeps_its_campaigns(tmp_path):
+    import sqlite3
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("BEGIN;" + "".join(sql for v, sql in _MIGRATIONS if v <= 3)
+                     + "PRAGMA user_version=3;COMMIT;")
+    db.execute("INSERT INTO campaigns (uid, name, state, spec, created, updated) "
+               "VALUES ('u', 'old', 'done', x'80', 0, 0)")
+    db.close()
+    journal = Journal(path)
+    journal.open()
+    try:
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert journal._db.execute("SELECT name FROM campaigns").fetchall() == [("old",)]
+        assert journal.bounce_list(None, 10) == []
+    finally:
+        journal.close()
+
+
+# ---------------------------------------------------------------- the envelope a real daemon sends
+
+
+def test_each_recipient_gets_its_own_authentic_return_path(tmp_path, relay_factory, daemon_factory):
+    from conftest import make_campaign, relay_server
+    from mailerd.message import tokens
+
+    relay = relay_factory()
+    server_path = "srv-bounces+{{ tag }}@example.org"
+    daemon = daemon_factory({"isp": relay_server(relay, return_path=server_path),
+                             "other": relay_server(relay_factory())}).start()
+    campaign_file, recipients = make_campaign(tmp_path / "c", 5, servers=["isp"])
+    verp_campaign = daemon.enqueue(campaign_file, recipients)
+    daemon.wait_done(verp_campaign)
+    campaign_file, recipients = make_campaign(tmp_path / "own", 3, servers=["isp"], domain="own.example")
+    campaign_file.write_text(campaign_file.read_text() + f'return_path = "{RETURN_PATH}"\n')
+    own_campaign = daemon.enqueue(campaign_file, recipients)
+    daemon.wait_done(own_campaign)
+    key = tokens.load_or_create_key(daemon.state_dir)
+    lines = {r.email: r.line for c in (verp_campaign, own_campaign)
+             for r in daemon.report(c, "sent").recipients}
+    by_server, by_campaign = {}, {}
+    for received in relay.messages():
+        tag = verp.find_tag(key, received.mail_from)
+        assert tag is not None, received.mail_from
+        assert tag.line == lines[received.rcpt], (received.mail_from, received.rcpt)
+        target = by_server if received.mail_from.startswith("srv-bounces+") else by_campaign
+        target[received.rcpt] = tag.campaign_uid
+    assert len(by_server) == 5 and len(set(by_server.values())) == 1
+    assert len(by_campaign) == 3 and set(by_campaign.values()).isdisjoint(by_server.values())
