@@ -11,16 +11,21 @@ mailbox message read twice changes nothing twice.
 from __future__ import annotations
 
 import email.utils
+import json
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
+import dovecot_imap
+from conftest import make_campaign, relay_server
 from mailerd.bounces import classify
 from mailerd.journal.store import _MIGRATIONS, Journal
-from mailerd.message import verp
+from mailerd.message import tokens, verp
 from mailerd.message.render import message_id_for
-from mailerd.schema.control import CampaignSpec
+from mailerd.schema.control import CampaignSpec, Status, SuppressList
+from mailerd.testing.daemon import toml_value
+from mailerd.testing.waiting import wait_until
 from mailerd.schema.records import NewRecipient, Outcome
 
 KEY = b"k" * 32
@@ -311,9 +316,6 @@ def test_a_version_3_journal_is_migrated_and_keeps_its_campaigns(tmp_path):
 
 
 def test_each_recipient_gets_its_own_authentic_return_path(tmp_path, relay_factory, daemon_factory):
-    from conftest import make_campaign, relay_server
-    from mailerd.message import tokens
-
     relay = relay_factory()
     server_path = "srv-bounces+{{ tag }}@example.org"
     daemon = daemon_factory({"isp": relay_server(relay, return_path=server_path),
@@ -337,3 +339,109 @@ def test_each_recipient_gets_its_own_authentic_return_path(tmp_path, relay_facto
         target[received.rcpt] = tag.campaign_uid
     assert len(by_server) == 5 and len(set(by_server.values())) == 1
     assert len(by_campaign) == 3 and set(by_campaign.values()).isdisjoint(by_server.values())
+
+
+# ---------------------------------------------------------------- a real IMAP mailbox (Dovecot)
+
+IMAP_WHY_NOT = dovecot_imap.missing()
+needs_dovecot = pytest.mark.skipif(IMAP_WHY_NOT is not None, reason=IMAP_WHY_NOT or "")
+
+
+@pytest.fixture
+def dovecot():
+    server = dovecot_imap.PrivateDovecot().start()
+    yield server
+    server.stop()
+    server.remove()
+
+
+def mailbox_settings(server: dovecot_imap.PrivateDovecot, tmp_path: Path, **extra) -> dict:
+    password_file = tmp_path / "imap-password"
+    password_file.write_text(server.password + "\n")
+    password_file.chmod(0o600)
+    return {"host": dovecot_imap.NAME, "port": server.tls_port, "security": "tls",
+            "tls_ca_file": str(server.ca_file), "username": server.user,
+            "password_file": str(password_file), "done_folder": "done", **extra}
+
+
+def bounce_daemon(daemon_factory, relay, mailbox: dict, **bounces):
+    """A daemon sending through `relay` with VERP, reading bounces from the mailbox "box"."""
+    daemon = daemon_factory({"isp": relay_server(relay, return_path=RETURN_PATH)})
+    sections = {"bounces": {"poll_interval": "0.5s", **bounces}, "bounces.mailboxes.box": mailbox}
+    with open(daemon.config, "a") as config:
+        for name, values in sections.items():
+            config.write(f"\n[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+    return daemon.start()
+
+
+def suppression_reasons(daemon) -> dict[str, str]:
+    return {e.email: e.reason for e in daemon.call(SuppressList(after="", limit=1000)).entries}
+
+
+@needs_dovecot
+def test_bounces_in_an_imap_mailbox_reach_the_journal_and_leave_the_inbox(
+        tmp_path, relay_factory, daemon_factory, dovecot):
+    relay = relay_factory()
+    daemon = bounce_daemon(daemon_factory, relay, mailbox_settings(dovecot, tmp_path))
+    campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 10))
+    daemon.wait_done(campaign)
+    return_paths = {r.rcpt: r.mail_from for r in relay.messages()}
+    key = tokens.load_or_create_key(daemon.state_dir)
+    line = {r.email: r.line for r in daemon.report(campaign, "sent").recipients}
+    uid = verp.find_tag(key, return_paths["user3@example.com"]).campaign_uid
+
+    hard = dsn("user3@example.com", "5.1.1", to=return_paths["user3@example.com"])
+    dovecot.deliver(hard)
+    dovecot.deliver(arf("user5@example.com", original=(
+        f"Return-Path: <{return_paths['user5@example.com']}>\nTo: user5@example.com\n"
+        f"Message-ID: {message_id_for(uid, line['user5@example.com'], 'news@example.org')}\n")))
+    dovecot.deliver(out_of_office(return_paths["user1@example.com"], "<x@y>"))
+    forged = return_paths["user2@example.com"].replace(
+        f"-{line['user2@example.com']}-", f"-{line['user4@example.com']}-")
+    dovecot.deliver(dsn("user4@example.com", "5.1.1", to=forged))
+    unreadable = b"From: someone@example.net\nTo: bounces@example.org\nSubject: hi\n\njust hi\n"
+    dovecot.deliver(unreadable)
+
+    wait_until(lambda: len(dovecot.messages()) == 1 and len(dovecot.messages(".done")) == 4,
+               30, "4 messages moved to the done folder, the unreadable one left in INBOX")
+    assert dovecot.messages() == [unreadable]
+    assert suppression_reasons(daemon) == {"user3@example.com": "bounced",
+                                           "user5@example.com": "complained"}
+    report = daemon.report(campaign)
+    assert (report.counts.sent, report.counts.bounced, report.counts.complained) == (10, 1, 1)
+    bounced = daemon.ctl("report", str(campaign), "--state", "bounced", "--json")
+    assert [r["email"] for r in json.loads(bounced.stdout)["recipients"]] == ["user3@example.com"]
+    listed = json.loads(daemon.ctl("bounces", "--json").stdout)
+    assert {(b["email"], b["kind"]) for b in listed["bounces"]} == {
+        ("user3@example.com", "hard"), ("user5@example.com", "complaint")}
+    assert len(listed["unmatched"]) == 2  # the forged bounce and the out-of-office reply
+    box = daemon.call(Status()).mailboxes[0]
+    assert box.last_error is None and box.read == 4 and len(box.left) == 1
+    assert "neither a bounce" in box.left[0]
+    assert "left in the mailbox 1" in daemon.ctl("status").stdout
+
+    # the same bounce again (a crash between commit and move re-reads it): nothing changes twice
+    dovecot.deliver(hard)
+    wait_until(lambda: len(dovecot.messages(".done")) == 5, 30, "the repeated bounce to be moved")
+    assert len(json.loads(daemon.ctl("bounces", str(campaign), "--json").stdout)["bounces"]) == 2
+    assert daemon.report(campaign).counts.bounced == 1
+
+    # the next campaign to the same list skips them
+    nxt = daemon.enqueue(*make_campaign(tmp_path / "c2", 10))
+    daemon.wait_done(nxt)
+    assert daemon.emails(nxt, "suppressed") == {"user3@example.com", "user5@example.com"}
+
+
+@needs_dovecot
+def test_a_wrong_password_is_reported_in_status_and_the_daemon_keeps_running(
+        tmp_path, relay_factory, daemon_factory, dovecot):
+    settings = mailbox_settings(dovecot, tmp_path)
+    Path(settings["password_file"]).write_text("wrong\n")
+    daemon = bounce_daemon(daemon_factory, relay_factory(), settings)
+    dovecot.deliver(dsn("user3@example.com", "5.1.1"))
+    box = wait_until(lambda: (b := daemon.call(Status()).mailboxes[0]).last_error and b,
+                     30, "the failed login in status")
+    assert "secret" not in box.last_error and "wrong" not in box.last_error
+    assert "AUTHENTICATIONFAILED" in box.last_error or "failed" in box.last_error.lower()
+    assert len(dovecot.messages()) == 1  # untouched
+    daemon.log_line("bounce_mailbox_failed", "mailbox=box")
