@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import dovecot_imap
+import postfix as private_postfix
 from conftest import make_campaign, relay_server
 from mailerd.bounces import classify
 from mailerd.journal.store import _MIGRATIONS, Journal
@@ -25,6 +26,7 @@ from mailerd.message import tokens, verp
 from mailerd.message.render import message_id_for
 from mailerd.schema.control import CampaignSpec, Status, SuppressList
 from mailerd.testing.daemon import toml_value
+from mailerd.testing.relay import Faults, FakeRelay
 from mailerd.testing.waiting import wait_until
 from mailerd.schema.records import NewRecipient, Outcome
 
@@ -364,14 +366,19 @@ def mailbox_settings(server: dovecot_imap.PrivateDovecot, tmp_path: Path, **extr
             "password_file": str(password_file), "done_folder": "done", **extra}
 
 
-def bounce_daemon(daemon_factory, relay, mailbox: dict, **bounces):
-    """A daemon sending through `relay` with VERP, reading bounces from the mailbox "box"."""
-    daemon = daemon_factory({"isp": relay_server(relay, return_path=RETURN_PATH)})
+def with_mailbox(daemon, mailbox: dict, **bounces):
+    """The daemon (not started yet) reads bounces from the mailbox "box"."""
     sections = {"bounces": {"poll_interval": "0.5s", **bounces}, "bounces.mailboxes.box": mailbox}
     with open(daemon.config, "a") as config:
         for name, values in sections.items():
             config.write(f"\n[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
-    return daemon.start()
+    return daemon
+
+
+def bounce_daemon(daemon_factory, relay, mailbox: dict, **bounces):
+    """A daemon sending through `relay` with VERP, reading bounces from the mailbox "box"."""
+    daemon = daemon_factory({"isp": relay_server(relay, return_path=RETURN_PATH)})
+    return with_mailbox(daemon, mailbox, **bounces).start()
 
 
 def suppression_reasons(daemon) -> dict[str, str]:
@@ -435,7 +442,7 @@ def test_bounces_in_an_imap_mailbox_reach_the_journal_and_leave_the_inbox(
 @needs_dovecot
 def test_a_wrong_password_is_reported_in_status_and_the_daemon_keeps_running(
         tmp_path, relay_factory, daemon_factory, dovecot):
-    settings = mailbox_settings(dovecot, tmp_path)
+    settings = mailbox_settings(dovecot, tmp_path, security="starttls", port=dovecot.port)
     Path(settings["password_file"]).write_text("wrong\n")
     daemon = bounce_daemon(daemon_factory, relay_factory(), settings)
     dovecot.deliver(dsn("user3@example.com", "5.1.1"))
@@ -445,3 +452,92 @@ def test_a_wrong_password_is_reported_in_status_and_the_daemon_keeps_running(
     assert "AUTHENTICATIONFAILED" in box.last_error or "failed" in box.last_error.lower()
     assert len(dovecot.messages()) == 1  # untouched
     daemon.log_line("bounce_mailbox_failed", "mailbox=box")
+
+
+# ---------------------------------------------------------------- end to end with a real Postfix
+
+POSTFIX_WHY_NOT = private_postfix.missing() or IMAP_WHY_NOT
+RELAY_USER, RELAY_PASSWORD = "relayuser", "S3cret-relay-pw"
+
+
+@pytest.mark.skipif(POSTFIX_WHY_NOT is not None, reason=POSTFIX_WHY_NOT or "")
+def test_postfix_bounces_unknown_users_and_the_next_campaign_skips_them(
+        tmp_path, daemon_factory, dovecot):
+    """A campaign of 200 through a real Postfix; the next hop knows no one at gone.example,
+    so Postfix sends 20 real DSNs to their VERP return paths; the next hop hands those to
+    the Dovecot mailbox as a local delivery agent would."""
+    def deliver_bounces(entries) -> None:
+        for entry in entries:
+            if entry.rcpt.startswith("bounces+"):
+                dovecot.deliver(f"Return-Path: <{entry.mail_from}>\nDelivered-To: {entry.rcpt}\n"
+                                .encode() + entry.data)
+
+    sink = FakeRelay(Faults(reject_domains=["gone.example"]), on_message=deliver_bounces)
+    sink.start()
+    postfix = private_postfix.PrivatePostfix(sink.port, users={RELAY_USER: RELAY_PASSWORD})
+    try:
+        postfix.start()
+        secret = tmp_path / "relay.secret"
+        secret.write_text(RELAY_PASSWORD + "\n")
+        server = {"host": "127.0.0.1", "port": postfix.port, "security": "starttls",
+                  "tls_ca_file": str(postfix.ca_file), "tls_server_name": private_postfix.TLS_NAME,
+                  "username": RELAY_USER, "password_file": str(secret), "connections": 4,
+                  "timeout": "10s", "return_path": RETURN_PATH}
+        daemon = with_mailbox(daemon_factory({"postfix": server}),
+                              mailbox_settings(dovecot, tmp_path)).start()
+        gone = {f"lost{i}@gone.example" for i in range(20)}
+        files = make_campaign(tmp_path / "c", 180, extra_rows=[f"{a},Lost,L" for a in sorted(gone)])
+        first = daemon.enqueue(*files)
+        daemon.wait_done(first, timeout=120)
+        assert daemon.report(first).counts.sent == 200  # Postfix took them all
+
+        report = wait_until(lambda: (r := daemon.report(first)).counts.bounced == 20 and r, 120,
+                            "20 DSNs from Postfix to be read from the mailbox")
+        assert daemon.emails(first, "bounced") == gone
+        assert report.counts.sent == 200 and report.counts.complained == 0
+        assert {a for a, r in suppression_reasons(daemon).items() if r == "bounced"} == gone
+        assert len(suppression_reasons(daemon)) == 20  # nobody else touched
+        assert len(dovecot.messages()) == 0 and len(dovecot.messages(".done")) == 20
+        statuses = {b["status"] for b in json.loads(daemon.ctl("bounces", str(first), "--json").stdout)["bounces"]}
+        assert statuses == {"5.1.1"}
+
+        second = daemon.enqueue(*files)
+        daemon.wait_done(second, timeout=120)
+        assert daemon.emails(second, "suppressed") == gone
+        assert daemon.report(second).counts.sent == 180
+    finally:
+        postfix.stop()
+        postfix.remove()
+        sink.stop()
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[servers.isp]\nreturn_path = "bounces@example.org"\n',
+     "key servers.isp.return_path: 'bounces@example.org' must hold {{ tag }} exactly once"),
+    ('[bounces]\nsoft_bounce_limit = 0\n', "bounces.soft_bounce_limit"),
+    ('[bounces.mailboxes.box]\nhost = "imap.example.org"\nusername = "u"\n'
+     'password_file = "/p"\nsecurity = "none"\n', "key bounces.mailboxes.box.security"),
+    ('[bounces.mailboxes.box]\nhost = "imap.example.org"\nusername = "u"\n',
+     "password_file"),
+])
+def test_bad_bounce_settings_are_named(tmp_path, text, error):
+    from mailerd.config import ConfigError, load_config
+
+    path = tmp_path / "mailerd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert error in str(raised.value) and str(path) in str(raised.value)
+
+
+def test_a_campaign_with_a_return_path_without_its_tag_is_refused(tmp_path, relay_factory, daemon_factory):
+    daemon = daemon_factory({"isp": relay_server(relay_factory())}).start()
+    campaign_file, recipients = make_campaign(tmp_path / "c", 2)
+    campaign_file.write_text(campaign_file.read_text() + 'return_path = "bounces@example.org"\n')
+    refused = daemon.ctl("enqueue", str(campaign_file), "--recipients", str(recipients), check=False)
+    assert refused.returncode != 0
+    assert "return_path" in refused.stderr and "{{ tag }}" in refused.stderr
+    assert "Traceback" not in refused.stderr
