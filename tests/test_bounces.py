@@ -440,6 +440,20 @@ def test_bounces_in_an_imap_mailbox_reach_the_journal_and_leave_the_inbox(
 
 
 @needs_dovecot
+def test_without_a_done_folder_a_read_bounce_is_deleted_after_the_commit(
+        tmp_path, relay_factory, daemon_factory, dovecot):
+    relay = relay_factory()
+    daemon = bounce_daemon(daemon_factory, relay, mailbox_settings(dovecot, tmp_path, done_folder=""))
+    campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 3))
+    daemon.wait_done(campaign)
+    to = next(r.mail_from for r in relay.messages() if r.rcpt == "user1@example.com")
+    dovecot.deliver(dsn("user1@example.com", "5.2.1", to=to))
+    wait_until(lambda: daemon.report(campaign).counts.bounced == 1, 30, "the bounce in the journal")
+    wait_until(lambda: dovecot.messages() == [], 30, "the bounce to be deleted")
+    assert suppression_reasons(daemon) == {"user1@example.com": "bounced"}
+
+
+@needs_dovecot
 def test_a_wrong_password_is_reported_in_status_and_the_daemon_keeps_running(
         tmp_path, relay_factory, daemon_factory, dovecot):
     settings = mailbox_settings(dovecot, tmp_path, security="starttls", port=dovecot.port)

@@ -284,8 +284,8 @@ class MailboxConfig(Section, kw_only=True):
     tls_verify: bool = True
     tls_ca_file: str | None = None
     folder: str = "INBOX"
-    # where a message goes once the journal has what it meant; None: it is deleted
-    done_folder: str | None = "mailerd-done"
+    # where a message goes once the journal has what it meant; "": it is deleted
+    done_folder: str = "mailerd-done"
     allow_plaintext_login: bool = False  # LOGIN without TLS (a mailbox on this host)
 
     def __post_init__(self) -> None:
