@@ -24,6 +24,7 @@ import email.message
 import email.parser
 import email.utils
 import hashlib
+import logging
 import re
 from typing import Iterator, NamedTuple
 
@@ -31,6 +32,11 @@ from flufl.bounce import all_failures
 
 from mailerd.message import verp
 from mailerd.schema.records import BounceTarget
+
+# flufl.bounce logs each detector it runs, and a detector's exception with its traceback, to
+# the root logger; a failing detector only means "not this format" here (_flufl_findings)
+logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
+logging.getLogger("flufl.bounce").propagate = False
 
 _STATUS = re.compile(r"\b([245])\.\d{1,3}\.\d{1,3}\b")
 _MAILERD_MESSAGE_ID = re.compile(r"<([0-9a-f]{16})\.(\d{1,12})@[^>]+>", re.IGNORECASE)

@@ -103,7 +103,10 @@ class MailboxPoller:
         try:
             await asyncio.to_thread(mailbox.open)
             uids = await asyncio.to_thread(mailbox.uids)
-            for uid in uids[:MAX_PER_POLL]:
+            present = {(mailbox.uidvalidity, uid) for uid in uids}
+            self.left = {where: why for where, why in self.left.items() if where in present}
+            todo = [uid for uid in uids if (mailbox.uidvalidity, uid) not in self.left]
+            for uid in todo[:MAX_PER_POLL]:
                 await self._one(mailbox, uid)
             self.last_error = None
         except (MailboxError, OSError, imaplib.IMAP4.error, ssl.SSLError) as exc:
@@ -117,8 +120,6 @@ class MailboxPoller:
 
     async def _one(self, mailbox: ImapMailbox, uid: int) -> None:
         where = (mailbox.uidvalidity, uid)
-        if where in self.left:
-            return
         raw = await asyncio.to_thread(mailbox.fetch, uid)
         if raw is None:
             return
