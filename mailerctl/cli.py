@@ -17,7 +17,10 @@ import msgspec
 
 from mailerd import __version__, wire
 from mailerd.schema.control import (
+    BOUNCE_STATES,
     COUNTED_STATES,
+    BounceList,
+    Bounces,
     Plan,
     SetPacing,
     Settle,
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="counts per state, or the recipients in one state")
     p.add_argument("id", type=int, nargs="?")
-    p.add_argument("--state", choices=COUNTED_STATES)
+    p.add_argument("--state", choices=COUNTED_STATES + BOUNCE_STATES,
+                   help="bounced, complained: those sent for whom a bounce or complaint came back")
     p.add_argument("--limit", type=int)
     p.add_argument("--csv", action="store_true",
                    help="every recipient (or those in --state) as CSV: email, state, attempts, "
@@ -92,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-csv", action="store_true",
                    help="with --csv: write cells starting with = + - @ as they are (by default "
                         "they get a leading ' so that a spreadsheet does not run them as formulas)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bounces", help="bounces and complaints that came back ([bounces] mailboxes)")
+    p.add_argument("id", type=int, nargs="?", help="only this campaign's (default: all, and the "
+                   "mailbox messages that named no recipient of ours)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("list", help="all campaigns")
@@ -285,6 +294,18 @@ cmd_settle = _campaign_command(lambda a: Settle(
     campaign=a.id, as_sent=a.as_ == "sent", emails=a.emails))
 
 
+def cmd_bounces(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        answer = client.call(Bounces(campaign=args.id))
+    if not isinstance(answer, BounceList):
+        raise Refused(getattr(answer, "message", "unexpected answer"))
+    if args.json:
+        output.print_json(output.bounces_json(answer))
+    else:
+        output.show(output.bounces_text(answer))
+    return EXIT_OK
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     if args.csv:
         with connect(args) as client:
@@ -420,6 +441,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "resume": cmd_resume,
     "cancel": cmd_cancel,
     "report": cmd_report,
+    "bounces": cmd_bounces,
     "list": cmd_list,
     "status": cmd_status,
     "watch": cmd_watch,

@@ -16,6 +16,7 @@ import msgspec
 
 from mailerd.schema.control import (
     COUNTED_STATES,
+    BounceList,
     CampaignPlan,
     CampaignReport,
     Counts,
@@ -142,6 +143,9 @@ def counts_row(counts: Counts) -> list[int]:
 def report_text(report: CampaignReport) -> str:
     lines = [f"campaign {report.id}  {report.name!r}  {report.state}"]
     lines.append(table(("total", *COUNTED_STATES), [[report.total, *counts_row(report.counts)]]))
+    if report.counts.bounced or report.counts.complained:
+        lines.append(f"came back after sending: bounced {report.counts.bounced}, "
+                     f"complained {report.counts.complained}  (mailerctl bounces {report.id})")
     if report.state == "running":
         lines.append(f"rate {report.rate:.1f}/s  eta {duration(report.eta)}")
     if report.recipients is not None and report.recipients and \
@@ -179,6 +183,26 @@ def status_json(status: DaemonStatus) -> dict[str, Any]:
     data.pop("kind", None)
     data["campaigns"] = [report_json(r) for r in status.campaigns]
     return data
+
+
+def bounces_json(answer: BounceList) -> dict[str, Any]:
+    return {
+        "bounces": [{**msgspec.to_builtins(b), "t": iso(b.t)} for b in answer.bounces],
+        "unmatched": [{**msgspec.to_builtins(u), "t": iso(u.t)} for u in answer.unmatched],
+    }
+
+
+def bounces_text(answer: BounceList) -> str:
+    lines = [table(("campaign", "line", "email", "kind", "status", "received", "diagnostic"),
+                   [[b.campaign, b.line, b.email, b.kind, b.status or "", iso(b.t),
+                     _one_line(b.diagnostic)] for b in answer.bounces])
+             if answer.bounces else "(nothing came back)"]
+    if answer.unmatched:
+        lines += ["", "mailbox messages that named no recipient of ours (forged, foreign, unknown):",
+                  table(("received", "mailbox", "format", "summary"),
+                        [[iso(u.t), u.mailbox, u.format, _one_line(u.summary)]
+                         for u in answer.unmatched])]
+    return "\n".join(lines)
 
 
 def server_text(server: ServerInfo) -> list[str]:
@@ -235,6 +259,13 @@ def status_text(status: DaemonStatus) -> str:
             ("slot", "pid", "state", "sent", "restarts", "doing"),
             [[w.slot, w.pid, w.state, w.sent, w.restarts, w.detail] for w in server.workers],
         ))
+        lines.append("")
+    for box in status.mailboxes:
+        state = f"error: {box.last_error}" if box.last_error else "ok"
+        lines.append(f"bounce mailbox {box.name}  last poll {iso(box.last_poll)}  {state}  "
+                     f"read {box.read}  left in the mailbox {len(box.left)}")
+        lines += [f"  left: {why}" for why in box.left]
+    if status.mailboxes:
         lines.append("")
     lines.append(campaign_table(status.campaigns) if status.campaigns else "(no active campaigns)")
     return "\n".join(lines)

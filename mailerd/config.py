@@ -20,9 +20,11 @@ import msgspec
 
 from mailerd.schema.config import (
     PACING_KEYS,
+    BouncesConfig,
     Config,
     DaemonConfig,
     DeliveryConfig,
+    MailboxConfig,
     PatternConfig,
     ServerConfig,
     SuppressionConfig,
@@ -65,7 +67,7 @@ def _dotted(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
-_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression"}
+_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression", "bounces"}
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -93,12 +95,23 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         delivery=_section(raw.get("delivery", {}), "delivery", DeliveryConfig, where),
         patterns=_section(raw.get("patterns", {}), "patterns", PatternConfig, where),
         suppression=_section(raw.get("suppression", {}), "suppression", SuppressionConfig, where),
+        bounces=_bounces_section(raw.get("bounces", {}), where),
         servers=servers,
         path=str(path) if path else None,
     )
     _check_groups(config, where)
     _check_ca_files(config, where)
     return config
+
+
+def _bounces_section(raw: Any, where: str) -> BouncesConfig:
+    """[bounces], each [bounces.mailboxes.NAME] decoded on its own so an error names it."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("mailboxes", {}), dict):
+        raise ConfigError(f"{where}: [bounces] must be a table, with [bounces.mailboxes.NAME] tables")
+    mailboxes = {name: _section(value, f"bounces.mailboxes.{name}", MailboxConfig, where)
+                 for name, value in raw.get("mailboxes", {}).items()}
+    rest = {key: value for key, value in raw.items() if key != "mailboxes"}
+    return msgspec.structs.replace(_section(rest, "bounces", BouncesConfig, where), mailboxes=mailboxes)
 
 
 def _check_groups(config: Config, where: str) -> None:

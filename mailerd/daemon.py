@@ -193,6 +193,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._request_stop, sig)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         await self.supervisor.start()
+        self.commands.bounces.start()
         event("daemon_ready", pid=os.getpid(), socket=str(self.control.path),
               socket_activated=self.control.inherited is not None,
               servers=",".join(self.config.servers), version=__version__)
@@ -238,6 +239,7 @@ class Daemon:
     async def shutdown(self) -> None:
         try:
             await self.control.stop()
+            await self.commands.bounces.stop()
             await self.supervisor.stop(self.config.daemon.shutdown_timeout)
         finally:  # the journal thread must end before the interpreter does, whatever happened
             await self.committer.stop()

@@ -11,6 +11,7 @@ import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 from mailerd import __version__, wire
+from mailerd.bounces.intake import BounceIntake
 from mailerd.config import ConfigError
 from mailerd.control import testsend
 from mailerd.control.access import Peer
@@ -25,7 +26,10 @@ from mailerd.message.render import message_id_for
 from mailerd.schema.config import Config
 from mailerd.schema.records import CampaignRow
 from mailerd.schema.control import (
+    BOUNCE_STATES,
     COUNTED_STATES,
+    BounceList,
+    Bounces,
     CampaignList,
     CampaignPlan,
     CampaignReport,
@@ -90,6 +94,13 @@ class Commands:
         self.supervisor = supervisor
         self.suppressions = SuppressionList(journal, committer, supervisor.drop_suppressed)
         self.started = time.time()
+        # [bounces]: the mailbox pollers; their messages suppress through skip_suppressed
+        self.bounces = BounceIntake(journal, committer, supervisor.identity.unsubscribe_key,
+                                    supervisor.config.bounces, self.skip_suppressed)
+
+    async def skip_suppressed(self, keys: set[str], reason: str) -> int:
+        """Newly suppressed addresses (a bounce, a complaint) leave the dispatch buffers."""
+        return await self.suppressions._skip_buffered(keys, reason)
 
     def handlers(self) -> dict[type[Request], Handler]:
         """The handler of each request type (the socket adds its own, DebugFreeze)."""
@@ -113,6 +124,7 @@ class Commands:
             SuppressList: self.suppress_list,
             TestSend: self.test_send,
             Explain: self.explain,
+            Bounces: self.bounce_list,
         }
 
     @property
@@ -312,8 +324,9 @@ class Commands:
             if not rows:
                 return Error(message="there are no campaigns yet")
             latest = rows[-1]
-        if state is not None and state not in COUNTED_STATES:
-            return Error(message=f"unknown state {state!r}; use one of {', '.join(COUNTED_STATES)}")
+        if state is not None and state not in COUNTED_STATES + BOUNCE_STATES:
+            return Error(message=f"unknown state {state!r}; use one of "
+                                 f"{', '.join(COUNTED_STATES + BOUNCE_STATES)}")
         return latest if latest is not None else self._existing(campaign)
 
     async def list_campaigns(self, session: ClientSession, request: ListCampaigns) -> Reply:
@@ -326,7 +339,22 @@ class Commands:
             campaigns=await self._reports(("running", "paused")),
             servers=self.supervisor.server_info(),
             journal_error=self.supervisor.storage_error,
+            mailboxes=self.bounces.info(),
         )
+
+    async def bounce_list(self, session: ClientSession, request: Bounces) -> Reply:
+        limit = max(1, min(request.limit, MAX_PAGE))
+        if request.campaign is not None:
+            row = await self.committer.read(self.journal.campaign, request.campaign)
+            if row is None:
+                return Error(message=f"no campaign {request.campaign}")
+
+        def in_journal() -> BounceList:
+            return BounceList(bounces=self.journal.bounce_list(request.campaign, limit),
+                              unmatched=self.journal.unmatched_bounces(limit)
+                              if request.campaign is None else [])
+
+        return await self.committer.read(in_journal)
 
     async def settle(self, session: ClientSession, request: Settle) -> Reply:
         row = await self._changeable(session, request.campaign, lambda row: None)

@@ -32,7 +32,10 @@ import msgspec
 
 from mailerd.message.addresses import suppression_key
 from mailerd.schema.control import (
+    BOUNCE_STATES,
     COUNTED_STATES,
+    BounceInfo,
+    UnmatchedInfo,
     CampaignReport,
     CampaignSpec,
     Counts,
@@ -44,11 +47,13 @@ from mailerd.schema.records import (
     Claimed,
     ClaimResult,
     NewRecipient,
+    BounceApplied,
+    BounceTarget,
     Outcome,
     Recovery,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 2 (issue 6): attachments stored once per campaign, the global suppression list.
 _SCHEMA_V2 = """
@@ -72,6 +77,29 @@ CREATE TABLE suppressions (
 # control socket; campaigns from before it have none and only admins may change them.
 _SCHEMA_V3 = """
 ALTER TABLE campaigns ADD COLUMN owner_uid INTEGER;
+"""
+
+# Version 4 (issue 14): what came back. Every mailbox message read once (its sha256 is
+# `source`, so a re-read after a crash changes nothing twice), and per recipient what it said.
+_SCHEMA_V4 = """
+CREATE TABLE bounce_messages (
+    source  TEXT PRIMARY KEY,
+    mailbox TEXT NOT NULL,
+    t       REAL NOT NULL,
+    format  TEXT NOT NULL,
+    matched INTEGER NOT NULL,
+    summary TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE bounces (
+    campaign   INTEGER NOT NULL,
+    line       INTEGER NOT NULL,
+    source     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    status     TEXT,
+    diagnostic TEXT NOT NULL,
+    t          REAL NOT NULL,
+    PRIMARY KEY (campaign, line, source)
+) WITHOUT ROWID;
 """
 
 _SCHEMA = """
@@ -123,7 +151,7 @@ CREATE TABLE audit (
 """
 
 # (version, what takes a journal from the one before to it); a new journal runs them all
-_MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_V2), (3, _SCHEMA_V3))
+_MIGRATIONS = ((1, _SCHEMA), (2, _SCHEMA_V2), (3, _SCHEMA_V3), (4, _SCHEMA_V4))
 
 UNCERTAIN_AFTER_RESTART = (
     "no reply recorded: the daemon stopped after the final '.' was sent, "
@@ -613,6 +641,101 @@ class Journal:
             if key:
                 self.add_suppressions([(key, row[0], "bounced", f"{o.code} {o.reply}"[:500])])
 
+    # ------------------------------------------------------------ what comes back
+
+    def bounce_seen(self, source: str) -> bool:
+        return self._db.execute("SELECT 1 FROM bounce_messages WHERE source=?",
+                                (source,)).fetchone() is not None
+
+    def apply_bounce(self, source: str, mailbox: str, format: str, summary: str,
+                     targets: list[BounceTarget], soft_bounce_limit: int) -> BounceApplied:
+        """Record what one mailbox message said, once: the same `source` again changes nothing.
+
+        Hard bounces and complaints put the address on the suppression list (reasons
+        `bounced`, `complained`); a soft bounce does when the address soft-bounced in
+        each of the last `soft_bounce_limit` campaigns it was sent in. The recipient
+        stays `sent`: the relay did take the message."""
+        if self.bounce_seen(source):
+            return BounceApplied(False, [], [])
+        now = time.time()
+        matched: list[tuple[int, str, str]] = []
+        suppressed: list[tuple[str, str]] = []
+        for target in targets:
+            row = self._db.execute(
+                "SELECT r.campaign, r.line, r.email, r.email_key FROM campaigns c JOIN recipients r "
+                "ON r.campaign=c.id AND r.line=? WHERE c.uid=?",
+                (target.line, target.campaign_uid)).fetchone()
+            if row is None or (target.confirm and row[2].casefold() not in target.confirm):
+                continue  # not ours, or a Message-ID without the address it was sent to
+            campaign, line, address, email_key = row
+            self._db.execute(
+                "INSERT OR IGNORE INTO bounces (campaign, line, source, kind, status, diagnostic, t) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (campaign, line, source, target.kind, target.status, target.diagnostic, now))
+            matched.append((campaign, address, target.kind))
+            reason = self._bounce_reason(email_key, target, soft_bounce_limit)
+            key = suppression_key(address)
+            if reason and key and self.add_suppressions([(key, address, reason[0], reason[1])]):
+                suppressed.append((address, reason[0]))
+        self._db.execute(
+            "INSERT INTO bounce_messages (source, mailbox, t, format, matched, summary) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (source, mailbox, now, format, len(matched), summary))
+        return BounceApplied(True, matched, suppressed)
+
+    def _bounce_reason(self, email_key: str | None, target: BounceTarget,
+                       soft_bounce_limit: int) -> tuple[str, str] | None:
+        """(suppression reason, detail), or None when the address stays."""
+        detail = " ".join(p for p in (target.status, target.diagnostic) if p)[:500]
+        if target.kind == "hard":
+            return "bounced", detail
+        if target.kind == "complaint":
+            return "complained", detail
+        if target.kind == "soft" and email_key is not None:
+            streak = self._soft_bounce_streak(email_key, soft_bounce_limit)
+            if streak >= soft_bounce_limit:
+                return "bounced", f"{streak} soft bounces in a row, the last: {detail}"[:500]
+        return None
+
+    def _soft_bounce_streak(self, email_key: str, limit: int) -> int:
+        """In how many of the latest campaigns that sent to the address, newest first and
+        without a gap, it soft-bounced (counted up to `limit`). A newer campaign whose
+        bounce has not come (yet) ends the row: suppressing waits for it."""
+        streak = 0
+        for (cid,) in self._db.execute("SELECT id FROM campaigns ORDER BY id DESC").fetchall():
+            sent = self._db.execute(
+                "SELECT line FROM recipients WHERE campaign=? AND email_key=? "
+                "AND state IN ('sent', 'uncertain') LIMIT 1", (cid, email_key)).fetchone()
+            if sent is None:
+                continue  # not sent to in that campaign: no link in the chain either way
+            soft = self._db.execute(
+                "SELECT 1 FROM bounces WHERE campaign=? AND line=? AND kind='soft' LIMIT 1",
+                (cid, sent[0])).fetchone()
+            if soft is None:
+                break
+            streak += 1
+            if streak >= limit:
+                break
+        return streak
+
+    def bounce_list(self, campaign: int | None, limit: int) -> list[BounceInfo]:
+        sql = ("SELECT b.campaign, b.line, r.email, b.kind, b.status, b.diagnostic, b.t "
+               "FROM bounces b JOIN recipients r ON r.campaign=b.campaign AND r.line=b.line")
+        params: list[object] = []
+        if campaign is not None:
+            sql += " WHERE b.campaign=?"
+            params.append(campaign)
+        sql += " ORDER BY b.t, b.campaign, b.line LIMIT ?"
+        return [BounceInfo(campaign=r[0], line=r[1], email=r[2], kind=r[3], status=r[4],
+                           diagnostic=r[5], t=r[6])
+                for r in self._db.execute(sql, (*params, limit))]
+
+    def unmatched_bounces(self, limit: int) -> list[UnmatchedInfo]:
+        """Mailbox messages that named no recipient of ours (forged, foreign, too old)."""
+        return [UnmatchedInfo(t=r[0], mailbox=r[1], format=r[2], summary=r[3])
+                for r in self._db.execute(
+                    "SELECT t, mailbox, format, summary FROM bounce_messages WHERE matched=0 "
+                    "ORDER BY t DESC LIMIT ?", (limit,))]
+
     # ------------------------------------------------------------ reports
 
     def counts(self, campaign: int) -> Counts:
@@ -622,6 +745,11 @@ class Journal:
         ):
             key = "sending" if state == "data-sent" else state
             counts[key] = counts.get(key, 0) + n
+        for kind, n in self._db.execute(
+            "SELECT kind, count(DISTINCT line) FROM bounces WHERE campaign=? "
+            "AND kind IN ('hard', 'complaint') GROUP BY kind", (campaign,)
+        ):
+            counts["bounced" if kind == "hard" else "complained"] = n
         return Counts(**counts)
 
     def recipients(
@@ -632,7 +760,14 @@ class Journal:
             "FROM recipients WHERE campaign=?"
         )
         params: list[object] = [campaign]
-        if state == "sending":
+        if state in BOUNCE_STATES:  # of those sent, whom a bounce or complaint came back for
+            sql = sql.replace("reply,", "(SELECT trim(coalesce(status, '') || ' ' || diagnostic) "
+                              "FROM bounces b WHERE b.campaign=recipients.campaign AND "
+                              "b.line=recipients.line AND b.kind=? ORDER BY t DESC LIMIT 1),")
+            sql += (" AND line IN (SELECT line FROM bounces WHERE campaign=? AND kind=?)")
+            kind = "hard" if state == "bounced" else "complaint"
+            params = [kind, campaign, campaign, kind]
+        elif state == "sending":
             sql += " AND state IN ('sending', 'data-sent')"
         elif state:
             sql += " AND state=?"

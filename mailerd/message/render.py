@@ -45,7 +45,7 @@ import jinja2
 import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
-from mailerd.message import tokens
+from mailerd.message import tokens, verp
 from mailerd.message.headers import (file_name_problem, folded_header_problem,
                                      header_value_problem, merge_value_problem)
 from mailerd.schema.control import merge_field_names
@@ -636,9 +636,14 @@ class Renderer:
         list_unsubscribe_url: str | None = None,
         attachments: Iterable[Attachment] = (),
         unsubscribe_key: bytes = b"",
+        return_path: str | None = None,
     ) -> None:
         if text is None and html is None:
             raise TemplateError("text/html: at least one of text and html is required")
+        why = verp.return_path_problem(return_path)
+        if why:
+            raise TemplateError(f"return_path: {why}")
+        self._return_path = return_path
         env = _new_environment()
         self._globals: dict[str, Any] = dict(env.globals)
         self._subject_template = _compile_template(env, "subject", subject)
@@ -691,7 +696,7 @@ class Renderer:
 
     @classmethod
     def from_spec(cls, spec: Any, campaign_uid: str, attachments: Iterable[Attachment] = (),
-                  unsubscribe_key: bytes = b"") -> "Renderer":
+                  unsubscribe_key: bytes = b"", return_path: str | None = None) -> "Renderer":
         """The renderer of a protocol.CampaignSpec (the one thing the daemon, the
         workers and `mailerctl preview` all build messages from)."""
         _check_file_names(info.name for info in spec.attachments)  # even without their bytes
@@ -703,6 +708,7 @@ class Renderer:
             list_unsubscribe_mailto=unsubscribe.mailto if unsubscribe else None,
             list_unsubscribe_url=unsubscribe.url if unsubscribe else None,
             attachments=attachments, unsubscribe_key=unsubscribe_key,
+            return_path=spec.return_path or return_path,
         )
 
     @property
@@ -715,6 +721,12 @@ class Renderer:
 
     def message_id(self, line: int) -> str:
         return _message_id(self._campaign_uid, line, self._domain)
+
+    def envelope_sender(self, line: int) -> str | None:
+        """Recipient `line`'s MAIL FROM address with a VERP return_path; None: the sender's."""
+        if self._return_path is None:
+            return None
+        return verp.return_path(self._return_path, self._unsubscribe_key, self._campaign_uid, line)
 
     def token(self, email: str) -> str:
         return tokens.make(self._unsubscribe_key, self._campaign_uid, email)

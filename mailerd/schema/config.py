@@ -181,8 +181,14 @@ class ServerConfig(Section):
     idle_timeout: Duration = Duration(30)  # QUIT a session idle this long, before the relay cuts it
     clean_period: Duration = Duration(60)  # a lowered limit recovers one step after this long
     quota_cooloff: Duration = Duration(300)  # first park on a quota refusal with no known window
+    # VERP envelope sender for what goes through this server ("bounces+{{ tag }}@example.org");
+    # a campaign's own return_path wins
+    return_path: str | None = None
 
     def __post_init__(self) -> None:
+        why = return_path_problem(self.return_path)
+        if why:
+            raise problem("return_path", why)
         if self.rate is not None:
             try:
                 parse_rate(self.rate)
@@ -264,12 +270,62 @@ class SuppressionConfig(Section):
         _check_regexes("bounce_patterns", self.bounce_patterns)
 
 
+_TAG_PLACEHOLDER = re.compile(r"\{\{\s*tag\s*\}\}")
+
+
+def return_path_problem(return_path: str | None) -> str | None:
+    """Why `return_path` cannot be a VERP envelope-sender template, or None."""
+    if return_path is None:
+        return None
+    if len(_TAG_PLACEHOLDER.findall(return_path)) != 1:
+        return f"{return_path!r} must hold {{{{ tag }}}} exactly once"
+    local, at, domain = _TAG_PLACEHOLDER.sub("tag", return_path).rpartition("@")
+    if (not at or not local or not domain or not return_path.isascii()
+            or re.search(r"[\s<>\"\\,;:()\[\]@]", local + domain)):
+        return f"{return_path!r} is not a plain address like bounces+{{{{ tag }}}}@example.org"
+    return None
+
+
+class MailboxConfig(Section, kw_only=True):
+    """One IMAP mailbox that bounces and complaints arrive in (bounces/imap.py)."""
+
+    host: str
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None  # default 993 (tls) or 143
+    security: Literal["tls", "starttls", "none"] = "tls"
+    username: str
+    password_file: str  # $CREDENTIALS_DIRECTORY is expanded; never logged
+    tls_verify: bool = True
+    tls_ca_file: str | None = None
+    folder: str = "INBOX"
+    # where a message goes once the journal has what it meant; "": it is deleted
+    done_folder: str = "mailerd-done"
+    allow_plaintext_login: bool = False  # LOGIN without TLS (a mailbox on this host)
+
+    def __post_init__(self) -> None:
+        if self.security == "none" and not self.allow_plaintext_login:
+            raise problem("security", 'with "none" the password would go in plaintext; use "tls" or '
+                          '"starttls" (or allow_plaintext_login = true for a mailbox on this host)')
+
+
+class BouncesConfig(Section):
+    """[bounces]: where bounces and complaints come back, and what they do."""
+
+    mailboxes: dict[str, MailboxConfig] = {}
+    poll_interval: Duration = Duration(300)
+    soft_bounce_limit: Annotated[int, Meta(ge=1)] = 3  # soft bounces in a row that suppress
+
+    def __post_init__(self) -> None:
+        if self.poll_interval <= 0:
+            raise problem("poll_interval", "must be positive")
+
+
 class Config(msgspec.Struct, kw_only=True):
     daemon: DaemonConfig
     delivery: DeliveryConfig
     servers: dict[str, ServerConfig]
     patterns: PatternConfig = msgspec.field(default_factory=PatternConfig)
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
+    bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
     path: str | None = None
 
     @property

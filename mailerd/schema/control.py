@@ -17,7 +17,10 @@ PROTOCOL_VERSION = 1
 COUNTED_STATES: tuple[str, ...] = (
     "queued", "sending", "sent", "deferred", "failed", "uncertain", "invalid", "suppressed",
 )
-SUPPRESSION_REASONS: tuple[str, ...] = ("unsubscribed", "bounced", "manual")
+SUPPRESSION_REASONS: tuple[str, ...] = ("unsubscribed", "bounced", "complained", "manual")
+# What came back for a sent recipient (bounces/classify.py); `report --state` takes the first two
+BOUNCE_STATES: tuple[str, ...] = ("bounced", "complained")
+BOUNCE_KINDS: tuple[str, ...] = ("hard", "soft", "complaint", "auto-reply", "unknown")
 
 
 def email_column_index(columns: list[str]) -> int | None:
@@ -78,6 +81,9 @@ class CampaignBase(msgspec.Struct, kw_only=True):
     reply_to: str | None = None
     headers: dict[str, str] = {}  # extra headers; values are templates
     list_unsubscribe: ListUnsubscribe | None = None
+    # VERP envelope sender, e.g. "bounces+{{ tag }}@example.org" (message/verp.py);
+    # None: the server's return_path, else the From address
+    return_path: str | None = None
 
 
 class CampaignSpec(CampaignBase):
@@ -220,11 +226,18 @@ class Explain(Request):
     stage: str | None = None  # connect | mail | rcpt | data | dot; None: every stage
 
 
+class Bounces(Request):
+    """What came back (`mailerctl bounces [ID]`): every campaign's, or one's."""
+
+    campaign: int | None = None
+    limit: int = 10_000
+
+
 AnyRequest = (
     EnqueueBegin | EnqueueRows | EnqueueCommit | Pause | Resume | Cancel | Status | Report
     | ListCampaigns | SetPacing | Plan | Settle | DebugFreeze
     | EnqueueAttachment | SuppressAdd | SuppressRemove | SuppressList | TestSend | ExportRecipients
-    | Explain
+    | Explain | Bounces
 )
 
 # ---------------------------------------------------------------- replies
@@ -261,6 +274,9 @@ class Counts(msgspec.Struct, kw_only=True):
     uncertain: int = 0
     invalid: int = 0
     suppressed: int = 0
+    # of those `sent`: a bounce or a complaint came back later (bounces/; they stay `sent`)
+    bounced: int = 0
+    complained: int = 0
 
     @property
     def left(self) -> int:
@@ -344,6 +360,16 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     broken: str | None = None  # why its workers are no longer respawned (until set or reload)
 
 
+class MailboxInfo(msgspec.Struct, kw_only=True):
+    """One bounce mailbox, as its poller last saw it (bounces/intake.py)."""
+
+    name: str
+    last_poll: float | None  # when a poll last finished
+    last_error: str | None  # why the last poll failed; None: it worked
+    read: int  # messages applied since the daemon started
+    left: list[str]  # messages left in the mailbox: they could not be read (why, which)
+
+
 class DaemonStatus(Reply):
     version: str
     pid: int
@@ -352,6 +378,7 @@ class DaemonStatus(Reply):
     campaigns: list[CampaignReport]
     servers: list[ServerInfo]
     journal_error: str | None = None  # set while the journal cannot be written: nothing is sent
+    mailboxes: list[MailboxInfo] = []  # [bounces] mailboxes
 
 
 class SuppressResult(Reply):
@@ -406,7 +433,32 @@ class Explained(Reply):
     readings: list[StageReading]
 
 
+class BounceInfo(msgspec.Struct, kw_only=True):
+    campaign: int
+    line: int
+    email: str
+    kind: str  # one of BOUNCE_KINDS
+    status: str | None
+    diagnostic: str
+    t: float
+
+
+class UnmatchedInfo(msgspec.Struct, kw_only=True):
+    """A mailbox message that named no recipient of ours (a forged tag, a foreign bounce)."""
+
+    t: float
+    mailbox: str
+    format: str
+    summary: str
+
+
+class BounceList(Reply):
+    bounces: list[BounceInfo]
+    unmatched: list[UnmatchedInfo]
+
+
 AnyReply = (
     Error | Ok | Enqueued | RowsAccepted | CampaignReport | CampaignList | DaemonStatus
     | CampaignPlan | SuppressResult | SuppressionPage | TestSent | RecipientPage | Explained
+    | BounceList
 )

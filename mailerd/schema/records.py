@@ -74,3 +74,30 @@ class Learned(msgspec.Struct, kw_only=True):
     parked_until: float | None = None
     park_reason: str | None = None
     cooloffs: int = 0  # consecutive quota parks without a known window
+
+
+# ---------------------------------------------------------------- what comes back (bounces/)
+
+
+class BounceTarget(NamedTuple):
+    """One recipient a mailbox message is about, as bounces/classify.py read it.
+
+    With an authentic VERP tag `confirm` is empty (the tag names the recipient);
+    matched by Message-ID alone, the journal applies it only when the recipient's
+    address is one of `confirm` (the addresses the report names), since a Message-ID
+    is no secret to the recipient who got it."""
+
+    campaign_uid: str
+    line: int
+    kind: str  # one of schema.control.BOUNCE_KINDS
+    status: str | None  # "5.1.1"
+    diagnostic: str
+    confirm: tuple[str, ...] = ()
+
+
+class BounceApplied(NamedTuple):
+    """What the journal did with one mailbox message."""
+
+    new: bool  # False: this very message was applied before (a re-read after a crash)
+    matched: list[tuple[int, str, str]]  # (campaign, address, kind)
+    suppressed: list[tuple[str, str]]  # (address, reason)

@@ -229,7 +229,8 @@ class Worker:
         renderer: Renderer | None
         signer: Signer | None
         try:
-            renderer = Renderer.from_spec(spec, message.uid, attachments, self.setup.unsubscribe_key)
+            renderer = Renderer.from_spec(spec, message.uid, attachments, self.setup.unsubscribe_key,
+                                          self.server.return_path)
             signer = campaign_signer(spec, lambda: self.setup.dkim, self.server.dkim_domains)
             problem = ""
         except (TemplateError, RenderError, DkimKeyError) as exc:  # checked at enqueue: not expected
@@ -415,7 +416,12 @@ class Worker:
         if refusal:
             self.settle(key, "failed", None, refusal)
             return None
-        mail_from = (campaign.mail_from + b" SMTPUTF8") if smtputf8 else campaign.mail_from
+        mail_from = campaign.mail_from
+        verp_sender = campaign.renderer.envelope_sender(job.line) if campaign.renderer else None
+        if verp_sender is not None:
+            mail_from = b"FROM:<" + verp_sender.encode() + b">"
+        if smtputf8:
+            mail_from += b" SMTPUTF8"
         commands = (Command("mail", b"MAIL " + mail_from + b"\r\n", (250,)),
                     Command("rcpt", b"RCPT " + rcpt + b"\r\n", (250, 251)), _DATA)
         return Prepared(job, commands, dot_stuff(message))

@@ -1,0 +1,1 @@
+"""What comes back: bounces and complaints read from mailboxes into the journal."""
