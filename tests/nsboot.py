@@ -36,8 +36,9 @@ import signal
 import subprocess
 import time
 import uuid
+import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from mailerd.testing.waiting import wait_until
 
@@ -378,6 +379,22 @@ find {cg} -depth -type d -exec rmdir {{}} + 2>/dev/null || true
                     if time.monotonic() > deadline:
                         break
                     time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def booted(ns: SystemdNamespace, journal_lines: int = 150) -> Iterator[SystemdNamespace]:
+    """Boot `ns`; afterwards print its journal's last lines (pytest shows them only when the
+    test failed) and shut it down, whatever happened."""
+    try:
+        ns.boot()
+        yield ns
+    finally:
+        try:
+            if ns.pid is not None:
+                print(ns.run(["journalctl", "--no-pager", "-n", str(journal_lines),
+                              "-o", "short-monotonic"], check=False, timeout=20).stdout)
+        finally:
+            ns.shutdown()
 
 
 def _children(pid: int) -> list[int]:

@@ -148,16 +148,8 @@ def system(tmp_path, packages):
         work.mkdir(parents=True)
         ns.overlays[inside] = (upper, work)
     private_dpkg_database(ns)
-    try:
-        ns.boot()
+    with nsboot.booted(ns, 120):
         yield ns
-    finally:
-        try:  # shown by pytest only when the test failed
-            if ns.pid is not None:
-                print(ns.run(["journalctl", "--no-pager", "-n", "120", "-o", "short-monotonic"],
-                             check=False, timeout=20).stdout)
-        finally:
-            ns.shutdown()
 
 
 def apt(ns: nsboot.SystemdNamespace, *args: str) -> str:

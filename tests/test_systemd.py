@@ -122,16 +122,8 @@ def system(tmp_path):
     ns.etc("sysusers.d/mailerd.conf").write_text((PACKAGING / "mailerd.sysusers.conf").read_text())
     ns.etc("tmpfiles.d/mailerd.conf").write_text((PACKAGING / "mailerd.tmpfiles.conf").read_text())
     ns.etc("mailerd/mailerd.toml").write_text(CONFIG)
-    try:
-        ns.boot()
+    with nsboot.booted(ns, 150):
         yield ns
-    finally:
-        try:  # shown by pytest only when the test failed
-            if ns.pid is not None:
-                print(ns.run(["journalctl", "--no-pager", "-n", "150", "-o", "short-monotonic"],
-                             check=False, timeout=20).stdout)
-        finally:
-            ns.shutdown()
 
 
 def ctl(ns: nsboot.SystemdNamespace, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -357,16 +357,8 @@ def unit_system(tmp_path: Path) -> Iterator[nsboot.SystemdNamespace]:
     ns.etc("sysusers.d/mailerd.conf").write_text((PACKAGING / "mailerd.sysusers.conf").read_text())
     ns.etc("tmpfiles.d/mailerd.conf").write_text((PACKAGING / "mailerd.tmpfiles.conf").read_text())
     ns.etc("mailerd/mailerd.toml").write_text(UNIT_CONFIG)
-    try:
-        ns.boot()
+    with nsboot.booted(ns, 80):
         yield ns
-    finally:
-        try:  # shown by pytest only when the test failed
-            if ns.pid is not None:
-                print(ns.run(["journalctl", "--no-pager", "-n", "80", "-o", "short-monotonic"],
-                             check=False, timeout=20).stdout)
-        finally:
-            ns.shutdown()
 
 
 @needs_systemd
