@@ -19,12 +19,12 @@ _mailerctl() {
         --row) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --stage) COMPREPLY=($(compgen -W "connect mail rcpt data dot" -- "$cur")); return ;;
-        --state) COMPREPLY=($(compgen -W "queued sending sent deferred failed uncertain invalid suppressed" -- "$cur")); return ;;
+        --state) COMPREPLY=($(compgen -W "queued sending sent deferred failed uncertain invalid suppressed bounced complained" -- "$cur")); return ;;
         --to) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         -r) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     if [[ -z $cmd ]]; then
-        COMPREPLY=($(compgen -W "enqueue pause cancel resume status report list set settle plan preview test-send suppress explain watch -h --help --version --socket" -- "$cur")); return
+        COMPREPLY=($(compgen -W "enqueue pause cancel resume status report bounces list set settle plan preview test-send suppress explain watch -h --help --version --socket" -- "$cur")); return
     fi
     local opts=''
     case $cmd in
@@ -34,6 +34,7 @@ _mailerctl() {
         resume) opts="-h --help --include-uncertain --retry-failed --json" ;;
         status) opts="-h --help --json" ;;
         report) opts="-h --help --state --limit --csv --raw-csv --json" ;;
+        bounces) opts="-h --help --json" ;;
         list) opts="-h --help --json" ;;
         set) opts="-h --help" ;;
         settle) opts="-h --help --as --json" ;;
