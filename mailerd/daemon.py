@@ -156,20 +156,15 @@ def log_recovered_uncertain(journal: Journal, since: float) -> None:
                       reason=recipient.reply)
 
 
-def sent_in_journal(journal: Journal) -> int:
-    """Every recipient recorded sent, over all campaigns (read once, before the loop runs)."""
-    return sum(journal.counts(campaign.id).sent for campaign in journal.campaigns())
-
-
 class Daemon:
     def __init__(self, config: Config, journal: Journal) -> None:
         self.config = config
         self.journal = journal
         self.committer = Committer(journal)
-        self.supervisor = Supervisor(config, journal, self.committer)
         # STATUS= counts what the journal holds, not what this process sent: after a
-        # restart it still matches `mailerctl report` (issue 15)
-        self.supervisor.results.sent_total = sent_in_journal(journal)
+        # restart it still matches `mailerctl report` (issue 15); read before the loop runs
+        self.supervisor = Supervisor(config, journal, self.committer,
+                                     sent_before=journal.sent_total())
         self.commands = Commands(journal, self.committer, self.supervisor)
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,

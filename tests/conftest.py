@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from mailerctl.client import Refused
+from mailerd.journal.store import Journal
 from mailerd.schema.control import CampaignReport
 from mailerd.testing.daemon import DaemonProcess, toml_value, write_config
 from mailerd.testing.relay import Faults, FakeRelay
@@ -118,6 +119,15 @@ def assert_nobody_lost_or_sent_twice(received: Mapping[str, int], uncertain: set
     assert set(received) | uncertain == expected, f"nobody is lost: {lost[:10]}"
     assert sent + uncertain_count == len(expected)
     assert sent == len(set(received) - uncertain)
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    """An open journal on a real SQLite file in the test's directory."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.open()
+    yield journal
+    journal.close()
 
 
 @pytest.fixture

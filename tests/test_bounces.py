@@ -114,14 +114,6 @@ def out_of_office(to: str, original_id: str) -> bytes:
 # ---------------------------------------------------------------- a journal with sent campaigns
 
 
-@pytest.fixture
-def journal(tmp_path: Path):
-    journal = Journal(tmp_path / "journal.sqlite3")
-    journal.open()
-    yield journal
-    journal.close()
-
-
 def sent_campaign(journal: Journal, uid: str, count: int) -> int:
     """A campaign whose `count` recipients (user1..) the relay took."""
     campaign = journal.begin_campaign(uid, SPEC)

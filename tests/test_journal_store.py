@@ -25,14 +25,6 @@ from mailerd.schema.records import NewRecipient, Outcome
 SPEC = CampaignSpec(name="t", sender="news@example.org", subject="s", text="t", columns=["email"])
 
 
-@pytest.fixture
-def journal(tmp_path: Path):
-    journal = Journal(tmp_path / "journal.sqlite3")
-    journal.open()
-    yield journal
-    journal.close()
-
-
 def reopened(journal: Journal):
     """Close and open the same file again, as a restarted daemon does."""
     journal.close()

@@ -100,7 +100,7 @@ class Commands:
 
     async def skip_suppressed(self, keys: set[str], reason: str) -> int:
         """Newly suppressed addresses (a bounce, a complaint) leave the dispatch buffers."""
-        return await self.suppressions._skip_buffered(keys, reason)
+        return await self.suppressions.skip_buffered(keys, reason)
 
     def handlers(self) -> dict[type[Request], Handler]:
         """The handler of each request type (the socket adds its own, DebugFreeze)."""

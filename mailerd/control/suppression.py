@@ -57,10 +57,10 @@ class SuppressionList:
             entries.setdefault(key, (key, check.address, request.reason, request.detail))
         added = await self.committer.run(self.journal.add_suppressions, list(entries.values()))
         if entries:
-            await self._skip_buffered(set(entries), request.reason)
+            await self.skip_buffered(set(entries), request.reason)
         return SuppressResult(added=added, invalid=len(invalid), examples=invalid[:5])
 
-    async def _skip_buffered(self, keys: set[str], reason: str) -> int:
+    async def skip_buffered(self, keys: set[str], reason: str) -> int:
         """Take newly suppressed recipients out of the dispatch buffers and record them.
 
         Runs after the suppression committed: every later claim leaves them out, and a

@@ -738,6 +738,10 @@ class Journal:
 
     # ------------------------------------------------------------ reports
 
+    def sent_total(self) -> int:
+        """Recipients recorded sent, over every campaign."""
+        return self._db.execute("SELECT count(*) FROM recipients WHERE state='sent'").fetchone()[0]
+
     def counts(self, campaign: int) -> Counts:
         counts = dict.fromkeys(COUNTED_STATES, 0)
         for state, n in self._db.execute(

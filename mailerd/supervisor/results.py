@@ -48,7 +48,7 @@ def limits(server: ServerRun) -> Limits:
 class Results:
     def __init__(self, servers: dict[str, ServerRun], dispatch: Dispatch, journal: Journal,
                  committer: Committer, outbox: Outbox, tasks: Tasks,
-                 config: Callable[[], Config]) -> None:
+                 config: Callable[[], Config], sent_before: int = 0) -> None:
         self.servers = servers
         self.dispatch = dispatch
         self.campaigns = dispatch.campaigns
@@ -57,7 +57,7 @@ class Results:
         self.outbox = outbox
         self.tasks = tasks
         self.config = config  # the current one: replaced by a reload
-        self.sent_total = 0
+        self.sent_total = sent_before  # recipients recorded sent, journal's count at start
         # what one turn of the event loop asked of the journal, written as one op each
         self._dot_requests: list[tuple[WorkerSlot, DotRequest]] = []
         self._outcomes: list[Outcome] = []

@@ -54,7 +54,8 @@ _overrides_decoder = msgspec.msgpack.Decoder(dict[str, str])
 
 
 class Supervisor:
-    def __init__(self, config: Config, journal: Journal, committer: Committer) -> None:
+    def __init__(self, config: Config, journal: Journal, committer: Committer,
+                 sent_before: int = 0) -> None:
         self.config = config
         self.journal = journal
         self.committer = committer
@@ -69,7 +70,7 @@ class Supervisor:
         self.dispatch = Dispatch(self.servers, journal, committer, self.outbox, self.tasks,
                                  is_stopping=lambda: self.processes.stopping)
         self.results = Results(self.servers, self.dispatch, journal, committer, self.outbox,
-                               self.tasks, config=lambda: self.config)
+                               self.tasks, config=lambda: self.config, sent_before=sent_before)
         self.processes = Processes(self.servers, self.results, self.tasks, lambda: self.config,
                                    self.passwords, self.identity)
         self._last_prune = time.time()
