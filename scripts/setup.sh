@@ -13,6 +13,9 @@ APT_PACKAGES+=(binutils lintian)
 APT_PACKAGES+=(postfix dovecot-core openssl)
 # tests/test_bounces.py: a private Dovecot IMAP server holding the bounce mailbox
 APT_PACKAGES+=(dovecot-imapd)
+# tests/test_unsubscribe_nginx.py: a private nginx serving packaging/nginx-unsubscribe.conf
+# (Debian's nginx-light is nginx plus an extra module; nginx alone has all the example uses)
+APT_PACKAGES+=(nginx)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -4,7 +4,9 @@ Nothing of the host's mail system is used or touched: the instance has its own
 config directory (`postfix -c DIR`), queue and data directories, log file
 (`maillog_file`) and port; SASL goes through a private Dovecot (`dovecot -c FILE`)
 whose auth socket and passwd-file live in the same scratch directory. The relay
-forwards everything to `relayhost` (the test's sink on another loopback port).
+forwards everything to `relayhost` (the test's sink on another loopback port), or
+a domain listed in `transports` to its own next hop (another sink). The DSNs it
+writes (bounces, with DELAY_NOTICES also "delayed mail" warnings) go the same way.
 TLS uses a certificate for `relay.test` signed by a CA made for the test (openssl).
 
 Needs root (Postfix's master runs as root and drops to `mail_owner` postfix) and
@@ -27,6 +29,16 @@ POSTFIX = "/usr/sbin/postfix"
 DOVECOT = "/usr/sbin/dovecot"
 OPENSSL = "/usr/bin/openssl"
 TLS_NAME = "relay.test"
+
+# main.cf settings that make Postfix retry deferred mail every second or two and send the
+# sender a "delayed mail" DSN (RFC 3464, Action: delayed) once a message has waited a
+# second: the next retry after the first deferral sends it, within a few seconds.
+DELAY_NOTICES = {
+    "delay_warning_time": "1s",
+    "queue_run_delay": "1s",
+    "minimal_backoff_time": "1s",
+    "maximal_backoff_time": "2s",
+}
 
 
 def missing() -> str | None:
@@ -138,12 +150,15 @@ class PrivatePostfix:
     """One private Postfix (+ Dovecot auth) on 127.0.0.1:`port`, relaying to `relayhost_port`.
 
     `settings` are extra main.cf lines (anvil limits ...); `recipient_access` maps an
-    address to the reply Postfix gives to RCPT for it (check_recipient_access).
+    address to the reply Postfix gives to RCPT for it (check_recipient_access);
+    `transports` maps a domain to its next hop instead of relayhost (transport_maps),
+    e.g. {"slow.example": "smtp:[127.0.0.1]:2526"}.
     """
 
     def __init__(self, relayhost_port: int, *, settings: dict[str, str] | None = None,
                  recipient_access: dict[str, str] | None = None,
-                 users: dict[str, str] | None = None) -> None:
+                 users: dict[str, str] | None = None,
+                 transports: dict[str, str] | None = None) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="mailerd-postfix-", dir="/var/tmp"))
         self.base.chmod(0o755)  # postfix and dovecot users must reach their files
         self.conf = self.base / "conf"
@@ -153,6 +168,7 @@ class PrivatePostfix:
         self.settings = settings or {}
         self.recipient_access = recipient_access or {}
         self.users = users or {}
+        self.transports = transports or {}
         self.maillog = self.base / "maillog"
         self.ca_file: Path | None = None
         self._dovecot: subprocess.Popen[bytes] | None = None
@@ -180,6 +196,7 @@ class PrivatePostfix:
             "mynetworks": "127.0.0.0/8",
             "relay_domains": "",
             "relayhost": f"[127.0.0.1]:{self.relayhost_port}",
+            "transport_maps": f"texthash:{self.conf}/transport",
             "smtp_tls_security_level": "none",
             "smtpd_tls_security_level": "may",
             "smtpd_tls_cert_file": str(cert),
@@ -212,6 +229,8 @@ class PrivatePostfix:
             listen=f"127.0.0.1:{self.port}", listen_tls=f"127.0.0.1:{self.tls_port}"))
         (self.conf / "recipient_access").write_text(
             "".join(f"{address} {reply}\n" for address, reply in self.recipient_access.items()))
+        (self.conf / "transport").write_text(
+            "".join(f"{domain} {nexthop}\n" for domain, nexthop in self.transports.items()))
         self._start_dovecot()
         shutil.chown(self.base / "data", "postfix")
         _run(POSTFIX, "-c", str(self.conf), "check")  # creates the queue directory tree
