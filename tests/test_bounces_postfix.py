@@ -96,7 +96,8 @@ def test_postfix_delay_notices_are_soft_and_suppress_only_after_the_limit(
         assert all("451 4.3.0" in b["diagnostic"] for b in bounces), bounces
         assert report.counts.bounced == 0  # soft ones are listed, not counted as bounced
         assert suppression_reasons(daemon) == {}
-        assert postfix.count("sender delay notification") == len(SLOW)
+        wait_until(lambda: postfix.count("sender delay notification") == len(SLOW), 10,
+                   "Postfix's log to show it wrote them")
         wait_until(lambda: len(dovecot.messages(".done")) == len(SLOW) and not dovecot.messages(),
                    30, "the delay notices to be moved to the done folder")
 
