@@ -52,7 +52,8 @@ def to_the_mailbox(mailbox: PrivateDovecot) -> Callable[[Iterable[Received]], No
     def deliver(entries: Iterable[Received]) -> None:
         for entry in entries:
             if entry.rcpt.startswith("bounces+"):
-                mailbox.deliver(f"Return-Path: <{entry.mail_from}>\nDelivered-To: {entry.rcpt}\n"
+                sender = entry.mail_from.strip("<>")  # "" for a DSN's null sender
+                mailbox.deliver(f"Return-Path: <{sender}>\nDelivered-To: {entry.rcpt}\n"
                                 .encode() + entry.data)
     return deliver
 
