@@ -22,6 +22,7 @@ from test_unsubscribe import (ANN, FORM, ONE_CLICK, Service, link_for, links_rec
 
 pytestmark = pytest.mark.skipif(nginx.missing() is not None, reason=nginx.missing() or "")
 
+FLOOD_BOUND = 200
 Proxy = Callable[[Daemon], tuple[Service, nginx.PrivateNginx]]
 
 
@@ -124,6 +125,22 @@ def test_forged_links_and_other_methods_through_nginx_change_nothing(
     assert server.request("POST", "/other", ONE_CLICK, FORM).status == 404  # only /u/ is proxied
     assert suppressions(daemon) == []
     assert "reason=bad_token" in service.log()
+
+
+def test_a_flood_from_one_client_is_429_and_changes_nothing(
+        daemon_factory: Callable[..., Daemon], relay_factory: Callable[..., FakeRelay],
+        proxied: Proxy) -> None:
+    daemon = daemon_factory({"relay": relay_server(relay_factory())}).start()
+    service, server = proxied(daemon)
+    forged = link_for(daemon, ANN, key=b"k" * 32)
+    answers: list[int] = []
+    for _ in range(FLOOD_BOUND):  # 5 r/s with a burst of 20 allowed: far more comes at once
+        answers.append(server.request("POST", forged, ONE_CLICK, FORM).status)
+        if answers[-1] != 404:
+            break
+    assert answers[-1] == 429, answers
+    assert answers.count(404) >= 20, "the burst the example allows was let through"
+    assert suppressions(daemon) == []
 
 
 def test_daemon_stopped_is_503_through_nginx_and_the_retry_later_succeeds(
