@@ -346,3 +346,32 @@ def test_a_fenced_host_claims_nothing_and_gets_no_session(two_hosts):
     b.take_over_expired(0.0)
     assert claimed_lines(a, campaign) == [] and a.acquire_session_slot("isp", 5) is None
     assert claimed_lines(b, campaign) == [1, 2]
+
+
+def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
+    """The committer's group commit on PostgreSQL: one transaction for the ops queued
+    together; the op that fails is undone alone (its savepoint), the others commit."""
+    async def scenario() -> None:
+        journal = PgJournal(pg_dsn, "host-a")
+        journal.open()
+        committer = Committer(journal)
+        committer.start()
+        try:
+            campaign = await committer.run(add_campaign, journal, 4)
+            await committer.run(journal.mark_sending, [(campaign, line, "isp") for line in (1, 2, 3)])
+            await committer.run(journal.record_outcomes, [Outcome(campaign, 2, "sent", 250, "ok")])
+            batch = [committer.run(journal.mark_suppressed, [(campaign, 4, "manual")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 1, "isp")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 2, "isp")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 3, "isp")])]
+            results = await asyncio.gather(*batch, return_exceptions=True)
+            assert results[0] == 1 and results[1] is None and results[3] is None
+            assert isinstance(results[2], JournalError) and "not in a sendable state" in str(results[2])
+            assert states(journal, campaign) == {1: "data-sent", 2: "sent", 3: "data-sent",
+                                                 4: "suppressed"}
+            assert len(journal.sends_since("isp", 0)) == 2  # the failed op's send is undone too
+        finally:
+            await committer.stop()
+            journal.close()
+
+    asyncio.run(scenario())
