@@ -292,14 +292,28 @@ class PgJournal(Journal):
     # ------------------------------------------------------------ connection
 
     def _connect(self) -> psycopg.Connection[Any]:  # type: ignore[override]
-        extra = {"password": self._password} if self._password is not None else {}
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                               application_name=f"mailerd {self.host_id}"[:63], **extra)
+        conn = psycopg.connect(self.dsn, autocommit=True, **self._connection_options())
         # the promise needs `data-sent` on disk before the "."; a session stuck in a
-        # transaction (SIGSTOP, a partition) must not hold its locks past the lease
+        # transaction (SIGSTOP, a partition) must not keep its locks, which hold up the
+        # takeover of its host, for long after the lease
+        stuck_ms = int(max(2.0, self.lease / 2) * 1000)
         conn.execute("SET synchronous_commit = on")
-        conn.execute(f"SET idle_in_transaction_session_timeout = {max(1000, int(self.lease * 500))}")
+        conn.execute(f"SET idle_in_transaction_session_timeout = {stuck_ms}")
         return conn
+
+    def _connection_options(self) -> dict[str, Any]:
+        """libpq parameters the DSN does not set itself: a dead network is noticed within
+        about a lease, not after TCP's retransmissions (~15 minutes)."""
+        options: dict[str, Any] = {
+            "connect_timeout": 10, "application_name": f"mailerd {self.host_id}"[:63],
+            "keepalives": 1, "keepalives_idle": max(1, int(self.lease / 2)),
+            "keepalives_interval": 1, "keepalives_count": 3,
+            "tcp_user_timeout": int(max(2.0, self.lease) * 1000)}
+        given = conninfo_to_dict(self.dsn)
+        options = {key: value for key, value in options.items() if key not in given}
+        if self._password is not None:
+            options["password"] = self._password
+        return options
 
     def connection(self) -> psycopg.Connection[Any]:
         """The live connection; outside a transaction a lost one is opened again."""
