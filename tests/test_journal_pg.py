@@ -11,6 +11,8 @@ goes on with a new connection, nothing lost.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -375,3 +377,19 @@ def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
             journal.close()
 
     asyncio.run(scenario())
+
+
+def test_a_daemon_on_sqlite_never_loads_psycopg(tmp_path):
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mailerd.journal.factory import open_store\n"
+        "from mailerd.journal.committer import Committer\n"
+        "from mailerd.schema.config import JournalConfig\n"
+        f"store = open_store(JournalConfig(), Path({str(tmp_path)!r}))\n"
+        "store.open(); store.close()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('psycopg')))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
