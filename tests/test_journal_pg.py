@@ -67,13 +67,16 @@ def claimed_lines(journal: PgJournal, campaign: int, after: int = 0, limit: int 
 def test_two_hosts_never_claim_the_same_recipient(two_hosts):
     a, b = two_hosts
     campaign = add_campaign(a, 30)
+    a.add_recipients(campaign, [NewRecipient(31, "bad", None, None, "invalid", "no @")])
+    assert [(r.state, r.reply) for r in a.recipients(campaign, "invalid", None)] == [("invalid", "no @")]
     assert claimed_lines(a, campaign) == list(range(1, 11))
+    assert {c.fields for c in a.claim(campaign, 0, 10, time.time(), set()).recipients} == {b"\x90"}
     assert claimed_lines(b, campaign) == list(range(11, 21))  # a's are held, not only locked
     assert claimed_lines(a, campaign) == list(range(1, 11))  # its own, again (they are in memory)
     assert claimed_lines(a, campaign, after=10) == list(range(21, 31))
     assert claimed_lines(b, campaign, after=20) == []
     b.mark_sending([(campaign, line, "isp") for line in (1, 2)])  # a's: b cannot take them
-    assert set(states(a, campaign).values()) == {"queued"}
+    assert (states(a, campaign)[1], states(a, campaign)[2]) == ("queued", "queued")
 
 
 def test_concurrent_hosts_send_everyone_exactly_once(pg_dsn: str):

@@ -36,7 +36,7 @@ from mailerd.journal.store import (
     Journal,
 )
 from mailerd.schema.control import CampaignSpec, HostInfo
-from mailerd.schema.records import LostRecipient, Outcome, Recovery, TakeOver
+from mailerd.schema.records import LostRecipient, NewRecipient, Outcome, Recovery, TakeOver
 
 import msgspec
 
@@ -574,6 +574,19 @@ class PgJournal(Journal):
              self.generation)).fetchone()
         assert row is not None
         return int(row[0])
+
+    def add_recipients(self, campaign: int, rows: list[NewRecipient]) -> None:
+        """As store.py's, with COPY: a big list loads several times faster than row by row."""
+        now = time.time()
+        conn = self.connection()
+        if self._begin_pending:  # COPY cannot go in a pipeline: BEGIN on its own first
+            with self._beginning(conn):
+                pass
+        with conn.cursor().copy(
+                "COPY recipients (campaign, line, email, email_key, fields, state, reply, updated) "
+                "FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row((campaign, *row, now))
 
     # ------------------------------------------------------------ delivery
 
