@@ -94,12 +94,15 @@ def test_a_lost_worker_leaves_uncertain_what_it_may_have_sent(journal):
     journal.record_outcomes([Outcome(campaign, 3, "sent", 250, "ok")])
 
     held = [(campaign, line) for line in (1, 2, 3, 4)]
-    assert journal.settle_lost_worker(held) == (1, 1)  # (uncertain, requeued)
+    settled = journal.settle_lost_worker(held)
+    assert [(u.line, u.email, u.server) for u in settled.uncertain] == [
+        (2, "user2@example.com", "isp")]
+    assert settled.requeued == 1
     assert states(journal, campaign) == {
         "user1@example.com": "queued", "user2@example.com": "uncertain",
         "user3@example.com": "sent", "user4@example.com": "queued"}
     assert attempts(journal, campaign) == {1: 0, 2: 1, 3: 1, 4: 0}
-    assert journal.settle_lost_worker(held) == (0, 0)  # a second report changes nothing
+    assert journal.settle_lost_worker(held) == ([], 0)  # a second report changes nothing
 
 
 def test_a_replayed_or_late_outcome_never_overwrites_a_final_state(journal):

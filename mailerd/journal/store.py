@@ -49,8 +49,10 @@ from mailerd.schema.records import (
     NewRecipient,
     BounceApplied,
     BounceTarget,
+    LostWorkerSettled,
     Outcome,
     Recovery,
+    UncertainRecipient,
 )
 
 SCHEMA_VERSION = 4
@@ -537,23 +539,27 @@ class Journal:
             [(reply, now, campaign, line) for campaign, line in items],
         )
 
-    def settle_lost_worker(self, items: list[tuple[int, int]]) -> tuple[int, int]:
-        """A worker died holding these: data-sent -> uncertain, sending -> queued."""
+    def settle_lost_worker(self, items: list[tuple[int, int]]) -> LostWorkerSettled:
+        """A worker died holding these: data-sent -> uncertain (each returned, for its
+        log entry), sending -> queued."""
         now = time.time()
-        uncertain = requeued = 0
+        reply = "no reply: the worker process died after the final '.' was sent"
+        uncertain: list[UncertainRecipient] = []
+        requeued = 0
         for campaign, line in items:
-            uncertain += self._db.execute(
+            made_uncertain = self._db.execute(
                 "UPDATE recipients SET state='uncertain', code=NULL, reply=?, attempts=attempts+1, "
-                "updated=? WHERE campaign=? AND line=? AND state='data-sent'",
-                ("no reply: the worker process died after the final '.' was sent", now,
-                 campaign, line),
-            ).rowcount
+                "updated=? WHERE campaign=? AND line=? AND state='data-sent' RETURNING email, server",
+                (reply, now, campaign, line),
+            ).fetchall()
+            uncertain += [UncertainRecipient(campaign, line, email, server, reply)
+                          for email, server in made_uncertain]
             requeued += self._db.execute(
                 "UPDATE recipients SET state='queued', updated=? "
                 "WHERE campaign=? AND line=? AND state='sending'",
                 (now, campaign, line),
             ).rowcount
-        return uncertain, requeued
+        return LostWorkerSettled(uncertain, requeued)
 
     # ------------------------------------------------------------ attachments, suppression
 

@@ -45,6 +45,23 @@ class Outcome(NamedTuple):
     next_at: float | None = None
 
 
+class UncertainRecipient(NamedTuple):
+    """One whose final "." was written and whose reply never came: the relay may have it."""
+
+    campaign: int
+    line: int
+    email: str
+    server: str | None
+    reply: str | None  # why it is uncertain
+
+
+class LostWorkerSettled(NamedTuple):
+    """What the journal did with the jobs of a worker that died."""
+
+    uncertain: list[UncertainRecipient]  # those past their final "."
+    requeued: int  # those before it: back in the queue
+
+
 class Recovery(NamedTuple):
     requeued: int
     uncertain: int
