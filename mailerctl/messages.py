@@ -7,11 +7,15 @@ import argparse
 import csv
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Callable
 
-from mailerd.message.addresses import check_address
+import msgspec
+
+from mailerd.message.addresses import allow_special_use_domains, check_address, special_use_name
 from mailerd.message.check import SpecError, check_message_parts
+from mailerd.schema.config import DeliveryConfig, decode_hook
 from mailerd.schema.control import (
     SUPPRESSION_REASONS,
     CampaignReport,
@@ -58,9 +62,15 @@ def add_preview_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipients", "-r", required=True, metavar="LIST.csv")
     p.add_argument("--row", type=int, default=1,
                    help="the N-th recipient row of the list (default 1, the first after the header)")
+    p.add_argument("--config", metavar="FILE",
+                   help="the daemon's config file (e.g. /etc/mailerd/mailerd.toml): addresses on "
+                        "the special-use domains its [delivery] allow_special_use_domains names "
+                        "are accepted, as the daemon accepts them (without it, they are invalid)")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    if args.config:
+        allow_special_use_domains(daemon_special_use_domains(Path(args.config)))
     recipients = RecipientList(args.recipients)
     try:
         spec, files = load_campaign_files(args.campaign_file, recipients.columns)
@@ -81,7 +91,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
                          f"found {len(row.values)}")
     check = check_address(row.values[index])
     if not check.ok:
-        raise InputError(f"{args.recipients}: line {row.line}: {check.reason}")
+        raise InputError(f"{args.recipients}: line {row.line}: {check.reason}"
+                         f"{_special_use_hint(check.address, args.config)}")
     fields = [v for i, v in enumerate(row.values) if i != index]
     attachments = [Attachment(info.name, info.content_type, path.read_bytes())
                    for info, path in zip(spec.attachments, files)]
@@ -99,6 +110,32 @@ def cmd_preview(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(message.replace(b"\r\n", b"\n"))
     sys.stdout.flush()
     return 0
+
+
+def daemon_special_use_domains(path: Path) -> list[str]:
+    """[delivery] allow_special_use_domains of the daemon's config file, checked as the
+    daemon checks its [delivery] table."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read config: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        delivery = msgspec.convert(raw.get("delivery", {}), DeliveryConfig, dec_hook=decode_hook)
+    except msgspec.ValidationError as exc:
+        raise InputError(f"{path}: [delivery]: {exc} (`mailerd --config {path} --check-config` "
+                         "names the key)") from None
+    return delivery.allow_special_use_domains
+
+
+def _special_use_hint(address: str, config: str | None) -> str:
+    """For an address the daemon could be told to accept, how preview can agree with it."""
+    name = special_use_name(address)
+    if name is None or config:
+        return ""
+    return (f" (a daemon whose [delivery] allow_special_use_domains names {name!r} accepts it: "
+            "give preview that config with --config FILE)")
 
 
 def _check(spec: CampaignSpec) -> None:

@@ -39,6 +39,8 @@ from mailerd.control.server import ControlServer
 from mailerd.journal.store import Journal, JournalError
 from mailerd.system.log import event, setup_logging, stop_logging
 from mailerd.supervisor.supervisor import Supervisor
+from mailerd.supervisor.results import log_uncertain
+from mailerd.schema.records import LostRecipient
 
 EXIT_CONFIG = 2
 EXIT_STATE = 3
@@ -151,9 +153,8 @@ def log_recovered_uncertain(journal: Journal, since: float) -> None:
     for campaign in journal.campaigns():
         for recipient in journal.recipients(campaign.id, "uncertain", None):
             if recipient.updated >= since:
-                event("uncertain", logging.WARNING, campaign=campaign.id,
-                      recipient=recipient.email, server=recipient.server,
-                      reason=recipient.reply)
+                log_uncertain(LostRecipient(campaign.id, recipient.line, recipient.email,
+                                            recipient.reply or "", recipient.server))
 
 
 class Daemon:

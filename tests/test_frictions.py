@@ -1,7 +1,9 @@
 """Issue 15's frictions a new user meets, outside systemd (test_systemd.py has the unit's):
-special-use domains a relay serves, `--check-config` that reads every file the daemon
-will read, `mailerd --reload PID` that reports the daemon's verdict, `mailerctl watch`
-across a daemon restart, `--version`, shell completion and man pages from --help."""
+special-use domains a relay serves (and `mailerctl preview --config` that accepts them as
+the daemon does), `--check-config` that reads every file the daemon will read,
+`mailerd --reload PID` that reports the daemon's verdict, `mailerctl watch` across a
+daemon restart, `--version`, shell completion and man pages from --help, and a journal
+entry for each uncertain recipient, after a crash or a worker's death."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from conftest import make_campaign, relay_server, wait_until
 from mailerd import __version__
 from mailerd.testing.daemon import write_config
 from mailerd.testing.relay import Faults
+from test_notify_and_logging import journal_stand_in, needs_journal_stand_in, parse_native
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +47,53 @@ def test_addresses_on_allowed_special_use_domains_are_sent(daemon_factory, relay
         f"user{i}@intranet.local" for i in range(5))
     invalid = daemon.report(cid, "invalid").recipients
     assert all("special-use" in r.reply for r in invalid), [r.reply for r in invalid]
+
+
+def mailerctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailerctl", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_preview_agrees_with_the_daemon_given_its_config(daemon_factory, relay_factory, tmp_path):
+    relay = relay_factory()
+    daemon = daemon_factory({"relay": relay_server(relay)},
+                            delivery={"allow_special_use_domains": ["local"]}).start()
+    campaign, recipients = make_campaign(tmp_path / "c", 2, domain="printer.local")
+    report = daemon.wait_done(daemon.enqueue(campaign, recipients))
+    assert (report.counts.sent, report.counts.invalid) == (2, 0)  # the daemon takes them
+
+    preview = ("preview", str(campaign), "--recipients", str(recipients), "--row", "2")
+    shown = mailerctl(*preview, "--config", str(daemon.config))
+    assert shown.returncode == 0, shown.stderr
+    assert "To: user1@printer.local" in shown.stdout and "Dear Name1," in shown.stdout
+
+    alone = mailerctl(*preview)  # without the daemon's config: refused, and told why
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    assert alone.stderr.startswith(f"mailerctl: {recipients}: line 3: ") and "special-use" \
+        in alone.stderr, alone.stderr
+    assert "allow_special_use_domains names 'local'" in alone.stderr and "--config" in alone.stderr
+
+
+def test_preview_with_a_config_that_does_not_allow_the_domain_refuses_it(tmp_path):
+    campaign, recipients = make_campaign(tmp_path / "c", 1, domain="lab.test")
+    preview = ("preview", str(campaign), "--recipients", str(recipients))
+    only_local = write_config(tmp_path / "local.toml",
+                              {"delivery": {"allow_special_use_domains": ["local"]}})
+    refused = mailerctl(*preview, "--config", str(only_local))
+    assert refused.returncode == 2 and "special-use" in refused.stderr
+    assert "--config" not in refused.stderr  # given: the daemon would refuse it too
+
+    bad = write_config(tmp_path / "bad.toml", {"delivery": {"allow_special_use_domains": ["com"]}})
+    result = mailerctl(*preview, "--config", str(bad))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{bad}: [delivery]:" in result.stderr and "'com' is not a special-use domain" \
+        in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    missing = mailerctl(*preview, "--config", str(tmp_path / "nowhere.toml"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == (f"mailerctl: {tmp_path / 'nowhere.toml'}: cannot read "
+                                      "config: No such file or directory")
 
 
 def test_a_name_that_is_not_special_use_is_a_config_error(tmp_path):
@@ -242,3 +292,44 @@ def test_each_recipient_made_uncertain_by_a_crash_gets_a_log_entry(daemon_factor
         assert f"campaign={cid}" in line and "server=relay" in line, line
     logged = [line for line in daemon.log().splitlines() if " uncertain campaign=" in line]
     assert len(logged) == len(uncertain), logged
+
+
+@needs_journal_stand_in
+def test_a_recipient_left_uncertain_by_a_dead_worker_gets_a_journal_entry(
+        daemon_factory, relay_factory, tmp_path):
+    """As after a restart: SIGKILL of a worker (not the daemon) waiting for the reply after
+    its "." leaves that recipient uncertain, with an entry of its own in the journal."""
+    stand_in = journal_stand_in(tmp_path)
+    relay = relay_factory(Faults(reply_delay=60))  # the reply after the "." is held
+    daemon = daemon_factory({"relay": relay_server(relay, connections=1)},
+                            **stand_in.daemon_options)
+    try:
+        daemon.start()
+        cid = daemon.send_campaign(tmp_path / "c", 3)
+        first = wait_until(lambda: relay.received and relay.received[0].rcpt, 20,
+                           "a message past its final dot")
+        relay.set_faults(Faults())  # the next ones are answered at once
+        [worker] = daemon.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        report = daemon.wait_done(cid)
+        assert (report.counts.sent, report.counts.uncertain) == (2, 1)
+        assert daemon.emails(cid, "uncertain") == {first}
+        daemon.terminate()
+        entries = stand_in.sink.wait_for(
+            lambda messages: (e := [parse_native(m) for _, m in messages])
+            and any(x.get("MAILERD_EVENT") == "daemon_stopped" for x in e) and e,
+            20, "the daemon_stopped entry")
+    finally:
+        daemon.cleanup()
+        stand_in.sink.close()
+        stand_in.stderr.close()
+        stand_in.daemon_options["stderr"].close()
+    uncertain = [e for e in entries if e["MAILERD_EVENT"] == "uncertain"]
+    assert len(uncertain) == 1, uncertain
+    entry = uncertain[0]
+    assert (entry["MAILERD_CAMPAIGN"], entry["MAILERD_RECIPIENT"], entry["MAILERD_SERVER"]) == (
+        str(cid), first, "relay")
+    assert "worker process died after the final '.'" in entry["MAILERD_REASON"]
+    assert entry["PRIORITY"] == "4"
+    settled = [e for e in entries if e["MAILERD_EVENT"] == "worker_jobs_settled"]
+    assert [e["MAILERD_UNCERTAIN"] for e in settled] == ["1"]

@@ -95,7 +95,8 @@ def test_a_lost_worker_leaves_uncertain_what_it_may_have_sent(journal):
 
     held = [(campaign, line) for line in (1, 2, 3, 4)]
     lost, requeued = journal.settle_lost_worker(held)
-    assert [(r.campaign, r.line, r.email) for r in lost] == [(campaign, 2, "user2@example.com")]
+    assert [(r.campaign, r.line, r.email, r.server) for r in lost] == [
+        (campaign, 2, "user2@example.com", "isp")]
     assert "worker process died" in lost[0].reply and requeued == 1
     assert states(journal, campaign) == {
         "user1@example.com": "queued", "user2@example.com": "uncertain",

@@ -16,7 +16,8 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -318,16 +319,40 @@ def parse_native(data: bytes) -> dict[str, str]:
     return fields
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"),
-                    reason="needs root on Linux: a private mount namespace stands a test "
-                           "socket in for /run/systemd/journal/socket")
-@pytest.mark.skipif(not journald.available(), reason="systemd-python is not installed")
-def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory, daemon_factory):
-    """A real daemon whose stderr is 'the journal' sends native entries via libsystemd."""
+needs_journal_stand_in = pytest.mark.skipif(
+    os.geteuid() != 0 or not sys.platform.startswith("linux") or not journald.available(),
+    reason="needs root on Linux (a private mount namespace stands a test socket in for "
+           "/run/systemd/journal/socket) and systemd-python")
+
+
+class JournalStandIn(NamedTuple):
+    sink: DatagramSink  # what libsystemd sends, one datagram per entry (parse_native)
+    stderr: socket.socket  # our end of the daemon's stderr
+    daemon_options: dict[str, Any]  # for daemon_factory
+
+
+def journal_stand_in(tmp_path: Path) -> JournalStandIn:
+    """A daemon made with `daemon_options` takes its stderr for the journal (its
+    $JOURNAL_STREAM names it) and finds the sink at /run/systemd/journal/socket, in
+    its own mount namespace only. The caller closes sink and stderr."""
     journal_sock = tmp_path / "journal.sock"
     sink = DatagramSink(str(journal_sock))
     stream_ours, stream_daemons = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     st = os.fstat(stream_daemons.fileno())
+    options = {
+        "env": {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        "stderr": stream_daemons,
+        "prefix": ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && "
+                   f"ln -s {journal_sock} /run/systemd/journal/socket && exec \"$@\"", "sh"],
+    }
+    return JournalStandIn(sink, stream_ours, options)
+
+
+@needs_journal_stand_in
+def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory, daemon_factory):
+    """A real daemon whose stderr is 'the journal' sends native entries via libsystemd."""
+    sink, stream_ours, options = journal_stand_in(tmp_path)
     relay = relay_factory()
     (tmp_path / "secret").write_text("hunter2-very-secret\n")
     daemon = daemon_factory(
@@ -336,16 +361,10 @@ def test_daemon_logs_to_journald_with_structured_fields(tmp_path, relay_factory,
          "other": {"host": "127.0.0.1", "port": 9, "username": "me", "connections": 1,
                    "security": "starttls",
                    "password_file": str(tmp_path / "secret")}},
-        env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
-        stderr=stream_daemons,
-        # /run/systemd/journal/socket -> our socket, in this daemon's mount namespace only
-        prefix=["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                f"mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && "
-                f"ln -s {journal_sock} /run/systemd/journal/socket && exec \"$@\"", "sh"],
-    )
+        **options)
     try:
         daemon.start()
-        stream_daemons.close()
+        options["stderr"].close()
         cid = daemon.send_campaign(tmp_path / "c", 40, servers=["relay"])
         daemon.wait_done(cid)
         daemon.terminate()

@@ -160,7 +160,7 @@ _REQUEUE_SENDING = ("UPDATE recipients SET state='queued', holder=NULL, holder_g
                     "updated=%s WHERE {held} AND state='sending'")
 _DATA_SENT_UNCERTAIN = ("UPDATE recipients SET state='uncertain', code=NULL, reply=%s, "
                         "holder=NULL, holder_gen=NULL, updated=%s WHERE {held} AND state='data-sent' "
-                        "RETURNING campaign, line, email, reply")
+                        "RETURNING campaign, line, email, reply, server")
 _RELEASE_REST = "UPDATE recipients SET holder=NULL, holder_gen=NULL WHERE {held}"
 
 _TAKE_QUEUED = """
@@ -680,7 +680,7 @@ class PgJournal(Journal):
                     "UPDATE recipients SET state='uncertain', code=NULL, reply=%s, "
                     "attempts=attempts+1, updated=%s, holder=NULL, holder_gen=NULL "
                     "WHERE campaign=%s AND line=%s AND state='data-sent' "
-                    "AND holder=%s AND holder_gen=%s RETURNING campaign, line, email, reply",
+                    "AND holder=%s AND holder_gen=%s RETURNING campaign, line, email, reply, server",
                     (UNCERTAIN_WORKER_DIED, now, campaign, line, *mine)).fetchall()]
                 requeued += self._execute(
                     "UPDATE recipients SET state='queued', updated=%s WHERE campaign=%s AND "

@@ -619,7 +619,7 @@ class Journal:
             uncertain += [LostRecipient(*row) for row in self._db.execute(
                 "UPDATE recipients SET state='uncertain', code=NULL, reply=?, attempts=attempts+1, "
                 "updated=? WHERE campaign=? AND line=? AND state='data-sent' "
-                "RETURNING campaign, line, email, reply",
+                "RETURNING campaign, line, email, reply, server",
                 (UNCERTAIN_WORKER_DIED, now, campaign, line),
             ).fetchall()]
             requeued += self._db.execute(

@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import email_validator
 
-__all__ = ["AddressCheck", "allow_special_use_domains", "check_address", "suppression_key"]
+__all__ = ["AddressCheck", "allow_special_use_domains", "check_address", "special_use_name",
+           "suppression_key"]
 
 _LOCAL_PART_MAX = 64
 _ADDRESS_MAX = 254
@@ -57,6 +58,16 @@ def allow_special_use_domains(names: list[str]) -> None:
     """Accept addresses on these special-use domains (and their subdomains) from now on."""
     global _allowed_special_use
     _allowed_special_use = frozenset(name.strip(".").lower() for name in names)
+
+
+def special_use_name(address: str) -> str | None:
+    """The special-use name `address`'s domain ends in, if allow_special_use_domains could
+    let it through (a dotted domain whose last label is one); else None."""
+    domain = address.strip().rpartition("@")[2]
+    if "." not in domain or domain.endswith("."):
+        return None
+    last = domain.rsplit(".", 1)[-1].lower()
+    return last if last in _SPECIAL_USE_TLDS else None
 
 
 class AddressCheck(NamedTuple):
@@ -116,7 +127,7 @@ def _check_with_validator(address: str) -> AddressCheck:
 
 def _allowed_suffix(domain: str) -> str | None:
     """The allowed special-use name `domain` ends in (as a whole label), or None."""
-    if not _allowed_special_use or "." not in domain or domain.endswith("."):
-        return None  # a bare or dot-ended name is left to the validator's refusal
-    last = domain.rsplit(".", 1)[-1].lower()
-    return last if last in _allowed_special_use else None
+    if not _allowed_special_use:
+        return None
+    name = special_use_name(domain)  # a bare or dot-ended name is left to the validator's refusal
+    return name if name in _allowed_special_use else None

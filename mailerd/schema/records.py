@@ -59,6 +59,7 @@ class LostRecipient(NamedTuple):
     line: int
     email: str
     reply: str  # why it is uncertain, as recorded
+    server: str | None = None  # the relay it was sent through
 
 
 class TakeOver(NamedTuple):

@@ -20,7 +20,7 @@ from mailerd.schema.config import Config
 from mailerd.journal.committer import Committer, JournalWriteError
 from mailerd.journal.outbox import Outbox
 from mailerd.journal.store import Journal
-from mailerd.schema.records import Claimed, Outcome
+from mailerd.schema.records import Claimed, LostRecipient, Outcome
 from mailerd.pacing.classify import Cause, Verdict
 from mailerd.pacing.pacer import Decision
 from mailerd.schema.workers import (
@@ -39,6 +39,14 @@ from mailerd.supervisor.dispatch import Dispatch, log_decision
 from mailerd.supervisor.servers import ServerRun, WorkerSlot
 from mailerd.supervisor.tasks import Tasks
 from mailerd.system.log import event
+
+
+def log_uncertain(recipient: LostRecipient, **fields: object) -> None:
+    """The entry of one recipient whose delivery is uncertain, like that of any other
+    outcome, so that `journalctl MAILERD_CAMPAIGN=N` shows it too: written when a worker
+    dies after its final "." (settle_slot) and when a restart finds one (daemon.py)."""
+    event("uncertain", logging.WARNING, campaign=recipient.campaign,
+          recipient=recipient.email, server=recipient.server, reason=recipient.reply, **fields)
 
 
 def limits(server: ServerRun) -> Limits:
@@ -206,15 +214,16 @@ class Results:
             lost, requeued = await self.outbox.write(self.journal.settle_lost_worker, list(held))
         except JournalWriteError:
             lost, requeued = [], 0  # kept by the outbox and replayed before anything is sent again
-        uncertain = len(lost)
         for campaign, line in held:
             run = self.campaigns.get(campaign)
             if run is not None:
                 run.held.discard(line)
                 run.rescan()
-        if uncertain or requeued:
+        for recipient in lost:
+            log_uncertain(recipient)
+        if lost or requeued:
             event("worker_jobs_settled", server=slot.server_name, slot=slot.slot,
-                  uncertain=uncertain, requeued=requeued)
+                  uncertain=len(lost), requeued=requeued)
         self.dispatch.kick()
 
     # ------------------------------------------------------------ sessions and pacing

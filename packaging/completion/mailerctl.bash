@@ -11,6 +11,7 @@ _mailerctl() {
     done
     case $prev in
         --as) COMPREPLY=($(compgen -W "sent resend" -- "$cur")); return ;;
+        --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --fields) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --interval) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --limit) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -39,7 +40,7 @@ _mailerctl() {
         set) opts="-h --help" ;;
         settle) opts="-h --help --as --json" ;;
         plan) opts="-h --help --json" ;;
-        preview) opts="-h --help --recipients -r --row" ;;
+        preview) opts="-h --help --recipients -r --row --config" ;;
         test-send) opts="-h --help --to --fields --json" ;;
         suppress) opts="-h --help" ;;
         explain) opts="-h --help --stage --json" ;;
