@@ -27,6 +27,7 @@ from pathlib import Path
 import msgspec
 
 from mailerd import __version__
+from mailerd.bounces.intake import mailbox_files_problems
 from mailerd.system import activation
 from mailerd.system import notify
 from mailerd.control.commands import Commands
@@ -220,6 +221,7 @@ class Daemon:
         else:
             self.config = config
             allow_special_use_domains(config.delivery.allow_special_use_domains)
+            await self.commands.bounces.reload(config.bounces)
         finally:
             write_reload_result(self.config.state_dir, ReloadResult(
                 pid=os.getpid(), count=self.reloads, ok=not error, message=error))
@@ -318,7 +320,10 @@ def check_files(config: Config) -> list[str]:
                 read_password(name, server)
             else:
                 read_server_dkim(name, server)
-    return notes
+    problems, mailbox_notes = mailbox_files_problems(config.bounces)
+    if problems:
+        raise ConfigError(problems[0])
+    return notes + mailbox_notes
 
 
 def start(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ APT_PACKAGES+=(binutils lintian)
 # tests/test_real_postfix.py: a private Postfix with Dovecot's SASL auth and a test CA (openssl).
 # They are installed unconfigured and never started as system services.
 APT_PACKAGES+=(postfix dovecot-core openssl)
-# tests/test_bounces.py: a private Dovecot IMAP server holding the bounce mailbox
-APT_PACKAGES+=(dovecot-imapd)
+# tests/test_bounces.py: a private Dovecot IMAP and POP3 server holding the bounce mailbox
+APT_PACKAGES+=(dovecot-imapd dovecot-pop3d)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
