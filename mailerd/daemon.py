@@ -304,8 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_files(config: Config) -> list[str]:
-    """Read every file the daemon will read at start (relay passwords, DKIM keys; the CA
-    files were read by load_config): ConfigError for the first that cannot be used. The
+    """Read every file the daemon will read at start (relay passwords, DKIM keys, [bounces]
+    mailbox passwords and CA files; the relays' CA files were read by load_config):
+    ConfigError for the first that cannot be used. The
     returned notes name what cannot be checked here: a file under $CREDENTIALS_DIRECTORY
     when that is unset (an admin shell; `systemctl reload mailerd` checks inside the unit)."""
     notes = []
