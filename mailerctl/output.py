@@ -262,8 +262,12 @@ def status_text(status: DaemonStatus) -> str:
         lines.append("")
     for box in status.mailboxes:
         state = f"error: {box.last_error}" if box.last_error else "ok"
-        lines.append(f"bounce mailbox {box.name}  last poll {iso(box.last_poll)}  {state}  "
-                     f"read {box.read}  left in the mailbox {len(box.left)}")
+        idle = f"  idle {box.idle} since {iso(box.idle_since)}" if box.idle != "off" else ""
+        lines.append(f"bounce mailbox {box.name} ({box.protocol}){idle}  last poll "
+                     f"{iso(box.last_poll)}  {state}  read {box.read}  left in the mailbox "
+                     f"{len(box.left)}")
+        if box.idle_error:
+            lines.append(f"  idle: {box.idle_error}")
         lines += [f"  left: {why}" for why in box.left]
     if status.mailboxes:
         lines.append("")

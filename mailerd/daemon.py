@@ -27,6 +27,7 @@ from pathlib import Path
 import msgspec
 
 from mailerd import __version__
+from mailerd.bounces.intake import mailbox_files_problems
 from mailerd.system import activation
 from mailerd.system import notify
 from mailerd.control.commands import Commands
@@ -221,6 +222,7 @@ class Daemon:
         else:
             self.config = config
             allow_special_use_domains(config.delivery.allow_special_use_domains)
+            await self.commands.bounces.reload(config.bounces)
         finally:
             write_reload_result(self.config.state_dir, ReloadResult(
                 pid=os.getpid(), count=self.reloads, ok=not error, message=error))
@@ -303,8 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_files(config: Config) -> list[str]:
-    """Read every file the daemon will read at start (relay passwords, DKIM keys; the CA
-    files were read by load_config): ConfigError for the first that cannot be used. The
+    """Read every file the daemon will read at start (relay passwords, DKIM keys, [bounces]
+    mailbox passwords and CA files; the relays' CA files were read by load_config):
+    ConfigError for the first that cannot be used. The
     returned notes name what cannot be checked here: a file under $CREDENTIALS_DIRECTORY
     when that is unset (an admin shell; `systemctl reload mailerd` checks inside the unit)."""
     notes = []
@@ -319,7 +322,10 @@ def check_files(config: Config) -> list[str]:
                 read_password(name, server)
             else:
                 read_server_dkim(name, server)
-    return notes
+    problems, mailbox_notes = mailbox_files_problems(config.bounces)
+    if problems:
+        raise ConfigError(problems[0])
+    return notes + mailbox_notes
 
 
 def start(args: argparse.Namespace) -> int:

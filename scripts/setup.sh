@@ -11,8 +11,8 @@ APT_PACKAGES+=(binutils lintian)
 # tests/test_real_postfix.py: a private Postfix with Dovecot's SASL auth and a test CA (openssl).
 # They are installed unconfigured and never started as system services.
 APT_PACKAGES+=(postfix dovecot-core openssl)
-# tests/test_bounces.py: a private Dovecot IMAP server holding the bounce mailbox
-APT_PACKAGES+=(dovecot-imapd)
+# tests/test_bounces.py: a private Dovecot IMAP and POP3 server holding the bounce mailbox
+APT_PACKAGES+=(dovecot-imapd dovecot-pop3d)
 # tests/test_unsubscribe_nginx.py: a private nginx serving packaging/nginx-unsubscribe.conf
 # (Debian's nginx-light is nginx plus an extra module; nginx alone has all the example uses)
 APT_PACKAGES+=(nginx)

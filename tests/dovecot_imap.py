@@ -1,4 +1,5 @@
-"""A private Dovecot IMAP server for tests: Debian's dovecot-core and dovecot-imapd on loopback.
+"""A private Dovecot IMAP server for tests: Debian's dovecot-core and dovecot-imapd on loopback,
+and with `pop3=True` POP3 too (dovecot-pop3d), on ports of its own.
 
 Own config (`dovecot -c FILE`), base and state directories, log file, a passwd-file
 user and a maildir, all in one scratch directory; IMAPS with a certificate for
@@ -23,13 +24,14 @@ from mailerd.testing.waiting import wait_until
 from postfix import DOVECOT, free_port, make_test_ca
 
 IMAP_BINARY = "/usr/lib/dovecot/imap"
+POP3_BINARY = "/usr/lib/dovecot/pop3"
 NAME = "localhost"
 
 CONF = """\
 base_dir = {base}/run
 state_dir = {base}/state
 log_path = {base}/dovecot.log
-protocols = imap
+protocols = {protocols}
 listen = 127.0.0.1
 ssl = required
 ssl_cert = <{cert}
@@ -66,11 +68,26 @@ service imap-login {{
 }}
 """
 
+POP3_CONF = """\
+service pop3-login {{
+  chroot =
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {pop3s_port}
+  }}
+}}
+"""
 
-def missing() -> str | None:
-    for binary in (DOVECOT, IMAP_BINARY):
+
+def missing(pop3: bool = False) -> str | None:
+    for binary in (DOVECOT, IMAP_BINARY, *([POP3_BINARY] if pop3 else [])):
         if not os.access(binary, os.X_OK):
-            return f"{binary} is not installed (scripts/setup.sh installs dovecot-core, dovecot-imapd)"
+            return (f"{binary} is not installed (scripts/setup.sh installs dovecot-core, "
+                    "dovecot-imapd, dovecot-pop3d)")
     if os.geteuid() != 0:
         return "a private Dovecot instance needs root"
     try:
@@ -82,13 +99,19 @@ def missing() -> str | None:
 
 
 class PrivateDovecot:
-    """IMAP on 127.0.0.1:`port` (STARTTLS) and `tls_port` (IMAPS), one user with a maildir."""
+    """IMAP on 127.0.0.1:`port` (STARTTLS) and `tls_port` (IMAPS), with `pop3` POP3 on
+    `pop3_port` (STLS) and `pop3s_port`; one user with a maildir. `extra` is appended
+    to the config (e.g. an imap_capability without IDLE)."""
 
-    def __init__(self, user: str = "bounces", password: str = "secret-pw") -> None:
+    def __init__(self, user: str = "bounces", password: str = "secret-pw", *,
+                 pop3: bool = False, extra: str = "") -> None:
         self.base = Path(tempfile.mkdtemp(prefix="mailerd-dovecot-", dir="/var/tmp"))
         self.base.chmod(0o755)
         self.user, self.password = user, password
         self.port, self.tls_port = free_port(), free_port()
+        self.pop3 = pop3
+        self.pop3_port, self.pop3s_port = (free_port(), free_port()) if pop3 else (0, 0)
+        self.extra = extra
         self.ca_file: Path | None = None
         self.owner = pwd.getpwnam("dovecot")  # the mail files' owner
         self._process: subprocess.Popen[bytes] | None = None
@@ -109,10 +132,17 @@ class PrivateDovecot:
         passwd.chmod(0o640)
         shutil.chown(passwd, "root", "dovecot")
         config = self.base / "dovecot.conf"
-        config.write_text(CONF.format(base=self.base, cert=cert, key=key, port=self.port,
-                                      tls_port=self.tls_port, uid=self.owner.pw_uid,
-                                      gid=self.owner.pw_gid))
-        self._process = subprocess.Popen([DOVECOT, "-F", "-c", str(config)],
+        text = CONF.format(base=self.base, cert=cert, key=key, port=self.port,
+                           tls_port=self.tls_port, uid=self.owner.pw_uid, gid=self.owner.pw_gid,
+                           protocols="imap pop3" if self.pop3 else "imap")
+        if self.pop3:
+            text += POP3_CONF.format(pop3_port=self.pop3_port, pop3s_port=self.pop3s_port)
+        config.write_text(text + self.extra)
+        return self.launch()
+
+    def launch(self) -> "PrivateDovecot":
+        """Start the configured server (again, after `stop`: the same ports and maildir)."""
+        self._process = subprocess.Popen([DOVECOT, "-F", "-c", str(self.base / "dovecot.conf")],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                          start_new_session=True)
         wait_until(self._listening, 30, "the private Dovecot to answer IMAPS")

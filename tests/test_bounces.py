@@ -503,7 +503,9 @@ def test_postfix_bounces_unknown_users_and_the_next_campaign_skips_them(
         assert report.counts.sent == 200 and report.counts.complained == 0
         assert {a for a, r in suppression_reasons(daemon).items() if r == "bounced"} == gone
         assert len(suppression_reasons(daemon)) == 20  # nobody else touched
-        assert len(dovecot.messages()) == 0 and len(dovecot.messages(".done")) == 20
+        # each is moved after its commit: the last one may still be on its way
+        wait_until(lambda: len(dovecot.messages()) == 0 and len(dovecot.messages(".done")) == 20,
+                   30, "the 20 DSNs moved to the done folder")
         statuses = {b["status"] for b in json.loads(daemon.ctl("bounces", str(first), "--json").stdout)["bounces"]}
         assert statuses == {"5.1.1"}
 
@@ -528,6 +530,13 @@ def test_postfix_bounces_unknown_users_and_the_next_campaign_skips_them(
      'password_file = "/p"\nsecurity = "none"\n', "key bounces.mailboxes.box.security"),
     ('[bounces.mailboxes.box]\nhost = "imap.example.org"\nusername = "u"\n',
      "password_file"),
+    ('[bounces.mailboxes.box]\nprotocol = "pop3"\nhost = "pop.example.org"\nusername = "u"\n'
+     'password_file = "/p"\ndone_folder = "done"\n',
+     "key bounces.mailboxes.box.done_folder: POP3 has no folders"),
+    ('[bounces.mailboxes.box]\nprotocol = "pop2"\nhost = "pop.example.org"\nusername = "u"\n'
+     'password_file = "/p"\n', "key bounces.mailboxes.box.protocol"),
+    ('[bounces.mailboxes.box]\nhost = "imap.example.org"\nusername = "u"\n'
+     'password_file = "/p"\nidle_renew = "30m"\n', "key bounces.mailboxes.box.idle_renew"),
 ])
 def test_bad_bounce_settings_are_named(tmp_path, text, error):
     from mailerd.config import ConfigError, load_config
@@ -547,3 +556,275 @@ def test_a_campaign_with_a_return_path_without_its_tag_is_refused(tmp_path, rela
     assert refused.returncode != 0
     assert "return_path" in refused.stderr and "{{ tag }}" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+# ---------------------------------------------------------------- POP3, IDLE, reload, mailto (issue 14)
+
+POP3_WHY_NOT = dovecot_imap.missing(pop3=True)
+needs_pop3 = pytest.mark.skipif(POP3_WHY_NOT is not None, reason=POP3_WHY_NOT or "")
+MAILTO = "unsubscribe+{{ campaign_uid }}-{{ line }}-{{ token }}@example.org"
+
+
+@pytest.fixture
+def dovecot_pop3():
+    server = dovecot_imap.PrivateDovecot(pop3=True).start()
+    yield server
+    server.stop()
+    server.remove()
+
+
+def pop3_settings(server: dovecot_imap.PrivateDovecot, tmp_path: Path, security: str = "tls") -> dict:
+    settings = mailbox_settings(server, tmp_path, protocol="pop3", security=security,
+                                port=server.pop3s_port if security == "tls" else server.pop3_port)
+    del settings["done_folder"]
+    return settings
+
+
+def mailbox_status(daemon, name: str = "box"):
+    return next(b for b in daemon.call(Status()).mailboxes if b.name == name)
+
+
+def reload_config(daemon, expect: str) -> None:
+    """SIGHUP, and wait for the daemon's verdict (`config_reloaded` or `config_reload_failed`)."""
+    import signal
+    count = daemon.log().count(expect)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: daemon.log().count(expect) > count, 30, f"{expect} after SIGHUP")
+
+
+def set_bounces(daemon, mailboxes: dict[str, dict], **bounces) -> None:
+    """Rewrite the config's [bounces] (everything after its first [bounces] line)."""
+    text = daemon.config.read_text()
+    text = text[:text.index("\n[bounces]")] if "\n[bounces]" in text else text
+    sections = {"bounces": {"poll_interval": "0.5s", **bounces},
+                **{f"bounces.mailboxes.{n}": v for n, v in mailboxes.items()}}
+    for name, values in sections.items():
+        text += f"\n[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items())
+    daemon.config.write_text(text)
+
+
+def sent_to(relay) -> dict[str, str]:
+    """Recipient -> the envelope sender (VERP return path) the relay got for them."""
+    return {r.rcpt: r.mail_from for r in relay.messages()}
+
+
+@needs_pop3
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_bounces_in_a_pop3_mailbox_are_deleted_only_after_the_commit(
+        tmp_path, relay_factory, daemon_factory, dovecot_pop3, security):
+    relay = relay_factory()
+    daemon = bounce_daemon(daemon_factory, relay, pop3_settings(dovecot_pop3, tmp_path, security))
+    campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 5))
+    daemon.wait_done(campaign)
+    to = sent_to(relay)
+    hard = dsn("user1@example.com", "5.1.1", to=to["user1@example.com"])
+    dovecot_pop3.deliver(hard)
+    unreadable = b"From: someone@example.net\nTo: bounces@example.org\nSubject: hi\n\njust hi\n"
+    dovecot_pop3.deliver(unreadable)
+    dovecot_pop3.deliver(arf("user2@example.com", to=to["user2@example.com"]))
+
+    wait_until(lambda: len(dovecot_pop3.messages()) == 1, 30, "the two reports deleted over POP3")
+    assert dovecot_pop3.messages() == [unreadable]
+    assert suppression_reasons(daemon) == {"user1@example.com": "bounced",
+                                           "user2@example.com": "complained"}
+    box = mailbox_status(daemon)
+    assert (box.protocol, box.idle, box.last_error, box.read) == ("pop3", "off", None, 2)
+    assert len(box.left) == 1 and box.left[0].startswith("uidl ") and "neither a bounce" in box.left[0]
+    assert "bounce mailbox box (pop3)" in daemon.ctl("status").stdout
+
+    # the same bounce again (a session that dropped before QUIT): deleted, nothing changes twice
+    dovecot_pop3.deliver(hard)
+    wait_until(lambda: len(dovecot_pop3.messages()) == 1, 30, "the repeated bounce deleted")
+    assert daemon.report(campaign).counts.bounced == 1
+    assert len(json.loads(daemon.ctl("bounces", str(campaign), "--json").stdout)["bounces"]) == 2
+    daemon.log_line("bounce_seen_before", "mailbox=box")
+
+
+@needs_dovecot
+def test_with_idle_a_bounce_is_read_at_once_not_after_the_poll_interval(
+        tmp_path, relay_factory, daemon_factory, dovecot):
+    relay = relay_factory()
+    daemon = bounce_daemon(daemon_factory, relay, mailbox_settings(dovecot, tmp_path),
+                           poll_interval="300s")
+    campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 3))
+    daemon.wait_done(campaign)
+    wait_until(lambda: mailbox_status(daemon).idle == "on" and mailbox_status(daemon).last_poll,
+               30, "the IDLE connection up and the first poll done")
+    dovecot.deliver(dsn("user1@example.com", "5.1.1", to=sent_to(relay)["user1@example.com"]))
+    wait_until(lambda: daemon.report(campaign).counts.bounced == 1, 10,
+               "the bounce read within seconds (the poll interval is 5 minutes)")
+    wait_until(lambda: len(dovecot.messages(".done")) == 1, 10, "the bounce moved")
+    daemon.log_line("bounce_idle_started", "mailbox=box")
+    assert "idle on since" in daemon.ctl("status").stdout
+
+
+@needs_dovecot
+def test_idle_is_renewed_on_time_and_comes_back_after_the_server_drops(
+        tmp_path, relay_factory, daemon_factory, dovecot):
+    relay = relay_factory()
+    daemon = bounce_daemon(daemon_factory, relay, mailbox_settings(dovecot, tmp_path, idle_renew="1s"),
+                           poll_interval="300s")
+    campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 3))
+    daemon.wait_done(campaign)
+    logins = lambda: dovecot.log().count("Login: user=<bounces>")  # noqa: E731
+    first = logins()
+    wait_until(lambda: logins() >= first + 3, 30, "IDLE re-issued every second on a new login")
+
+    dovecot.stop()
+    wait_until(lambda: mailbox_status(daemon).idle == "failing", 30, "the dropped IDLE in status")
+    assert mailbox_status(daemon).idle_error
+    dovecot.launch()
+    wait_until(lambda: mailbox_status(daemon).idle == "on", 30, "IDLE back after the reconnect")
+    to = sent_to(relay)
+    dovecot.deliver(dsn("user2@example.com", "5.1.1", to=to["user2@example.com"]))
+    wait_until(lambda: daemon.report(campaign).counts.bounced == 1, 10, "the bounce read at once")
+    daemon.log_line("bounce_idle_failed", "state=failing")
+
+
+@needs_dovecot
+def test_without_idle_offered_the_mailbox_is_polled(tmp_path, relay_factory, daemon_factory):
+    server = dovecot_imap.PrivateDovecot(
+        extra="imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ UIDPLUS MOVE\n"
+    ).start()
+    try:
+        relay = relay_factory()
+        daemon = bounce_daemon(daemon_factory, relay, mailbox_settings(server, tmp_path))
+        campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 3))
+        daemon.wait_done(campaign)
+        box = wait_until(lambda: (b := mailbox_status(daemon)).idle == "not offered" and b, 30,
+                         "IDLE not offered in status")
+        assert "does not offer IDLE" in box.idle_error
+        server.deliver(dsn("user0@example.com", "5.1.1", to=sent_to(relay)["user0@example.com"]))
+        wait_until(lambda: daemon.report(campaign).counts.bounced == 1, 30, "the bounce polled")
+    finally:
+        server.stop()
+        server.remove()
+
+
+@needs_pop3
+def test_a_reload_adds_removes_and_changes_mailboxes_and_a_bad_one_changes_nothing(
+        tmp_path, relay_factory, daemon_factory, dovecot_pop3):
+    relay = relay_factory()
+    imap = mailbox_settings(dovecot_pop3, tmp_path)
+    daemon = bounce_daemon(daemon_factory, relay, imap)
+    campaign = daemon.enqueue(*make_campaign(tmp_path / "c", 6))
+    daemon.wait_done(campaign)
+    to = sent_to(relay)
+    wait_until(lambda: mailbox_status(daemon).last_poll, 30, "the first poll")
+
+    # removed "box", added "pop" (POP3): its bounce is deleted, not moved
+    set_bounces(daemon, {"pop": pop3_settings(dovecot_pop3, tmp_path)})
+    reload_config(daemon, "config_reloaded")
+    assert [b.name for b in daemon.call(Status()).mailboxes] == ["pop"]
+    dovecot_pop3.deliver(dsn("user1@example.com", "5.1.1", to=to["user1@example.com"]))
+    wait_until(lambda: daemon.report(campaign).counts.bounced == 1, 30, "read over POP3")
+    wait_until(lambda: dovecot_pop3.messages() == [], 30, "deleted over POP3")
+    assert dovecot_pop3.messages(".done") == []
+    daemon.log_line("bounces_reloaded", "added=pop", "removed=box")
+
+    # a bad [bounces] (an unreadable password file; an unknown key) fails the reload: "pop" stays
+    for bad in ({"pop": {**pop3_settings(dovecot_pop3, tmp_path), "password_file": "/nonexistent"}},
+                {"pop": {**pop3_settings(dovecot_pop3, tmp_path), "folders": "x"}}):
+        set_bounces(daemon, bad)
+        failed = daemon.log().count("config_reload_failed")
+        reload_config(daemon, "config_reload_failed")
+        assert daemon.log().count("config_reload_failed") == failed + 1
+    assert "bounces.mailboxes.pop" in daemon.log_line("config_reload_failed", "/nonexistent")
+    assert [b.name for b in daemon.call(Status()).mailboxes] == ["pop"]
+    dovecot_pop3.deliver(dsn("user2@example.com", "5.1.1", to=to["user2@example.com"]))
+    wait_until(lambda: daemon.report(campaign).counts.bounced == 2, 30, "the old mailbox still read")
+
+    # changed: "pop" becomes an IMAP mailbox that moves what it read
+    set_bounces(daemon, {"pop": imap})
+    reload_config(daemon, "bounces_reloaded")
+    daemon.log_line("bounces_reloaded", "changed=pop")
+    assert mailbox_status(daemon, "pop").protocol == "imap"
+    dovecot_pop3.deliver(dsn("user3@example.com", "5.1.1", to=to["user3@example.com"]))
+    wait_until(lambda: len(dovecot_pop3.messages(".done")) == 1, 30, "moved over IMAP")
+    assert daemon.report(campaign).counts.bounced == 3
+
+
+def unsubscribe_addresses(relay) -> dict[str, str]:
+    """Recipient -> the mailto address of the List-Unsubscribe header they received."""
+    import re
+    addresses = {}
+    for entry in relay.messages():
+        header = email.message_from_bytes(entry.data)["List-Unsubscribe"]
+        addresses[entry.rcpt] = re.search(r"<mailto:([^>]+)>", str(header)).group(1)
+    return addresses
+
+
+def unsubscribe_mail(sender: str, to: str) -> bytes:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = "unsubscribe"
+    message.set_content("This message was automatically generated by Gmail.\n")
+    return message.as_bytes()
+
+
+@needs_dovecot
+def test_a_mail_to_the_list_unsubscribe_address_unsubscribes_and_a_forged_one_does_not(
+        tmp_path, relay_factory, daemon_factory, dovecot):
+    relay = relay_factory()
+    daemon = bounce_daemon(daemon_factory, relay, mailbox_settings(dovecot, tmp_path))
+    campaign_file, recipients = make_campaign(tmp_path / "c", 6)
+    campaign_file.write_text(campaign_file.read_text()
+                             + f'list_unsubscribe = {{ mailto = "{MAILTO}" }}\n')
+    campaign = daemon.enqueue(campaign_file, recipients)
+    daemon.wait_done(campaign)
+    mailto = unsubscribe_addresses(relay)
+    assert mailto["user1@example.com"].startswith("unsubscribe+")
+
+    # user1 from another address of theirs (a forwarded mailbox); user2's mail system folded case
+    dovecot.deliver(unsubscribe_mail("someone.else@example.net", mailto["user1@example.com"]))
+    dovecot.deliver(unsubscribe_mail("user2@example.com", mailto["user2@example.com"].upper()))
+    # forged: user3's line with user4's token, and a token with one character changed
+    line3 = mailto["user3@example.com"].split("-")[1]
+    parts4 = mailto["user4@example.com"].split("-", 2)
+    dovecot.deliver(unsubscribe_mail("x@example.net", f"{parts4[0]}-{line3}-{parts4[2]}"))
+    token5 = mailto["user5@example.com"]
+    last = token5[-len("@example.org") - 1]  # the token's last character, changed (not its case)
+    changed = token5[:-len("@example.org") - 1] + ("A" if last.lower() != "a" else "B") + "@example.org"
+    dovecot.deliver(unsubscribe_mail("user5@example.com", changed))
+
+    wait_until(lambda: len(dovecot.messages(".done")) == 4, 30, "the four mails read and moved")
+    assert suppression_reasons(daemon) == {"user1@example.com": "unsubscribed",
+                                           "user2@example.com": "unsubscribed"}
+    unmatched = json.loads(daemon.ctl("bounces", "--json").stdout)["unmatched"]
+    assert sorted(u["format"] for u in unmatched) == ["unsubscribe", "unsubscribe"]
+    daemon.log_line("bounce_unsubscribed", f"campaign={campaign}", "address=user1@example.com",
+                    "reason=unsubscribed")
+    assert daemon.report(campaign).counts.bounced == 0  # an unsubscribe is no bounce
+
+    nxt = daemon.enqueue(*make_campaign(tmp_path / "c2", 6))
+    daemon.wait_done(nxt)
+    assert daemon.emails(nxt, "suppressed") == {"user1@example.com", "user2@example.com"}
+
+
+def test_a_bounce_quoting_the_list_unsubscribe_header_is_no_unsubscribe():
+    address = f"unsubscribe+{UID}-3-{tokens.make(KEY, UID, 'user3@example.com')}@example.org"
+    original = original_headers(UID, 3, "user3@example.com") + f"List-Unsubscribe: <mailto:{address}>\n"
+    understood = classify.understand(dsn("user3@example.com", "5.1.1", to=tagged(UID, 3),
+                                         original=original), KEY)
+    assert understood.format == "dsn" and understood.unsubscribes == ()
+    request = classify.understand(unsubscribe_mail("a@example.net", address), KEY)
+    token = address.split("-", 2)[2].removesuffix("@example.org")
+    assert request.unsubscribes == (classify.UnsubscribeRequest(UID, 3, token),)
+    assert classify.genuine(KEY, request.unsubscribes[0], "user3@example.com")
+    assert classify.genuine(KEY, request.unsubscribes[0]._replace(
+        token=request.unsubscribes[0].token.swapcase()), "USER3@example.com")
+    assert not classify.genuine(KEY, request.unsubscribes[0], "user4@example.com")
+
+
+def test_an_unsubscribe_mail_read_twice_changes_nothing_twice(journal):
+    campaign = sent_campaign(journal, UID, 3)
+    address = journal.recipient_at(UID, 2)
+    assert address == (campaign, "user2@example.com")
+    assert journal.recipient_at(UID, 9) is None and journal.recipient_at(UID2, 2) is None
+    first = journal.apply_unsubscribe("s" * 64, "box", "from x: unsubscribe", [(*address, "detail")])
+    assert first.new and first.suppressed == [("user2@example.com", "unsubscribed")]
+    again = journal.apply_unsubscribe("s" * 64, "box", "from x: unsubscribe", [(*address, "detail")])
+    assert not again.new and again.suppressed == []
+    assert suppressed(journal) == {"user2@example.com": "unsubscribed"}
+    assert journal.unmatched_bounces(10) == []

@@ -15,6 +15,12 @@ Exim, qmail, Exchange, Yahoo ...). Classified as:
 Whom it is about: an authentic VERP tag (message/verp.py) in the addresses the
 report was sent to or names; else mailerd's Message-ID <uid.line@domain> of the
 original, which the journal only accepts together with the recipient's address.
+
+A message sent to a List-Unsubscribe mailto address that ends its local part with
+`{{ campaign_uid }}-{{ line }}-{{ token }}` is no report but an unsubscribe request
+(RFC 2369): `unsubscribe_requests` finds those parts in the addresses the message was
+sent to, and the caller checks the token (`genuine`) against the recipient the journal
+has at that line, as the one-click endpoint does with its link.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ import email.message
 import email.parser
 import email.utils
 import hashlib
+import hmac
 import logging
 import re
 from typing import Iterator, NamedTuple
 
 from flufl.bounce import all_failures
 
-from mailerd.message import verp
+from mailerd.message import tokens, verp
 from mailerd.schema.records import BounceTarget
 
 # flufl.bounce logs each detector it runs, and a detector's exception with its traceback, to
@@ -48,6 +55,11 @@ _AUTO_REPLY_SUBJECT = re.compile(
 _ENVELOPE_HEADERS = ("To", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To",
                      "Return-Path", "Original-Mail-From", "Original-Envelope-Id", "Cc")
 _DIAGNOSTIC_MAX = 500
+# where the List-Unsubscribe mailto address shows up (not Return-Path: that is the sender's)
+_RECIPIENT_HEADERS = ("To", "Cc", "Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To")
+# CAMPAIGN_UID-LINE-TOKEN at the end of a local part; any case (MTAs may fold it)
+_UNSUBSCRIBE = re.compile(r"(?<![0-9a-z])([0-9a-f]{16})-([0-9]{1,12})-([a-z0-9_-]{22})@",
+                          re.IGNORECASE)
 
 
 class Finding(NamedTuple):
@@ -101,19 +113,49 @@ def read(raw: bytes, key: bytes) -> Reading:
                      f"Message-ID of mailerd in it ({summary})")
 
 
+class UnsubscribeRequest(NamedTuple):
+    """The parts of a List-Unsubscribe mailto address a message was sent to."""
+
+    campaign_uid: str
+    line: int
+    token: str
+
+
 class Understood(NamedTuple):
-    """A mailbox message, ready for Journal.apply_bounce."""
+    """A mailbox message, ready for Journal.apply_bounce (or apply_unsubscribe)."""
 
     source: str
     format: str
     summary: str
     targets: list[BounceTarget]
+    unsubscribes: tuple[UnsubscribeRequest, ...] = ()
 
 
 def understand(raw: bytes, key: bytes) -> Understood:
     """Read and match one mailbox message; Unreadable if it must stay in the mailbox."""
+    message = email.message_from_bytes(raw)
+    requests = unsubscribe_requests(message)
+    if requests:
+        return Understood(source_id(raw), "unsubscribe", _summary(message), [], requests)
     reading = read(raw, key)
     return Understood(source_id(raw), reading.format, reading.summary, targets(reading))
+
+
+def unsubscribe_requests(message: email.message.Message) -> tuple[UnsubscribeRequest, ...]:
+    """The unsubscribe parts in the addresses the message itself was sent to (never in a
+    returned original: a bounce quotes the List-Unsubscribe header it carried)."""
+    values = [str(v) for name in _RECIPIENT_HEADERS for v in message.get_all(name, [])]
+    found = {UnsubscribeRequest(m.group(1).lower(), int(m.group(2)), m.group(3)): None
+             for m in _UNSUBSCRIBE.finditer("\n".join(values))}
+    return tuple(found)
+
+
+def genuine(key: bytes, request: UnsubscribeRequest, address: str) -> bool:
+    """True if the request's token is the one mailerd made for `address` in that campaign
+    (tokens.make, compared without case: a mail system may fold an address's case, and
+    the token keeps over 100 bits of its 128 without it)."""
+    expected = tokens.make(key, request.campaign_uid, address).lower()
+    return hmac.compare_digest(expected.encode(), request.token.lower().encode("ascii", "replace"))
 
 
 def targets(reading: Reading) -> list[BounceTarget]:

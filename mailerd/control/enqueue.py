@@ -24,7 +24,7 @@ from mailerd.message.render import TemplateError, template_variables
 from mailerd.message.signing import domain_refusal
 from mailerd.message.rowcheck import UNSAFE
 
-BUILTIN_VARIABLES = {"email", "token", "campaign_uid"}
+BUILTIN_VARIABLES = {"email", "token", "campaign_uid", "line"}
 
 _encode = msgspec.msgpack.encode
 

@@ -873,3 +873,31 @@ class Journal:
             counts=self.counts(row.id), created=row.created, updated=row.updated,
             recipients=self.recipients(row.id, state, limit) if with_recipients else None,
         )
+
+    # ------------------------------------------------------------ unsubscribe mails (bounces/, issue 14)
+
+    def recipient_at(self, campaign_uid: str, line: int) -> tuple[int, str] | None:
+        """(campaign id, address) of recipient `line` of the campaign with that uid."""
+        row = self._db.execute(
+            "SELECT r.campaign, r.email FROM campaigns c JOIN recipients r "
+            "ON r.campaign=c.id AND r.line=? WHERE c.uid=?", (line, campaign_uid)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def apply_unsubscribe(self, source: str, mailbox: str, summary: str,
+                          recipients: list[tuple[int, str, str]]) -> BounceApplied:
+        """Record one mailbox message that asked to unsubscribe (a mail to a List-Unsubscribe
+        mailto address), once, like apply_bounce: each (campaign, address, detail) the
+        caller verified goes on the suppression list with reason `unsubscribed`; with none
+        the message is kept as unmatched."""
+        if self.bounce_seen(source):
+            return BounceApplied(False, [], [])
+        suppressed = []
+        for _, address, detail in recipients:
+            key = suppression_key(address)
+            if key and self.add_suppressions([(key, address, "unsubscribed", detail)]):
+                suppressed.append((address, "unsubscribed"))
+        self._db.execute(
+            "INSERT INTO bounce_messages (source, mailbox, t, format, matched, summary) "
+            "VALUES (?, ?, ?, 'unsubscribe', ?, ?)",
+            (source, mailbox, time.time(), len(recipients), summary))
+        return BounceApplied(True, [(c, a, "unsubscribe") for c, a, _ in recipients], suppressed)

@@ -733,7 +733,7 @@ class Renderer:
 
     def render(self, *, line: int, email: str, fields: list[str], date: str,
                smtputf8: bool = False) -> bytes:
-        context = self._context(email, fields)
+        context = self._context(email, fields, line)
         subject = _render_template("subject", self._subject_template, context)
         text = self._render_optional("text", self._text_template, context)
         html = self._render_optional("html", self._html_template, context)
@@ -803,7 +803,7 @@ class Renderer:
         for header, value in extra:
             header.line(value)
 
-    def _context(self, email: str, fields: list[str]) -> dict[str, Any]:
+    def _context(self, email: str, fields: list[str], line: int = 0) -> dict[str, Any]:
         for index, column in self._used_columns:
             if index < len(fields):
                 problem = merge_value_problem(fields[index])
@@ -813,6 +813,7 @@ class Renderer:
         context.update(zip(self._columns, fields))
         context["email"] = email
         context["campaign_uid"] = self._campaign_uid  # for unsubscribe links (mailerd.unsubscribe)
+        context["line"] = line  # for a List-Unsubscribe mailto address (mailerd/bounces/classify.py)
         if self._uses_token:
             context["token"] = self.token(email)
         return context

@@ -287,25 +287,58 @@ def return_path_problem(return_path: str | None) -> str | None:
     return None
 
 
-class MailboxConfig(Section, kw_only=True):
-    """One IMAP mailbox that bounces and complaints arrive in (bounces/imap.py)."""
+MAX_IDLE_RENEW = 29 * 60.0  # RFC 2177: a server may end an IDLE after 30 minutes
+DEFAULT_DONE_FOLDER = "mailerd-done"
 
+
+class MailboxConfig(Section, kw_only=True):
+    """One IMAP or POP3 mailbox that bounces and complaints arrive in (bounces/imap.py, pop3.py)."""
+
+    protocol: Literal["imap", "pop3"] = "imap"
     host: str
-    port: Annotated[int, Meta(ge=1, le=65535)] | None = None  # default 993 (tls) or 143
+    # default by protocol and security: IMAP 993 (tls) or 143, POP3 995 (tls) or 110
+    port: Annotated[int, Meta(ge=1, le=65535)] | None = None
     security: Literal["tls", "starttls", "none"] = "tls"
     username: str
     password_file: str  # $CREDENTIALS_DIRECTORY is expanded; never logged
     tls_verify: bool = True
     tls_ca_file: str | None = None
     folder: str = "INBOX"
-    # where a message goes once the journal has what it meant; "": it is deleted
-    done_folder: str = "mailerd-done"
+    # IMAP: where a message goes once the journal has what it meant; "": it is deleted
+    # (None: DEFAULT_DONE_FOLDER). POP3 has no folders: a read message is always deleted.
+    done_folder: str | None = None
     allow_plaintext_login: bool = False  # LOGIN without TLS (a mailbox on this host)
+    # IMAP: wait for new mail with IDLE where the server offers it (else poll_interval)
+    idle: bool = True
+    idle_renew: Duration = Duration(25 * 60)  # IDLE is re-issued this often
 
     def __post_init__(self) -> None:
         if self.security == "none" and not self.allow_plaintext_login:
             raise problem("security", 'with "none" the password would go in plaintext; use "tls" or '
                           '"starttls" (or allow_plaintext_login = true for a mailbox on this host)')
+        if not 0 < self.idle_renew <= MAX_IDLE_RENEW:
+            raise problem("idle_renew", "must be more than 0 and at most 29 minutes (servers end "
+                          "an IDLE after 30)")
+        if self.protocol == "pop3":
+            if self.done_folder:
+                raise problem("done_folder", "POP3 has no folders: a read message is deleted "
+                              "(leave done_folder out)")
+            if self.folder != "INBOX":
+                raise problem("folder", "POP3 reads the inbox only (leave folder out)")
+
+    @property
+    def target_folder(self) -> str:
+        """Where a read message goes; "": it is deleted."""
+        if self.protocol == "pop3":
+            return ""
+        return DEFAULT_DONE_FOLDER if self.done_folder is None else self.done_folder
+
+    @property
+    def default_port(self) -> int:
+        tls = self.security == "tls"
+        if self.protocol == "pop3":
+            return 995 if tls else 110
+        return 993 if tls else 143
 
 
 class BouncesConfig(Section):

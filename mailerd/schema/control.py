@@ -378,6 +378,12 @@ class MailboxInfo(msgspec.Struct, kw_only=True):
     last_error: str | None  # why the last poll failed; None: it worked
     read: int  # messages applied since the daemon started
     left: list[str]  # messages left in the mailbox: they could not be read (why, which)
+    protocol: str = "imap"  # "imap" | "pop3"
+    # its IDLE connection: "off" (POP3, or idle = false: polled), "connecting", "on" (new
+    # mail is read at once), "not offered" (polled), "failing" (reconnecting; polled meanwhile)
+    idle: str = "off"
+    idle_since: float | None = None  # when it entered that state
+    idle_error: str | None = None  # why not "on"
 
 
 class DaemonStatus(Reply):
