@@ -106,28 +106,27 @@ class FrameReader:
         self._pending = bytearray()
 
     async def read(self) -> list[bytes]:
-        """One or more frame bodies, in order; ConnectionClosed at EOF on a frame boundary."""
+        """One or more frame bodies, in order; ConnectionClosed at EOF on a frame boundary.
+        The frames before one that is refused (too large) are returned first."""
         while True:
+            frames, used = self._split(self._pending)
+            if frames:
+                del self._pending[:used]
+                return frames
             chunk = await self.reader.read(self.CHUNK)
             if not chunk:
                 if self._pending:
                     raise FrameError("truncated frame")
                 raise ConnectionClosed()
-            if self._pending:
-                self._pending += chunk
-                frames, used = self._split(self._pending)
-                del self._pending[:used]
-            else:
-                frames, used = self._split(chunk)
-                self._pending[:] = chunk[used:]
-            if frames:
-                return frames
+            self._pending += chunk
 
-    def _split(self, data: bytes | bytearray) -> tuple[list[bytes], int]:
+    def _split(self, data: bytearray) -> tuple[list[bytes], int]:
         frames: list[bytes] = []
         offset, end = 0, len(data)
         while end - offset >= HEADER.size:
             (length,) = HEADER.unpack_from(data, offset)
+            if length > self.limit and frames:
+                break  # refused at the next read, after these
             _check_length(length, self.limit)
             start = offset + HEADER.size
             if end - start < length:
