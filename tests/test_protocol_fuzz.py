@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import msgspec
@@ -69,6 +70,42 @@ def test_stream_reader_never_buffers_past_the_limit(data):
             assert len(frame) <= 32
 
     asyncio.run(read_all())
+
+
+async def read_frames(data: bytes, chunk: int, limit: int) -> tuple[list[bytes], Exception]:
+    """wire.FrameReader over a real socketpair carrying `data`, `chunk` bytes a read."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(data)
+        theirs.shutdown(socket.SHUT_WR)
+        stream, writer = await asyncio.open_unix_connection(sock=ours)
+        frames = wire.FrameReader(stream, limit=limit)
+        frames.CHUNK = chunk
+        got: list[bytes] = []
+        try:
+            while True:
+                got += await frames.read()
+        except (wire.ConnectionClosed, wire.FrameError) as exc:
+            writer.close()
+            return got, exc
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=8), st.integers(1, 50),
+       st.binary(max_size=wire.HEADER.size - 1))
+def test_frames_read_in_batches_come_out_whole_and_in_order(bodies, chunk, cut_header):
+    """How the supervisor and its workers read each other: every frame as sent, in order,
+    then ConnectionClosed at a frame boundary, or FrameError after a cut-off header."""
+    data = b"".join(wire.pack(body) for body in bodies) + cut_header
+    got, ended = asyncio.run(read_frames(data, chunk, limit=64))
+    assert got == [msgspec.msgpack.encode(body) for body in bodies]
+    assert type(ended) is (wire.FrameError if cut_header else wire.ConnectionClosed)
+
+
+def test_batched_frame_reads_refuse_a_frame_over_the_limit_before_its_body():
+    data = wire.pack(b"ok") + wire.HEADER.pack(65) + b"x" * 65
+    got, ended = asyncio.run(read_frames(data, 1024, limit=64))
+    assert got == [msgspec.msgpack.encode(b"ok")] and isinstance(ended, wire.FrameTooLarge)
 
 
 csv_text = st.text(

@@ -9,6 +9,8 @@ import asyncio
 import socket
 from pathlib import Path
 
+import msgspec
+
 from mailerd import wire
 from mailerd.journal.committer import Committer
 from mailerd.journal.outbox import Outbox
@@ -16,7 +18,7 @@ from mailerd.journal.store import Journal
 from mailerd.schema.config import Config
 from mailerd.schema.control import CampaignSpec
 from mailerd.schema.records import NewRecipient, Outcome
-from mailerd.schema.workers import AnyToWorker, DotAck, DotRequest
+from mailerd.schema.workers import AnyToWorker, DotAck, DotRequest, Job
 from mailerd.supervisor.dispatch import Dispatch
 from mailerd.supervisor.results import Results
 from mailerd.supervisor.servers import WorkerSlot
@@ -80,6 +82,47 @@ def test_one_unsendable_recipient_in_a_batch_is_refused_alone(tmp_path: Path) ->
                 assert slot.writer is not None
                 slot.writer.close()
                 kept[1].close()  # type: ignore[attr-defined]
+        finally:
+            await committer.stop()
+            journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_for_a_worker_awaiting_its_dot_ack_leaves_in_the_ack_s_write(tmp_path: Path) -> None:
+    """What the supervisor sends a worker that waits for a DotAck (the next Job, mostly)
+    goes with that DotAck: one write, both frames, in the order they were made."""
+    async def scenario() -> None:
+        journal = Journal(tmp_path / "journal.sqlite3", "full")
+        journal.open()
+        committer = Committer(journal)
+        committer.start()
+        try:
+            campaign = add_campaign(journal, 2)
+            journal.mark_sending([(campaign, line, "isp") for line in (1, 2)])
+            tasks = Tasks()
+            outbox = Outbox(committer, journal.probe_write, lambda: None)
+            dispatch = Dispatch({}, journal, committer, outbox, tasks, lambda: False)
+            results = Results({}, dispatch, journal, committer, outbox, tasks, Config)
+            slot, reader, kept = await linked_slot(0)
+            results.handle(slot, DotRequest(campaign, 1))
+            slot.send(Job(campaign, 2, "user2@example.com", msgspec.Raw(b"\x90")))
+            received = await asyncio.wait_for(reader.read(65536), 10)  # one write, one read
+            frames, offset = [], 0
+            while offset < len(received):
+                (length,) = wire.HEADER.unpack_from(received, offset)
+                body = received[offset + wire.HEADER.size:offset + wire.HEADER.size + length]
+                frames.append(wire.Decoder(AnyToWorker).decode(body))
+                offset += wire.HEADER.size + length
+            assert [type(f).__name__ for f in frames] == ["Job", "DotAck"]
+            assert (frames[1].line, frames[1].ok) == (1, True)
+            assert states(journal, campaign) == {1: "data-sent", 2: "sending"}
+            slot.send(Job(campaign, 3, "user3@example.com", msgspec.Raw(b"\x90")))  # none owed
+            alone = await asyncio.wait_for(wire.read_frame(reader), 10)
+            assert isinstance(wire.Decoder(AnyToWorker).decode(alone), Job)
+            assert slot.writer is not None
+            slot.writer.close()
+            kept[1].close()  # type: ignore[attr-defined]
         finally:
             await committer.stop()
             journal.close()

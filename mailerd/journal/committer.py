@@ -6,7 +6,9 @@ them in one transaction (each inside its own savepoint, so one failing operation
 does not undo the others) and resolves their futures only after COMMIT returned.
 A caller that awaited `run` therefore knows its change is durable. No delay is
 added to gather work: whatever arrives while a commit is in progress forms the
-next batch, which is what makes batches grow with load.
+next batch, which is what makes batches grow with load. The operations of one
+turn of the event loop reach the thread together, at the end of that turn: one
+wake-up of the journal thread (and one GIL hand-over) a turn, not one an operation.
 
 The committer knows no SQL: it drives the transaction through the store's methods
 (begin, savepoint, release, rollback_to, commit, rollback) and every query and change
@@ -43,6 +45,7 @@ class Committer:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._turn: list[_Op] = []  # queued in this turn of the event loop, not yet handed over
         self.commits = 0
 
     def start(self) -> None:
@@ -51,6 +54,7 @@ class Committer:
         self._thread.start()
 
     async def stop(self) -> None:
+        self._hand_over()
         self._queue.put(_STOP)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
@@ -59,7 +63,7 @@ class Committer:
         """Queue fn(*args) for the journal thread; the future resolves after commit."""
         assert self._loop is not None, "committer not started"
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(fn, args, future))
+        self._queue_op(_Op(fn, args, future))
         return future
 
     def read(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -67,23 +71,34 @@ class Committer:
         writes fail (a full disk must not stop `status` or `report`)."""
         assert self._loop is not None, "committer not started"
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(fn, args, future, read_only=True))
+        self._queue_op(_Op(fn, args, future, read_only=True))
         return future
+
+    def _queue_op(self, op: _Op) -> None:
+        if not self._turn:
+            assert self._loop is not None
+            self._loop.call_soon(self._hand_over)
+        self._turn.append(op)
+
+    def _hand_over(self) -> None:
+        """This turn's operations, in order, to the journal thread in one put."""
+        if self._turn:
+            ops, self._turn = self._turn, []
+            self._queue.put(ops)
 
     # ---------------------------------------------------------- journal thread
 
     def _serve(self) -> None:
         _name_os_thread(b"mailerd-journal")
         while True:
-            first = self._queue.get()
-            batch = [first]
+            handed = [self._queue.get()]
             while True:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    handed.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            stop = any(op is _STOP for op in batch)
-            self._run_in_order([op for op in batch if op is not _STOP])
+            stop = any(ops is _STOP for ops in handed)
+            self._run_in_order([op for ops in handed if ops is not _STOP for op in ops])
             if stop:
                 return
 

@@ -520,14 +520,17 @@ class Journal:
         and the error makes the worker abandon the transaction before its '.'.
         """
         now = time.time()
-        for campaign, line, _ in items:
-            changed = self._db.execute(
-                "UPDATE recipients SET state='data-sent', dot_at=?, updated=? "
-                "WHERE campaign=? AND line=? AND state IN ('sending', 'queued')",
-                (now, now, campaign, line),
-            ).rowcount
-            if changed != 1:
-                raise JournalError(f"campaign {campaign} line {line} is not in a sendable state")
+        changed = self._db.executemany(
+            "UPDATE recipients SET state='data-sent', dot_at=?, updated=? "
+            "WHERE campaign=? AND line=? AND state IN ('sending', 'queued')",
+            [(now, now, campaign, line) for campaign, line, _ in items],
+        ).rowcount  # summed over the rows; the caller's savepoint undoes them on a mismatch
+        if changed != len(items):
+            if len(items) == 1:
+                raise JournalError(f"campaign {items[0][0]} line {items[0][1]} "
+                                   "is not in a sendable state")
+            raise JournalError(f"{len(items) - changed} of {len(items)} recipients are not "
+                               "in a sendable state")  # the caller asks again one by one
         self._db.executemany("INSERT INTO sends (server, t) VALUES (?, ?)",
                              [(server, now) for _, _, server in items])
 

@@ -151,13 +151,15 @@ class Processes:
                             process: WorkerProcess) -> None:
         server = self.servers[slot.server_name]
         decoder = wire.Decoder(AnyFromWorker)
+        frames = wire.FrameReader(reader)
         try:
             while True:
-                message = decoder.decode(await wire.read_frame(reader))
-                slot.heard(message)
-                if slot.reached_relay:
-                    server.failed_starts = 0
-                self.results.handle(slot, message)
+                for body in await frames.read():
+                    message = decoder.decode(body)
+                    slot.heard(message)
+                    if slot.reached_relay:
+                        server.failed_starts = 0
+                    self.results.handle(slot, message)
         except (wire.ConnectionClosed, wire.FrameError, ConnectionError) as exc:
             if isinstance(exc, wire.FrameError):
                 event("worker_protocol_error", logging.ERROR, server=slot.server_name,

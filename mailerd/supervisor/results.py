@@ -207,7 +207,7 @@ class Results:
         """What a dead worker held: data-sent -> uncertain, the rest back to the queue."""
         self._flush()  # its last DotRequest, if any, reaches the journal first, as it came
         held, slot.jobs = slot.jobs, {}
-        slot.acks_owed.clear()
+        slot.lost()
         if not held:
             return
         try:

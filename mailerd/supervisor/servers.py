@@ -13,7 +13,7 @@ from mailerd.schema.records import Claimed
 from mailerd.pacing.pacer import DAY, HOUR, Pacer, count_since, forget_before
 from mailerd.schema.control import ServerInfo, ServerPlan, WorkerInfo
 from mailerd.supervisor.spawner import WorkerProcess
-from mailerd.schema.workers import Done, FromWorker, SessionState, Stop, ToWorker
+from mailerd.schema.workers import Done, DotAck, FromWorker, SessionState, Stop, ToWorker
 
 PREFETCH = 2  # jobs a worker holds: the one in flight and the next
 ACCEPTING_STATES = ("ready", "idle", "sending")
@@ -42,6 +42,7 @@ class WorkerSlot:
         self.reached_relay = False  # this life reported a connected session or a result
         self.silent_since = 0.0  # monotonic: the liveness clock (processes.py), while it holds jobs
         self.acks_owed: set[tuple[int, int]] = set()  # DotRequests still being journaled: the clock waits
+        self._held: list[bytes] = []  # frames made while an ack is owed: they go with it
 
     def started(self, process: WorkerProcess, writer: asyncio.StreamWriter) -> None:
         """A new life in this slot."""
@@ -50,6 +51,7 @@ class WorkerSlot:
         self.started_at = self.silent_since = time.monotonic()
         self.reached_relay = False
         self.acks_owed.clear()
+        self._held.clear()
         self.campaigns_known.clear()
 
     def heard(self, message: FromWorker) -> None:
@@ -79,8 +81,23 @@ class WorkerSlot:
         return self.process is not None and self.process.returncode is None
 
     def send(self, message: ToWorker) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(wire.pack(message))
+        """While the worker waits for a DotAck, what else it is sent (the next Job, mostly)
+        waits too and leaves in the DotAck's write: one send() and one wake-up of the
+        worker a message, not two. It needs that Job only once the DotAck lets its "."
+        go (with PIPELINING, the next MAIL goes in the same write); order is kept."""
+        if self.writer is None or self.writer.is_closing():
+            return
+        self._held.append(wire.pack(message))
+        if self.acks_owed and not isinstance(message, DotAck):
+            return
+        frames = b"".join(self._held) if len(self._held) > 1 else self._held[0]
+        self._held.clear()
+        self.writer.write(frames)
+
+    def lost(self) -> None:
+        """The worker is gone: what it was owed or was to be sent is moot."""
+        self.acks_owed.clear()
+        self._held.clear()
 
     def retire(self) -> None:
         """Connections were lowered by configuration: this worker stops for good."""

@@ -24,29 +24,57 @@ import queue
 import re
 import sys
 import threading
+import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailerd.system import journald
 from mailerd.system.journald import is_secret
 
 logger = logging.getLogger("mailerd")
 _listener: _Listener | None = None
+_queue_handler: _DroppingQueueHandler | None = None  # event()'s short way to the listener
 
 
 def event(what: str, /, level: int = logging.INFO, exc_info: bool = False, **fields: Any) -> None:
     """One event. The record is made here rather than by `logger.log`, whose search of
     the stack for the caller cost a third of an event (and found this function): the
-    caller is the frame above, so CODE_FILE/CODE_LINE/CODE_FUNC name the real one."""
+    caller is the frame above, so CODE_FILE/CODE_LINE/CODE_FUNC name the real one.
+    With the listener in place (setup_logging) and nothing else on the logger, only the
+    event's parts are queued: the listener thread makes the LogRecord, not the caller."""
     if not logger.isEnabledFor(level):
         return
     fields = {key: value for key, value in fields.items() if not is_secret(key)}
     caller = sys._getframe(1)
     code = caller.f_code
-    record = logger.makeRecord(logger.name, level, code.co_filename, caller.f_lineno, what, (),
-                               sys.exc_info() if exc_info else None, code.co_name,
-                               {"fields": fields, "event": what})
-    logger.handle(record)
+    queued = _queue_handler
+    if queued is not None and not exc_info and logger.handlers == [queued] and not logger.filters:
+        queued.enqueue(_Event(what, level, fields, code.co_filename, caller.f_lineno,
+                              code.co_name, time.time()))
+        return
+    logger.handle(_record(_Event(what, level, fields, code.co_filename, caller.f_lineno,
+                                 code.co_name, None), sys.exc_info() if exc_info else None))
+
+
+class _Event(NamedTuple):
+    """An event on its way to the listener, which makes its LogRecord."""
+
+    what: str
+    level: int
+    fields: dict[str, Any]
+    path: str
+    line: int
+    function: str
+    created: float | None  # None: now
+
+
+def _record(item: _Event, exc_info: Any = None) -> logging.LogRecord:
+    record = logger.makeRecord(logger.name, item.level, item.path, item.line, item.what, (),
+                               exc_info, item.function, {"fields": item.fields, "event": item.what})
+    if item.created is not None:
+        record.created = item.created
+        record.msecs = (item.created - int(item.created)) * 1000
+    return record
 
 
 def readable(record: logging.LogRecord) -> str:
@@ -126,10 +154,12 @@ class KeyValueFormatter(logging.Formatter):
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Never blocks: when the sink is so far behind that the queue is full, count."""
+    """Never blocks: when the sink is so far behind that the queue holds `maxsize`, count.
+    (A SimpleQueue: its put is a C call, where queue.Queue's takes a lock and a Condition.)"""
 
-    def __init__(self, log_queue: queue.Queue[logging.LogRecord]) -> None:
-        super().__init__(log_queue)
+    def __init__(self, log_queue: queue.SimpleQueue[Any], maxsize: int) -> None:
+        super().__init__(log_queue)  # type: ignore[arg-type]
+        self.maxsize = maxsize
         self.dropped = 0
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
@@ -138,17 +168,17 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
         while its frames are current."""
         return super().prepare(record) if record.exc_info else record
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            if self.dropped:
-                note = logging.LogRecord(logger.name, logging.WARNING, __file__, 0,
-                                         "log_records_dropped", None, None)
-                note.fields, note.event = {"count": self.dropped}, "log_records_dropped"
-                self.queue.put_nowait(note)
-                self.dropped = 0
-            self.queue.put_nowait(record)
-        except queue.Full:
+    def enqueue(self, record: logging.LogRecord | _Event) -> None:
+        if self.queue.qsize() >= self.maxsize - (1 if self.dropped else 0):
             self.dropped += 1
+            return
+        if self.dropped:
+            note = logging.LogRecord(logger.name, logging.WARNING, __file__, 0,
+                                     "log_records_dropped", None, None)
+            note.fields, note.event = {"count": self.dropped}, "log_records_dropped"
+            self.queue.put_nowait(note)
+            self.dropped = 0
+        self.queue.put_nowait(record)
 
 
 class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -185,12 +215,14 @@ class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 class _Listener:
     """The thread that hands queued records to the handler; it flushes the handler once
-    the queue is empty, so lines logged together are written together."""
+    the queue is empty, so lines logged together are written together. It takes each
+    record as soon as it is queued, so an outcome's line is out about when its journal
+    commit is: a 20 ms pause to gather lines lost the `sent` lines of recipients already
+    committed as sent to a SIGKILL (tests/test_systemd.py)."""
 
     _STOP = None
 
-    def __init__(self, log_queue: queue.Queue[logging.LogRecord | None],
-                 handler: logging.Handler) -> None:
+    def __init__(self, log_queue: queue.SimpleQueue[Any], handler: logging.Handler) -> None:
         self.queue = log_queue
         self.handler = handler
         self.thread = threading.Thread(target=self._serve, name="mailerd-log", daemon=True)
@@ -215,7 +247,11 @@ class _Listener:
             if record is self._STOP:
                 return
 
-    def _handle(self, record: logging.LogRecord) -> None:
+    def _handle(self, record: logging.LogRecord | _Event) -> None:
+        if isinstance(record, _Event):
+            if record.level < self.handler.level:
+                return
+            record = _record(record)
         if record.levelno >= self.handler.level:
             self.handler.handle(record)
 
@@ -235,10 +271,11 @@ def log_handler(stream: Any = None) -> logging.Handler:
 
 def setup_logging(level: str = "info", handler: logging.Handler | None = None,
                   queue_size: int = QUEUE_SIZE) -> None:
-    global _listener
+    global _listener, _queue_handler
     handler = handler or log_handler()
-    log_queue: queue.Queue[logging.LogRecord] = queue.Queue(queue_size)
-    logger.handlers[:] = [_DroppingQueueHandler(log_queue)]
+    log_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    _queue_handler = _DroppingQueueHandler(log_queue, queue_size)
+    logger.handlers[:] = [_queue_handler]
     logger.setLevel(level.upper())
     logger.propagate = False
     _listener = _Listener(log_queue, handler)  # type: ignore[arg-type]
@@ -246,7 +283,8 @@ def setup_logging(level: str = "info", handler: logging.Handler | None = None,
 
 
 def stop_logging() -> None:
-    global _listener
+    global _listener, _queue_handler
+    _queue_handler = None
     if _listener is not None:
         _listener.stop()
         _listener = None

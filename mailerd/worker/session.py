@@ -186,9 +186,11 @@ class Worker:
 
     async def read_supervisor(self) -> None:
         """Dispatch supervisor messages; EOF means the daemon is gone: exit at once."""
+        frames = wire.FrameReader(self.reader)
         try:
             while True:
-                self.handle(self._decoder.decode(await wire.read_frame(self.reader)))
+                for body in await frames.read():
+                    self.handle(self._decoder.decode(body))
         except (wire.ConnectionClosed, wire.FrameError, ConnectionError):
             os._exit(3)  # never write a "." the journal cannot confirm
 
