@@ -74,6 +74,28 @@ def test_preview_agrees_with_the_daemon_given_its_config(daemon_factory, relay_f
     assert "allow_special_use_domains names 'local'" in alone.stderr and "--config" in alone.stderr
 
 
+def test_test_send_leaves_special_use_names_to_the_daemon(daemon_factory, relay_factory,
+                                                          tmp_path):
+    """`test-send` goes through the daemon, which checks the campaign with its own setting:
+    mailerctl must not refuse a reply_to on a domain the daemon allows."""
+    relay = relay_factory()
+    daemon = daemon_factory({"relay": relay_server(relay)},
+                            delivery={"allow_special_use_domains": ["local"]}).start()
+    campaign, _ = make_campaign(tmp_path / "c", 1)
+    campaign.write_text(campaign.read_text() + 'reply_to = "desk@office.local"\n')
+    sent = daemon.ctl("test-send", str(campaign), "--to", "me@printer.local",
+                      "--fields", "first_name=Ann", "code=1", check=False)
+    assert sent.returncode == 0, sent.stderr
+    assert [m.rcpt for m in relay.received] == ["me@printer.local"]
+
+    campaign.write_text(campaign.read_text().replace("office.local", "lab.test"))
+    refused = daemon.ctl("test-send", str(campaign), "--to", "me@printer.local",
+                         "--fields", "first_name=Ann", "code=1", check=False)
+    assert refused.returncode in (1, 2) and "Traceback" not in refused.stderr
+    assert "reply_to" in refused.stderr and "lab.test" in refused.stderr, refused.stderr
+    assert len(relay.received) == 1
+
+
 def test_preview_with_a_config_that_does_not_allow_the_domain_refuses_it(tmp_path):
     campaign, recipients = make_campaign(tmp_path / "c", 1, domain="lab.test")
     preview = ("preview", str(campaign), "--recipients", str(recipients))
