@@ -50,6 +50,19 @@ def line_with(daemon, *needles: str) -> str | None:
                 None)
 
 
+def followed(daemon, campaign: int, state: str) -> int:
+    """How often this host has followed a change of the campaign made on another host."""
+    return sum(1 for line in daemon.log().splitlines()
+               if "campaign_followed" in line and f"campaign={campaign} " in line + " "
+               and f"state={state}" in line)
+
+
+def wait_followed(daemons, campaign: int, state: str, before: dict | None = None) -> None:
+    """Until every one of `daemons` has followed the change (once more than `before`)."""
+    wait_until(lambda: all(followed(d, campaign, state) > (before or {}).get(d.host_id, 0)
+                           for d in daemons), 5, f"every host to follow {state}")
+
+
 def wait_seconds(daemon, seconds: float) -> None:
     """Wait until the daemon's own clock has advanced by `seconds`: a real interval in
     which something that should not happen would."""
@@ -90,15 +103,19 @@ def test_pause_resume_and_cancel_on_any_host_reach_every_host(tmp_path, hosts):
     cid = a.send_campaign(tmp_path / "c", TOTAL)
     wait_until(lambda: sent_by(b) and sent_by(c), 60, "every host to send")
     b.ctl("pause", str(cid))
+    wait_followed((a, c), cid, "paused")
     wait_until(lambda: a.report(cid).counts.sending == 0, 5, "every host to stop sending")
     paused_at = len(relay.messages())
     wait_seconds(a, 2)  # a pause that did not reach a host would let it send on
     assert len(relay.messages()) == paused_at
     assert a.report(cid).counts.sent == paused_at < TOTAL
 
+    before = {d.host_id: followed(d, cid, "running") for d in (a, b)}
     c.ctl("resume", str(cid))
+    wait_followed((a, b), cid, "running", before)
     wait_until(lambda: len(relay.messages()) >= paused_at + 100, 30, "sending to resume")
     a.ctl("cancel", str(cid))
+    wait_followed((b, c), cid, "cancelled")
     wait_until(lambda: b.report(cid).counts.sending == 0, 5, "the cancel to reach every host")
     cancelled_at = len(relay.messages())
     wait_seconds(a, 2)
