@@ -13,6 +13,9 @@ APT_PACKAGES+=(binutils lintian)
 APT_PACKAGES+=(postfix dovecot-core openssl)
 # tests/test_bounces.py: a private Dovecot IMAP server holding the bounce mailbox
 APT_PACKAGES+=(dovecot-imapd)
+# tests/postgres.py: a private PostgreSQL cluster (initdb in a temp dir) for the journal on
+# PostgreSQL; the package must not create or start a cluster of its own (createcluster.conf below)
+APT_PACKAGES+=(postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -28,8 +31,15 @@ if ((${#missing[@]})); then
         $SUDO chmod 755 $POLICY
         trap "$SUDO rm -f $POLICY" EXIT
     fi
+    # no `main` cluster from postgresql-common: the tests run their own (--force-confold keeps this file)
+    CREATECLUSTER=/etc/postgresql-common/createcluster.conf
+    if [[ ! -e $CREATECLUSTER ]]; then
+        $SUDO mkdir -p "$(dirname $CREATECLUSTER)"
+        echo "create_main_cluster = false" | $SUDO tee $CREATECLUSTER >/dev/null
+    fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -o Dpkg::Options::=--force-confold \
+        "${missing[@]}" >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 import msgspec
 import pytest
 
+import postgres
 from mailerctl.client import Refused
 from mailerd.journal.store import Journal
 from mailerd.schema.control import CampaignReport
@@ -128,6 +129,27 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
     journal.open()
     yield journal
     journal.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[postgres.PgCluster]:
+    """A private PostgreSQL (tests/postgres.py) for the whole session, fsync on:
+    `new_database()` gives a fresh database's DSN; restart()/stop()/start() for the tests
+    of a PostgreSQL that goes away under the daemons. Skipped where it cannot run."""
+    reason = postgres.missing()
+    if reason:
+        pytest.skip(reason)
+    cluster = postgres.start_cluster(fsync=True)
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: postgres.PgCluster) -> str:
+    """The DSN of a fresh, empty database of the session's private PostgreSQL."""
+    if not pg_cluster.running:  # a test that stopped it and failed before starting it again
+        pg_cluster.start()
+    return pg_cluster.new_database()
 
 
 @pytest.fixture
