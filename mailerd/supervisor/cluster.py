@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple
 
 from mailerd.journal.backend import JournalStore
 from mailerd.journal.committer import Committer
+from mailerd.journal.outbox import Outbox
 from mailerd.pacing.pacer import DAY, forget_before
 from mailerd.schema.control import HostInfo
 from mailerd.schema.records import CampaignRow, TakeOver
@@ -56,11 +57,12 @@ class HeldSlot(NamedTuple):
 
 
 class Cluster:
-    def __init__(self, journal: JournalStore, committer: Committer, dispatch: Dispatch,
-                 tasks: Tasks, servers: dict[str, ServerRun], *, clustered: bool,
-                 lease: float, on_fenced: Callable[[], None]) -> None:
+    def __init__(self, journal: JournalStore, committer: Committer, outbox: Outbox,
+                 dispatch: Dispatch, tasks: Tasks, servers: dict[str, ServerRun], *,
+                 clustered: bool, lease: float, on_fenced: Callable[[], None]) -> None:
         self.journal = journal
         self.committer = committer
+        self.outbox = outbox
         self.dispatch = dispatch
         self.tasks = tasks
         self.servers = servers
@@ -292,7 +294,9 @@ class Cluster:
             if not slot.jobs and not slot.connected and slot.state != "connecting":
                 del self.held[slot]
                 self._holding.discard(slot)
-                self.tasks.spawn(self._release(held))
+                # through the outbox: a release lost to a database outage is replayed, or
+                # the slot would stay taken for good
+                self.outbox.write(self.journal.release_session_slot, held.server, held.number)
             elif (server is not None and slot not in self._holding and slot.connected
                   and (not self._within_share(server, slot)
                        or (not slot.jobs and not self._has_work(held.server)))):
@@ -302,12 +306,6 @@ class Cluster:
     def _has_work(self, server: str) -> bool:
         return any(run.buffer for run in self.dispatch.campaigns.values()
                    if run.state == "running" and run.uses(server))
-
-    async def _release(self, held: HeldSlot) -> None:
-        try:
-            await self.committer.run(self.journal.release_session_slot, held.server, held.number)
-        except Exception as exc:  # a takeover of this host or its next start frees it
-            event("session_slot_failed", logging.WARNING, server=held.server, error=str(exc))
 
     # ------------------------------------------------------------ views
 

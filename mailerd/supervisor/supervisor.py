@@ -79,8 +79,8 @@ class Supervisor:
                                self.tasks, config=lambda: self.config, sent_before=sent_before)
         self.processes = Processes(self.servers, self.results, self.tasks, lambda: self.config,
                                    self.passwords, self.identity)
-        self.cluster = Cluster(journal, committer, self.dispatch, self.tasks, self.servers,
-                               clustered=config.journal.backend == "postgresql",
+        self.cluster = Cluster(journal, committer, self.outbox, self.dispatch, self.tasks,
+                               self.servers, clustered=config.journal.backend == "postgresql",
                                lease=config.journal.lease, on_fenced=on_fenced)
         self._last_prune = time.time()
 
