@@ -24,6 +24,7 @@ from mailerd.schema.config import (
     Config,
     DaemonConfig,
     DeliveryConfig,
+    JournalConfig,
     MailboxConfig,
     PatternConfig,
     ServerConfig,
@@ -67,7 +68,7 @@ def _dotted(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
-_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression", "bounces"}
+_TOP_LEVEL = {"daemon", "delivery", "servers", "patterns", "suppression", "bounces", "journal"}
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -96,6 +97,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         patterns=_section(raw.get("patterns", {}), "patterns", PatternConfig, where),
         suppression=_section(raw.get("suppression", {}), "suppression", SuppressionConfig, where),
         bounces=_bounces_section(raw.get("bounces", {}), where),
+        journal=_section(raw.get("journal", {}), "journal", JournalConfig, where),
         servers=servers,
         path=str(path) if path else None,
     )

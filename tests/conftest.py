@@ -11,6 +11,7 @@ import pytest
 
 import postgres
 from mailerctl.client import Refused
+from mailerd.journal.backend import JournalStore
 from mailerd.journal.store import Journal
 from mailerd.schema.control import CampaignReport
 from mailerd.testing.daemon import DaemonProcess, postgresql_journal, toml_value, write_config
@@ -122,10 +123,34 @@ def assert_nobody_lost_or_sent_twice(received: Mapping[str, int], uncertain: set
     assert sent == len(set(received) - uncertain)
 
 
-@pytest.fixture
-def journal(tmp_path: Path) -> Iterator[Journal]:
-    """An open journal on a real SQLite file in the test's directory."""
-    journal = Journal(tmp_path / "journal.sqlite3")
+JOURNAL_BACKENDS = ("sqlite", "postgresql")
+
+
+def new_journal(backend: str, request: pytest.FixtureRequest, host_id: str = "host-a") -> JournalStore:
+    """A journal, not yet opened: on a real SQLite file in the test's directory, or in a
+    fresh database of the session's private PostgreSQL (tests/postgres.py)."""
+    if backend == "sqlite":
+        return Journal(request.getfixturevalue("tmp_path") / "journal.sqlite3", host_id=host_id)
+    from mailerd.journal.postgres import PgJournal
+
+    return PgJournal(request.getfixturevalue("pg_dsn"), host_id)
+
+
+def same_journal(journal: JournalStore, host_id: str | None = None) -> JournalStore:
+    """Another, unopened instance of the same journal: the same daemon restarted, or (with
+    another `host_id`) a second host on the same PostgreSQL database."""
+    from mailerd.journal.postgres import PgJournal
+
+    if isinstance(journal, PgJournal):
+        return PgJournal(journal.dsn, host_id or journal.host_id, journal.lease)
+    assert isinstance(journal, Journal)
+    return Journal(journal.path, host_id=host_id or journal.host_id)
+
+
+@pytest.fixture(params=JOURNAL_BACKENDS)
+def journal(request: pytest.FixtureRequest) -> Iterator[JournalStore]:
+    """An open journal, once on SQLite and once on PostgreSQL."""
+    journal = new_journal(request.param, request)
     journal.open()
     yield journal
     journal.close()
@@ -170,11 +195,9 @@ def relay_factory() -> Iterator[Callable[..., FakeRelay]]:
 @pytest.fixture
 def journal_backend(request: pytest.FixtureRequest) -> str:
     """The journal of the daemons daemon_factory makes: "sqlite" unless the test module
-    parametrises it (`pytest.mark.parametrize("journal_backend", BACKENDS, indirect=True)`)."""
+    parametrises it (`pytest.mark.parametrize("journal_backend", JOURNAL_BACKENDS,
+    indirect=True)`)."""
     return getattr(request, "param", "sqlite")
-
-
-BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture
@@ -209,5 +232,6 @@ def relay_server(relay: FakeRelay, connections: int = 2, **extra: Any) -> dict[s
             "connections": connections, **extra}
 
 
-__all__ = ["BACKENDS", "Daemon", "Refused", "assert_nobody_lost_or_sent_twice", "campaign_addresses",
-           "make_campaign", "relay_server", "wait_until", "write_config"]
+__all__ = ["Daemon", "JOURNAL_BACKENDS", "Refused", "assert_nobody_lost_or_sent_twice",
+           "campaign_addresses", "make_campaign", "new_journal", "relay_server", "same_journal",
+           "wait_until", "write_config"]

@@ -25,12 +25,13 @@ import time
 
 import pytest
 
-from conftest import BACKENDS, campaign_addresses, make_campaign, relay_server, wait_until
+from conftest import (JOURNAL_BACKENDS, campaign_addresses, make_campaign, relay_server,
+                      wait_until)
 from mailerd.schema.control import ListCampaigns
 from mailerd.testing.relay import Faults
 
 # on both journals: SQLite, and a host of its own on PostgreSQL (issue 16)
-pytestmark = pytest.mark.parametrize("journal_backend", BACKENDS, indirect=True)
+pytestmark = pytest.mark.parametrize("journal_backend", JOURNAL_BACKENDS, indirect=True)
 
 SEED = int(os.environ.get("MAILERD_CHAOS_SEED", random.randrange(1 << 30)))
 CYCLES = int(os.environ.get("MAILERD_CHAOS_CYCLES", "20"))

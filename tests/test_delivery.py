@@ -14,12 +14,12 @@ from collections import Counter
 
 import pytest
 
-from conftest import (BACKENDS, assert_nobody_lost_or_sent_twice, campaign_addresses,
-                      relay_server, wait_until)
+from conftest import (JOURNAL_BACKENDS, assert_nobody_lost_or_sent_twice,
+                      campaign_addresses, relay_server, wait_until)
 from mailerd.testing.relay import Faults
 
 # every test on both journals: SQLite, and a host of its own on PostgreSQL (issue 16)
-pytestmark = pytest.mark.parametrize("journal_backend", BACKENDS, indirect=True)
+pytestmark = pytest.mark.parametrize("journal_backend", JOURNAL_BACKENDS, indirect=True)
 
 
 def assert_exactly_once(relay, expected: set[str]) -> None:

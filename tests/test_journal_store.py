@@ -1,4 +1,5 @@
-"""The journal's state machine (journal/store.py) on a real SQLite file.
+"""The journal's state machine (journal/store.py) on a real SQLite file and on a real
+PostgreSQL database (journal/postgres.py): every test runs on both backends.
 
 What matters to a user: a recipient the relay may have is never handed out again
 without a decision (uncertain), one the relay cannot have goes back to the queue,
@@ -8,13 +9,12 @@ out in list order, retries when their time has come.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from conftest import same_journal
+from mailerd.journal.backend import JournalStore
 from mailerd.journal.store import (
     UNCERTAIN_AFTER_RESTART,
-    Journal,
     JournalError,
     bounce_rule,
 )
@@ -25,15 +25,15 @@ from mailerd.schema.records import NewRecipient, Outcome
 SPEC = CampaignSpec(name="t", sender="news@example.org", subject="s", text="t", columns=["email"])
 
 
-def reopened(journal: Journal):
-    """Close and open the same file again, as a restarted daemon does."""
+def reopened(journal: JournalStore):
+    """Close and open the same journal again, as a restarted daemon does."""
     journal.close()
-    again = Journal(journal.path)
+    again = same_journal(journal)
     recovery = again.open()
     return again, recovery
 
 
-def add_campaign(journal: Journal, count: int, domain: str = "example.com") -> int:
+def add_campaign(journal: JournalStore, count: int, domain: str = "example.com") -> int:
     campaign = journal.begin_campaign(f"uid-{domain}", SPEC)
     journal.add_recipients(campaign, [
         NewRecipient(line, f"user{line}@{domain}", f"user{line}@{domain}", b"\x90", "queued", None)
@@ -42,11 +42,11 @@ def add_campaign(journal: Journal, count: int, domain: str = "example.com") -> i
     return campaign
 
 
-def states(journal: Journal, campaign: int) -> dict[str, str]:
+def states(journal: JournalStore, campaign: int) -> dict[str, str]:
     return {r.email: r.state for r in journal.recipients(campaign, None, None)}
 
 
-def attempts(journal: Journal, campaign: int) -> dict[int, int]:
+def attempts(journal: JournalStore, campaign: int) -> dict[int, int]:
     return {r.line: r.attempts for r in journal.recipients(campaign, None, None)}
 
 
@@ -94,12 +94,14 @@ def test_a_lost_worker_leaves_uncertain_what_it_may_have_sent(journal):
     journal.record_outcomes([Outcome(campaign, 3, "sent", 250, "ok")])
 
     held = [(campaign, line) for line in (1, 2, 3, 4)]
-    assert journal.settle_lost_worker(held) == (1, 1)  # (uncertain, requeued)
+    lost, requeued = journal.settle_lost_worker(held)
+    assert [(r.campaign, r.line, r.email) for r in lost] == [(campaign, 2, "user2@example.com")]
+    assert "worker process died" in lost[0].reply and requeued == 1
     assert states(journal, campaign) == {
         "user1@example.com": "queued", "user2@example.com": "uncertain",
         "user3@example.com": "sent", "user4@example.com": "queued"}
     assert attempts(journal, campaign) == {1: 0, 2: 1, 3: 1, 4: 0}
-    assert journal.settle_lost_worker(held) == (0, 0)  # a second report changes nothing
+    assert journal.settle_lost_worker(held) == ([], 0)  # a second report changes nothing
 
 
 def test_a_replayed_or_late_outcome_never_overwrites_a_final_state(journal):

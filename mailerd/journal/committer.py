@@ -1,6 +1,6 @@
 """Group commit: one thread owns the journal and runs every operation on it.
 
-The event loop never blocks on SQLite. Callers `await committer.run(fn, *args)`;
+The event loop never blocks on the journal. Callers `await committer.run(fn, *args)`;
 the thread takes every operation that has queued up since its last commit, runs
 them in one transaction (each inside its own savepoint, so one failing operation
 does not undo the others) and resolves their futures only after COMMIT returned.
@@ -8,8 +8,9 @@ A caller that awaited `run` therefore knows its change is durable. No delay is
 added to gather work: whatever arrives while a commit is in progress forms the
 next batch, which is what makes batches grow with load.
 
-The transaction statements (BEGIN, SAVEPOINT, RELEASE, COMMIT, ROLLBACK) are the
-only SQL here; every query and change of data is a Journal method (store.py).
+The committer knows no SQL: it drives the transaction through the store's methods
+(begin, savepoint, release, rollback_to, commit, rollback) and every query and change
+of data is a method of the store (backend.py's JournalStore: SQLite or PostgreSQL).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import queue
-import sqlite3
 import threading
 from typing import Any, Callable, NamedTuple, TypeVar
 
-from mailerd.journal.store import Journal
+# JournalWriteError is imported from here too (it lives in backend.py)
+from mailerd.journal.backend import JournalStore, JournalWriteError
 
 T = TypeVar("T")
 
@@ -37,7 +38,7 @@ _STOP = object()
 
 
 class Committer:
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: JournalStore) -> None:
         self.journal = journal
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -109,27 +110,26 @@ class Committer:
         self._loop.call_soon_threadsafe(_resolve, [result])
 
     def _commit_batch(self, ops: list[_Op]) -> None:
-        db = self.journal.db
-        assert db is not None
+        store = self.journal
         results: list[tuple[_Op, bool, Any]] | None = []
         try:
-            db.execute("BEGIN IMMEDIATE")
+            store.begin()
             results = self._run_plain(ops)
             if results is None:  # an op failed: again from the start, each in its savepoint
-                db.execute("ROLLBACK")
-                db.execute("BEGIN IMMEDIATE")
-                results = [self._run_in_savepoint(db, op) for op in ops]
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback(db)
-            error = JournalWriteError(f"journal write failed: {exc}")
+                store.rollback()
+                store.begin()
+                results = [self._run_in_savepoint(op) for op in ops]
+            store.commit()
+        except Exception as exc:  # a transaction statement failed, or storage did (below)
+            self._rollback()
+            error = exc if isinstance(exc, JournalWriteError) else \
+                JournalWriteError(f"journal write failed: {exc}")
             results = [(op, False, error) for op in ops]
         self.commits += 1
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_resolve, results)
 
-    @staticmethod
-    def _run_plain(ops: list[_Op]) -> list[tuple[_Op, bool, Any]] | None:
+    def _run_plain(self, ops: list[_Op]) -> list[tuple[_Op, bool, Any]] | None:
         """The usual case, where no op fails: no savepoints, which are half the
         statements of a typical op (bench/RESULTS.md). None when an op raised an
         error of its own; ops are pure journal work, so running the batch again
@@ -139,40 +139,30 @@ class Committer:
             try:
                 results.append((op, True, op.fn(*op.args)))
             except Exception as exc:
-                if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
+                if self.journal.is_storage_error(exc):
                     raise
                 return None
         return results
 
-    @staticmethod
-    def _run_in_savepoint(db: sqlite3.Connection, op: _Op) -> tuple[_Op, bool, Any]:
-        db.execute("SAVEPOINT op")
+    def _run_in_savepoint(self, op: _Op) -> tuple[_Op, bool, Any]:
+        store = self.journal
+        store.savepoint("op")
         try:
             value = op.fn(*op.args)
         except Exception as exc:  # the error belongs to the caller, not to the batch
-            db.execute("ROLLBACK TO op")
-            db.execute("RELEASE op")
-            if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
+            if store.is_storage_error(exc):
                 raise
+            store.rollback_to("op")
+            store.release("op")
             return op, False, exc
-        db.execute("RELEASE op")
+        store.release("op")
         return op, True, value
 
-    @staticmethod
-    def _rollback(db: sqlite3.Connection) -> None:
+    def _rollback(self) -> None:
         try:
-            db.execute("ROLLBACK")
-        except sqlite3.Error:
+            self.journal.rollback()
+        except JournalWriteError:
             pass
-
-
-class JournalWriteError(Exception):
-    """The journal could not commit (disk full, I/O error): nothing of the batch was kept."""
-
-
-def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "disk" in text or "full" in text or "i/o" in text or "readonly" in text
 
 
 def _name_os_thread(name: bytes) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Iterable
 
 import msgspec
 
+# JournalError and FencedError are imported from here too (they live in backend.py)
+from mailerd.journal.backend import FencedError, JournalError, JournalWriteError  # noqa: F401
 from mailerd.message.addresses import suppression_key
 from mailerd.schema.control import (
     BOUNCE_STATES,
@@ -39,6 +42,7 @@ from mailerd.schema.control import (
     CampaignReport,
     CampaignSpec,
     Counts,
+    HostInfo,
     RecipientInfo,
 )
 from mailerd.schema.config import SuppressionConfig
@@ -46,11 +50,13 @@ from mailerd.schema.records import (
     CampaignRow,
     Claimed,
     ClaimResult,
+    LostRecipient,
     NewRecipient,
     BounceApplied,
     BounceTarget,
     Outcome,
     Recovery,
+    TakeOver,
 )
 
 SCHEMA_VERSION = 4
@@ -157,6 +163,7 @@ UNCERTAIN_AFTER_RESTART = (
     "no reply recorded: the daemon stopped after the final '.' was sent, "
     "the relay may have delivered the message"
 )
+UNCERTAIN_WORKER_DIED = "no reply: the worker process died after the final '.' was sent"
 
 # States a campaign still has work in (it is not `done` while any remain).
 PENDING_STATES = ("queued", "sending", "data-sent", "deferred")
@@ -172,10 +179,6 @@ _CAMPAIGN_COLUMNS = "id, uid, name, state, spec, total, created, updated, owner_
 _EVERY_CAMPAIGN = "campaign IN (SELECT id FROM campaigns)"
 
 
-class JournalError(Exception):
-    """The journal cannot be opened or used; the message says why."""
-
-
 def bounce_rule(config: SuppressionConfig) -> re.Pattern[str] | None:
     """One regular expression of all `[suppression] bounce_patterns`; None with auto_bounce off."""
     if not config.auto_bounce or not config.bounce_patterns:
@@ -187,10 +190,13 @@ _spec_decoder = msgspec.msgpack.Decoder(CampaignSpec)
 
 
 class Journal:
-    def __init__(self, path: Path, synchronous: str = "normal") -> None:
+    def __init__(self, path: Path, synchronous: str = "normal", host_id: str | None = None) -> None:
         self.path = path
+        self.location = str(path)
+        self.host_id = host_id or socket.gethostname()
         self._synchronous = synchronous.upper()
         self.db: sqlite3.Connection | None = None
+        self._session_slots: dict[str, set[int]] = {}  # server -> slot numbers held
         # [suppression]: a permanent failure whose reply matches this suppresses the
         # address (reason "bounced"); None: auto_bounce is off. The supervisor sets it
         # from bounce_rule(config.suppression) at start and on every reload.
@@ -269,6 +275,63 @@ class Journal:
         if self.db is None:
             raise JournalError("journal is not open")
         return self.db
+
+    # ------------------------------------------------------------ transactions (committer.py)
+
+    def begin(self) -> None:
+        self._transaction_statement("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self._transaction_statement("COMMIT")
+
+    def rollback(self) -> None:
+        self._transaction_statement("ROLLBACK")
+
+    def savepoint(self, name: str) -> None:
+        self._transaction_statement(f"SAVEPOINT {name}")
+
+    def release(self, name: str) -> None:
+        self._transaction_statement(f"RELEASE {name}")
+
+    def rollback_to(self, name: str) -> None:
+        self._transaction_statement(f"ROLLBACK TO {name}")
+
+    def _transaction_statement(self, sql: str) -> None:
+        try:
+            self._db.execute(sql)
+        except sqlite3.Error as exc:
+            raise JournalWriteError(f"journal write failed: {exc}") from None
+
+    def is_storage_error(self, exc: BaseException) -> bool:
+        if not isinstance(exc, sqlite3.OperationalError):
+            return False
+        text = str(exc).lower()
+        return "disk" in text or "full" in text or "i/o" in text or "readonly" in text
+
+    # ------------------------------------------------------------ cluster (one host: trivial)
+
+    def renew_lease(self) -> bool:
+        return True
+
+    def take_over_expired(self, lease_seconds: float) -> list[TakeOver]:
+        return []
+
+    def hosts(self) -> list[HostInfo]:
+        sessions = sum(len(slots) for slots in self._session_slots.values())
+        return [HostInfo(host=self.host_id, generation=1, renewed_at=time.time(),
+                         sessions=sessions, alive=True)]
+
+    def acquire_session_slot(self, server: str, limit: int) -> int | None:
+        """The lowest free slot below `limit` (the supervisor's own connection limit is the
+        guard here: one daemon per journal)."""
+        held = self._session_slots.setdefault(server, set())
+        slot = next((n for n in range(limit) if n not in held), None)
+        if slot is not None:
+            held.add(slot)
+        return slot
+
+    def release_session_slot(self, server: str, slot: int) -> None:
+        self._session_slots.get(server, set()).discard(slot)
 
     def recover(self) -> Recovery:
         """Classify what a crash left behind (rule 3 of the write discipline)."""
@@ -409,28 +472,36 @@ class Journal:
     ) -> ClaimResult:
         """Queued recipients past `after_line`, then deferred ones whose time has come.
 
-        Nothing is written: a claimed recipient becomes `sending` only when it is
+        Nothing is written (on PostgreSQL they become held by this host, postgres.py):
+        a claimed recipient becomes `sending` only when it is
         handed to a worker (mark_sending), and one whose address was suppressed since
         enqueue is left out and returned for mark_suppressed. `skip` holds lines already
         in memory.
         """
-        rows = self._db.execute(
-            "SELECT line, email, fields, attempts FROM recipients "
-            "WHERE campaign=? AND state='queued' AND line>? ORDER BY line LIMIT ?",
-            (campaign, after_line, limit + len(skip)),
-        ).fetchall()
-        cursor = rows[-1][0] if rows else after_line
-        rows += self._db.execute(
-            "SELECT line, email, fields, attempts FROM recipients "
-            "WHERE campaign=? AND state='deferred' AND next_at<=? ORDER BY next_at LIMIT ?",
-            (campaign, now, limit + len(skip)),
-        ).fetchall()
-        claimed = [Claimed(campaign, *row) for row in rows if row[0] not in skip]
+        queued, deferred = self._claimable(campaign, after_line, limit + len(skip), now)
+        cursor = queued[-1][0] if queued else after_line
+        claimed = [Claimed(campaign, *row) for row in queued + deferred if row[0] not in skip]
         claimed, suppressed = self._split_suppressed(campaign, claimed)
         if len(claimed) > limit:
             claimed = claimed[:limit]
             cursor = min(cursor, claimed[-1].line)
         return ClaimResult(claimed, cursor, suppressed)
+
+    def _claimable(self, campaign: int, after_line: int, count: int, now: float
+                   ) -> tuple[list[tuple], list[tuple]]:
+        """(line, email, fields, attempts) of up to `count` queued recipients past
+        `after_line` in line order, and of up to `count` deferred ones due at `now`."""
+        queued = self._db.execute(
+            "SELECT line, email, fields, attempts FROM recipients "
+            "WHERE campaign=? AND state='queued' AND line>? ORDER BY line LIMIT ?",
+            (campaign, after_line, count),
+        ).fetchall()
+        deferred = self._db.execute(
+            "SELECT line, email, fields, attempts FROM recipients "
+            "WHERE campaign=? AND state='deferred' AND next_at<=? ORDER BY next_at LIMIT ?",
+            (campaign, now, count),
+        ).fetchall()
+        return queued, deferred
 
     def mark_sending(self, items: list[tuple[int, int, str]]) -> None:
         """(campaign, line, server): handed to a worker of that server."""
@@ -537,17 +608,20 @@ class Journal:
             [(reply, now, campaign, line) for campaign, line in items],
         )
 
-    def settle_lost_worker(self, items: list[tuple[int, int]]) -> tuple[int, int]:
-        """A worker died holding these: data-sent -> uncertain, sending -> queued."""
+    def settle_lost_worker(self, items: list[tuple[int, int]]
+                           ) -> tuple[list[LostRecipient], int]:
+        """A worker died holding these: data-sent -> uncertain, sending -> queued.
+        (the recipients made uncertain, how many went back to the queue)"""
         now = time.time()
-        uncertain = requeued = 0
+        uncertain: list[LostRecipient] = []
+        requeued = 0
         for campaign, line in items:
-            uncertain += self._db.execute(
+            uncertain += [LostRecipient(*row) for row in self._db.execute(
                 "UPDATE recipients SET state='uncertain', code=NULL, reply=?, attempts=attempts+1, "
-                "updated=? WHERE campaign=? AND line=? AND state='data-sent'",
-                ("no reply: the worker process died after the final '.' was sent", now,
-                 campaign, line),
-            ).rowcount
+                "updated=? WHERE campaign=? AND line=? AND state='data-sent' "
+                "RETURNING campaign, line, email, reply",
+                (UNCERTAIN_WORKER_DIED, now, campaign, line),
+            ).fetchall()]
             requeued += self._db.execute(
                 "UPDATE recipients SET state='queued', updated=? "
                 "WHERE campaign=? AND line=? AND state='sending'",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -319,6 +320,36 @@ class BouncesConfig(Section):
             raise problem("poll_interval", "must be positive")
 
 
+class JournalConfig(Section):
+    """[journal]: where the journal is. SQLite (one daemon, in the state directory) or
+    PostgreSQL, which several daemons (hosts) share (journal/postgres.py)."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    dsn: str | None = None  # libpq conninfo or URI; required for postgresql
+    password_file: str | None = None  # $CREDENTIALS_DIRECTORY is expanded; a bare name is in it
+    host_id: str = ""  # this daemon among the hosts; default: the machine's hostname
+    lease: Duration = Duration(10)  # a host that has not renewed for this long is taken over
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgresql" and not (self.dsn or "").strip():
+            raise problem("dsn", 'is required with backend = "postgresql" '
+                          '(e.g. "postgresql://mailerd@db.example.org/mailerd")')
+        if self.backend == "sqlite":
+            for key in ("dsn", "password_file"):
+                if getattr(self, key):
+                    raise problem(key, 'is used only with backend = "postgresql"')
+        if self.host_id != self.host_id.strip() or len(self.host_id) > 200 or any(
+                not c.isprintable() for c in self.host_id):
+            raise problem("host_id", f"{shorten(self.host_id)!r} is not a usable host name "
+                          "(printable, no surrounding spaces, at most 200 characters)")
+        if self.lease < 1:
+            raise problem("lease", "must be at least 1s (hosts renew it every lease/3)")
+
+    @property
+    def host(self) -> str:
+        return self.host_id or socket.gethostname()
+
+
 class Config(msgspec.Struct, kw_only=True):
     daemon: DaemonConfig
     delivery: DeliveryConfig
@@ -326,6 +357,7 @@ class Config(msgspec.Struct, kw_only=True):
     patterns: PatternConfig = msgspec.field(default_factory=PatternConfig)
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     path: str | None = None
 
     @property

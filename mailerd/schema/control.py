@@ -360,6 +360,16 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     broken: str | None = None  # why its workers are no longer respawned (until set or reload)
 
 
+class HostInfo(msgspec.Struct, kw_only=True):
+    """One daemon sharing the journal (one on SQLite; every host on PostgreSQL)."""
+
+    host: str
+    generation: int  # bumped at each start and at each takeover (which fences the old one)
+    renewed_at: float  # when it last renewed its lease (the database's clock)
+    sessions: int  # relay session slots it holds
+    alive: bool  # renewed within the lease, and not taken over
+
+
 class MailboxInfo(msgspec.Struct, kw_only=True):
     """One bounce mailbox, as its poller last saw it (bounces/intake.py)."""
 
@@ -379,6 +389,7 @@ class DaemonStatus(Reply):
     servers: list[ServerInfo]
     journal_error: str | None = None  # set while the journal cannot be written: nothing is sent
     mailboxes: list[MailboxInfo] = []  # [bounces] mailboxes
+    hosts: list[HostInfo] = []  # the hosts sharing a PostgreSQL journal (none on SQLite)
 
 
 class SuppressResult(Reply):

@@ -51,6 +51,24 @@ class Recovery(NamedTuple):
     discarded_campaigns: int
 
 
+class LostRecipient(NamedTuple):
+    """A recipient made `uncertain` because whoever held it is gone after its "." (a dead
+    worker, a host taken over): the relay may have the message."""
+
+    campaign: int
+    line: int
+    email: str
+    reply: str  # why it is uncertain, as recorded
+
+
+class TakeOver(NamedTuple):
+    """What taking over one host whose lease expired did (journal/postgres.py)."""
+
+    host: str
+    requeued: int  # sending -> queued: the relay discarded the unfinished transaction
+    uncertain: list[LostRecipient]  # data-sent -> uncertain
+
+
 class CampaignRow(NamedTuple):
     id: int
     uid: str

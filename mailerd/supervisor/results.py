@@ -203,9 +203,10 @@ class Results:
         if not held:
             return
         try:
-            uncertain, requeued = await self.outbox.write(self.journal.settle_lost_worker, list(held))
+            lost, requeued = await self.outbox.write(self.journal.settle_lost_worker, list(held))
         except JournalWriteError:
-            uncertain = requeued = 0  # kept by the outbox and replayed before anything is sent again
+            lost, requeued = [], 0  # kept by the outbox and replayed before anything is sent again
+        uncertain = len(lost)
         for campaign, line in held:
             run = self.campaigns.get(campaign)
             if run is not None:
