@@ -360,8 +360,8 @@ def start(args: argparse.Namespace) -> int:
     secure_state_dir(config.state_dir)  # the WAL and shared-memory files are new now
     event("journal_recovered", journal=config.journal.backend,
           path=None if clustered else journal.location,
-          host=journal.host_id if clustered else None, requeued=recovery.requeued, uncertain=recovery.uncertain,
-          discarded_campaigns=recovery.discarded_campaigns)
+          host=journal.host_id if clustered else None, requeued=recovery.requeued,
+          uncertain=recovery.uncertain, discarded_campaigns=recovery.discarded_campaigns)
     if recovery.uncertain:
         log_recovered_uncertain(journal, opened_at)
     try:

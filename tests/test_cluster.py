@@ -10,7 +10,10 @@ Leases are short (2 s) so that takeovers happen within a test's patience.
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -86,7 +89,7 @@ def test_hosts_share_one_campaign_within_the_accounts_sessions(tmp_path, hosts, 
     assert report.counts.sent == TOTAL
     assert report.counts.uncertain == report.counts.failed == report.counts.queued == 0
     assert_exactly_once(relay, campaign_addresses(TOTAL))
-    assert relay.max_concurrent_seen <= SESSIONS, "the account's sessions are a cluster-wide ceiling"
+    assert relay.max_concurrent_seen <= SESSIONS, "the account's sessions: a cluster-wide ceiling"
     assert relay.drops > 100  # the relay really did cut the sessions
     shares = [sent_by(d) for d in daemons]
     assert all(shares), f"every host sent some: {shares}"
@@ -178,3 +181,22 @@ def test_postgresql_restarted_mid_campaign_hosts_wait_and_go_on(tmp_path, hosts,
     assert_exactly_once(relay, campaign_addresses(TOTAL))
     assert all(d.proc.poll() is None for d in daemons), "nobody was fenced or crashed"
     assert all(sent_by(d) for d in daemons)
+
+
+def test_check_config_connects_to_the_database_and_fences_nobody(tmp_path, hosts):
+    relay, (host,) = hosts(1)
+    generation = host.status().hosts[0].generation
+    checked = subprocess.run([sys.executable, "-m", "mailerd", "--config", str(host.config),
+                              "--check-config"], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert host.status().hosts[0].generation == generation  # the running host is untouched
+    assert host.proc.poll() is None
+
+    bad = tmp_path / "bad.toml"  # the same config, but nothing listens at the database's port
+    bad.write_text(re.sub(r"^dsn = .*$", 'dsn = "host=127.0.0.1 port=9 user=mailerd dbname=none"',
+                          host.config.read_text(), flags=re.M))
+    refused = subprocess.run([sys.executable, "-m", "mailerd", "--config", str(bad),
+                              "--check-config"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "journal" in refused.stderr and "127.0.0.1" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -93,18 +93,6 @@ class Cluster:
         self.tasks.spawn(self._take_over_forever())
         self.tasks.spawn(self._discover_forever())
 
-    async def stop(self) -> None:
-        """After the workers have ended: their slots back, unless fenced (then they are
-        not ours any more)."""
-        held, self.held = list(self.held.values()), {}
-        if self.fenced or not held:
-            return
-        try:
-            for slot in held:
-                await self.committer.run(self.journal.release_session_slot, slot.server, slot.number)
-        except Exception as exc:  # the next takeover or start of this host frees them
-            event("session_slots_not_released", logging.WARNING, error=str(exc))
-
     # ------------------------------------------------------------ lease
 
     async def _renew_forever(self) -> None:

@@ -124,8 +124,7 @@ class Supervisor:
     async def stop(self, timeout: float) -> None:
         """Graceful: workers finish their transaction, give back the rest, QUIT, exit."""
         await self.processes.stop(timeout)
-        self.tasks.cancel_all()
-        await self.cluster.stop()
+        self.tasks.cancel_all()  # the journal's close gives this host's session slots back
         await asyncio.to_thread(stop_template)
 
     # ------------------------------------------------------------ servers
