@@ -200,3 +200,21 @@ def test_check_config_connects_to_the_database_and_fences_nobody(tmp_path, hosts
     assert refused.returncode == 2
     assert "journal" in refused.stderr and "127.0.0.1" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_an_hourly_quota_counts_every_hosts_sends(tmp_path, relay_factory, daemon_factory,
+                                                  pg_dsn):
+    # two sessions for the account, one for each host once both are up; each host alone
+    # would stop at its own 300, i.e. 600 in all
+    relay = relay_factory(Faults(reply_delay=0.05))
+    daemons = [daemon_factory({"isp": relay_server(relay, connections=2, hourly_quota=300)},
+                              journal=postgresql_journal(pg_dsn, f"host-{i}")).start()
+               for i in range(2)]
+    cid = daemons[0].send_campaign(tmp_path / "c", 1000)
+    wait_until(lambda: all(sent_by(d) for d in daemons) and len(relay.messages()) >= 300, 90,
+               "both hosts to send, 300 in all")
+    wait_seconds(daemons[0], 6)  # time for a host that did not see the other's sends to go on
+    sent = len(relay.messages())
+    assert sent < 380, f"the quota is the account's: {sent} sent, hourly_quota = 300"
+    assert daemons[1].report(cid).counts.sent == sent
+    assert all(s.state == "parked" for d in daemons for s in d.status().servers)
