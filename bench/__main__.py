@@ -22,7 +22,7 @@ FULL = {
     "journal_cost": {"count": 3_000, "repeats": 5},
     "dkim": {"count": 20_000, "sessions": 4, "repeats": 3, "micro_count": 200},
     "longlink": {"per_session": 300, "sessions": [1, 2, 4], "repeats": 3, "loop_per_session": 40},
-    "cluster": {"count": 20_000, "hosts": [1, 2, 3], "sessions": 8, "repeats": 3, "lease": 5.0},
+    "cluster": {"count": 10_000, "hosts": [1, 2, 3], "sessions": 8, "repeats": 3, "lease": 5.0},
 }
 QUICK = {
     "throughput": {"count": 2_000, "sessions": [4, 16], "repeats": 1, "naive_count": 400},

@@ -170,7 +170,9 @@ def markdown(result: dict) -> str:
            "| setup | msg/s | CPU ms/msg (all) | commit ms/msg | of which PostgreSQL |",
            "|---|---:|---:|---:|---:|"]
     for name, m in result["by_setup"].items():
-        label = "1 host, SQLite" if name == "sqlite" else f"{name[3:]} host(s), PostgreSQL"
+        hosts = name.removeprefix("pg_")
+        label = ("1 host, SQLite" if name == "sqlite"
+                 else f"{hosts} host{'s' if hosts != '1' else ''}, PostgreSQL")
         out.append(f"| {label} | {m['rate']:,.0f} | {m['cpu_ms_per_msg']:.3f} | "
                    f"{m['commit_ms_per_msg']:.3f} | {m['postgresql_ms_per_msg']:.3f} |")
     out += ["", f"Takeover (lease {result['lease']:g} s): kill -9 of the host holding the "
