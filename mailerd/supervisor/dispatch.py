@@ -20,7 +20,7 @@ import msgspec
 
 from mailerd.journal.committer import Committer
 from mailerd.journal.outbox import Outbox
-from mailerd.journal.store import Journal
+from mailerd.journal.backend import JournalStore
 from mailerd.message.addresses import suppression_key
 from mailerd.pacing.pacer import Decision
 from mailerd.schema.records import Claimed
@@ -52,8 +52,9 @@ def log_decision(server: ServerRun, decision: Decision) -> None:
 
 
 class Dispatch:
-    def __init__(self, servers: dict[str, ServerRun], journal: Journal, committer: Committer,
-                 outbox: Outbox, tasks: Tasks, is_stopping: Callable[[], bool],
+    def __init__(self, servers: dict[str, ServerRun], journal: JournalStore,
+                 committer: Committer, outbox: Outbox, tasks: Tasks,
+                 is_stopping: Callable[[], bool],
                  may_use: Callable[[ServerRun, WorkerSlot], bool] = lambda server, slot: True
                  ) -> None:
         self.servers = servers
