@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     parser.add_argument("--check-config", action="store_true",
                         help="check the config file and every file it names (relay passwords, "
-                        "DKIM keys, CA bundles), then exit: 0 ok, 2 not")
+                        "DKIM keys, CA bundles), connect to a PostgreSQL journal, then exit: "
+                        "0 ok, 2 not")
     parser.add_argument("--reload", type=int, metavar="PID",
                         help="make the running daemon PID re-read its config (SIGHUP) and wait "
                              "for its verdict: 0 applied, 2 refused (the old config stays); "
