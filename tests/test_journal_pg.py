@@ -11,6 +11,8 @@ goes on with a new connection, nothing lost.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -65,13 +67,16 @@ def claimed_lines(journal: PgJournal, campaign: int, after: int = 0, limit: int 
 def test_two_hosts_never_claim_the_same_recipient(two_hosts):
     a, b = two_hosts
     campaign = add_campaign(a, 30)
+    a.add_recipients(campaign, [NewRecipient(31, "bad", None, None, "invalid", "no @")])
+    assert [(r.state, r.reply) for r in a.recipients(campaign, "invalid", None)] == [("invalid", "no @")]
     assert claimed_lines(a, campaign) == list(range(1, 11))
+    assert {c.fields for c in a.claim(campaign, 0, 10, time.time(), set()).recipients} == {b"\x90"}
     assert claimed_lines(b, campaign) == list(range(11, 21))  # a's are held, not only locked
     assert claimed_lines(a, campaign) == list(range(1, 11))  # its own, again (they are in memory)
     assert claimed_lines(a, campaign, after=10) == list(range(21, 31))
     assert claimed_lines(b, campaign, after=20) == []
     b.mark_sending([(campaign, line, "isp") for line in (1, 2)])  # a's: b cannot take them
-    assert set(states(a, campaign).values()) == {"queued"}
+    assert (states(a, campaign)[1], states(a, campaign)[2]) == ("queued", "queued")
 
 
 def test_concurrent_hosts_send_everyone_exactly_once(pg_dsn: str):
@@ -346,3 +351,48 @@ def test_a_fenced_host_claims_nothing_and_gets_no_session(two_hosts):
     b.take_over_expired(0.0)
     assert claimed_lines(a, campaign) == [] and a.acquire_session_slot("isp", 5) is None
     assert claimed_lines(b, campaign) == [1, 2]
+
+
+def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
+    """The committer's group commit on PostgreSQL: one transaction for the ops queued
+    together; the op that fails is undone alone (its savepoint), the others commit."""
+    async def scenario() -> None:
+        journal = PgJournal(pg_dsn, "host-a")
+        journal.open()
+        committer = Committer(journal)
+        committer.start()
+        try:
+            campaign = await committer.run(add_campaign, journal, 4)
+            await committer.run(journal.mark_sending, [(campaign, line, "isp") for line in (1, 2, 3)])
+            await committer.run(journal.record_outcomes, [Outcome(campaign, 2, "sent", 250, "ok")])
+            batch = [committer.run(journal.mark_suppressed, [(campaign, 4, "manual")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 1, "isp")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 2, "isp")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 3, "isp")])]
+            results = await asyncio.gather(*batch, return_exceptions=True)
+            assert results[0] == 1 and results[1] is None and results[3] is None
+            assert isinstance(results[2], JournalError) and "not in a sendable state" in str(results[2])
+            assert states(journal, campaign) == {1: "data-sent", 2: "sent", 3: "data-sent",
+                                                 4: "suppressed"}
+            assert len(journal.sends_since("isp", 0)) == 2  # the failed op's send is undone too
+        finally:
+            await committer.stop()
+            journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_daemon_on_sqlite_never_loads_psycopg(tmp_path):
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mailerd.journal.factory import open_store\n"
+        "from mailerd.journal.committer import Committer\n"
+        "from mailerd.schema.config import JournalConfig\n"
+        f"store = open_store(JournalConfig(), Path({str(tmp_path)!r}))\n"
+        "store.open(); store.close()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('psycopg')))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

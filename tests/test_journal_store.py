@@ -182,3 +182,12 @@ def test_a_matching_permanent_failure_suppresses_the_address_once(journal):
 def test_no_bounce_rule_when_auto_bounce_is_off():
     assert bounce_rule(SuppressionConfig(auto_bounce=False)) is None
     assert bounce_rule(SuppressionConfig(bounce_patterns=[])) is None
+
+
+def test_one_host_holds_at_most_limit_sessions_and_is_never_fenced(journal):
+    assert [journal.acquire_session_slot("isp", 2) for _ in range(3)] == [0, 1, None]
+    journal.release_session_slot("isp", 0)
+    assert journal.acquire_session_slot("isp", 2) == 0
+    assert journal.renew_lease() and journal.take_over_expired(0.0) == []
+    [host] = journal.hosts()
+    assert (host.host, host.sessions, host.alive) == ("host-a", 2, True)
