@@ -75,6 +75,7 @@ class Cluster:
         self.held: dict[WorkerSlot, HeldSlot] = {}
         self._asking: set[WorkerSlot] = set()
         self._holding: set[WorkerSlot] = set()  # told to Hold: they give their slot back
+        self._lives: set[tuple[str, int, bool]] = set()  # (host, generation, alive) last seen
         self._changed_here: dict[int, float] = {}  # campaign -> monotonic time of a local change
         self._shared_sends: dict[str, collections.deque[float]] = {}
         self._sends_read_to: dict[str, float] = {}
@@ -164,6 +165,8 @@ class Cluster:
             event("cluster_look_failed", logging.DEBUG, error=str(exc))
             return
         self.alive_hosts = max(1, sum(1 for host in hosts if host.alive))
+        lives = {(host.host, host.generation, host.alive) for host in hosts}
+        hosts_changed, self._lives = lives != self._lives, lives
         changed = {c for c, at in self._changed_here.items() if at >= began}
         self._changed_here = {c: at for c, at in self._changed_here.items() if at >= began}
         for row in rows:
@@ -172,7 +175,7 @@ class Cluster:
         for campaign, row in zip(gone, ended):
             if campaign not in changed:
                 self._follow_ended(campaign, row)
-        self._rescan()
+        self._rescan(everything=hosts_changed)
 
     def _follow(self, row: CampaignRow) -> None:
         run = self.dispatch.campaigns.get(row.id)
@@ -195,11 +198,14 @@ class Cluster:
             del self.dispatch.campaigns[campaign]  # another host saw it finish
             self.dispatch.status_changed.set()
 
-    def _rescan(self) -> None:
-        """Other hosts put recipients back behind this host's read cursor (their
-        requeues, a takeover): read every running campaign from the start again."""
+    def _rescan(self, everything: bool = True) -> None:
+        """Recipients can come back to the queue behind this host's read cursor: a takeover
+        or a host's clean stop frees the rows it held. Read the running campaigns from the
+        start again: all of them when a host came, went or was taken over, else those whose
+        buffer ran dry (a read from the start re-takes the rows a buffer holds: not at
+        every look)."""
         for run in self.dispatch.campaigns.values():
-            if run.state == "running":
+            if run.state == "running" and (everything or not run.buffer):
                 run.rescan()
         self.dispatch.kick()
 
