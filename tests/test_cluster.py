@@ -1,9 +1,9 @@
 """Several mailerd hosts on one PostgreSQL journal (issue 16): real daemons, a real private
 PostgreSQL cluster (tests/postgres.py), one fake relay account they all send through.
 
-The relay allows no more than the account's 3 sessions in total (each host is configured
-with connections = 3, so without the cluster-wide ceiling two hosts would open 6) and
-drops every session after its 7th message. Every test asserts what the relay received
+The relay account allows 3 sessions in total: each host is configured with connections = 3,
+so without the cluster-wide ceiling two hosts would open 6, and the relay records the most
+sessions it saw at once. It drops every session after its 7th message. Every test asserts what the relay received
 (who, how many times, how many sessions at once) and what the shared report says.
 Leases are short (2 s) so that takeovers happen within a test's patience.
 """
@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from conftest import (assert_nobody_lost_or_sent_twice, campaign_addresses, make_campaign,
-                      relay_server, wait_until)
+from conftest import (assert_nobody_lost_or_sent_twice, campaign_addresses, relay_server,
+                      wait_until)
 from mailerd.daemon import EXIT_FENCED
 from mailerd.testing.daemon import postgresql_journal
 from mailerd.testing.relay import Faults
