@@ -11,10 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import dkim, journal_cost, longlink, report, scale, throughput
+from . import cluster, dkim, journal_cost, longlink, report, scale, throughput
 from .tools import BenchUnavailable, ensure_smtp_tools, machine_info
 
-SCENARIOS = ("throughput", "scale", "journal_cost", "dkim", "longlink")
+SCENARIOS = ("throughput", "scale", "journal_cost", "dkim", "longlink", "cluster")
 
 FULL = {
     "throughput": {"count": 50_000, "sessions": [4, 16], "repeats": 3, "naive_count": 10_000},
@@ -22,6 +22,7 @@ FULL = {
     "journal_cost": {"count": 3_000, "repeats": 5},
     "dkim": {"count": 20_000, "sessions": 4, "repeats": 3, "micro_count": 200},
     "longlink": {"per_session": 300, "sessions": [1, 2, 4], "repeats": 3, "loop_per_session": 40},
+    "cluster": {"count": 10_000, "hosts": [1, 2, 3], "sessions": 8, "repeats": 3, "lease": 5.0},
 }
 QUICK = {
     "throughput": {"count": 2_000, "sessions": [4, 16], "repeats": 1, "naive_count": 400},
@@ -29,6 +30,7 @@ QUICK = {
     "journal_cost": {"count": 300, "repeats": 1},
     "dkim": {"count": 500, "sessions": 4, "repeats": 1, "micro_count": 20},
     "longlink": {"per_session": 15, "sessions": [1], "repeats": 1, "loop_per_session": 5},
+    "cluster": {"count": 600, "hosts": [1, 2, 3], "sessions": 4, "repeats": 1, "lease": 2.0},
 }
 
 
@@ -100,6 +102,9 @@ def _run(chosen: list[str], params: dict, workdir: Path, results: dict, out: Pat
         elif name == "longlink":
             results[name] = longlink.run(p["per_session"], p["sessions"], p["repeats"],
                                          workdir / name, p["loop_per_session"])
+        elif name == "cluster":
+            results[name] = cluster.run(p["count"], p["hosts"], p["sessions"], p["repeats"],
+                                        p["lease"], workdir / name)
         else:
             results[name] = journal_cost.run(results.get("throughput"), p["count"],
                                              p["repeats"], workdir / name)

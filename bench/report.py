@@ -34,6 +34,9 @@ def markdown(results: dict) -> str:
     if "longlink" in results:
         from .longlink import markdown as longlink_markdown
         parts.append(longlink_markdown(results["longlink"]))
+    if "cluster" in results:
+        from .cluster import markdown as cluster_markdown
+        parts.append(cluster_markdown(results["cluster"]))
     return "\n\n".join(parts) + "\n"
 
 

@@ -21,6 +21,7 @@ from mailerd.schema.control import (
     CampaignReport,
     Counts,
     DaemonStatus,
+    HostInfo,
     ServerInfo,
 )
 
@@ -253,6 +254,8 @@ def status_text(status: DaemonStatus) -> str:
              f"state {status.state_dir}", ""]
     if status.journal_error:
         lines[1:1] = [f"NOT SENDING: {status.journal_error}", ""]
+    if status.hosts:
+        lines += [hosts_table(status.hosts), ""]
     for server in status.servers:
         lines += server_text(server)
         lines.append(table(
@@ -273,6 +276,13 @@ def status_text(status: DaemonStatus) -> str:
         lines.append("")
     lines.append(campaign_table(status.campaigns) if status.campaigns else "(no active campaigns)")
     return "\n".join(lines)
+
+
+def hosts_table(hosts: list[HostInfo]) -> str:
+    """The daemons sharing this one's PostgreSQL journal, this one among them."""
+    return table(("host", "generation", "renewed", "sessions", "state"),
+                 [[h.host, h.generation, iso(h.renewed_at), h.sessions,
+                   "alive" if h.alive else "lease expired"] for h in hosts])
 
 
 # ---------------------------------------------------------------- progress

@@ -37,7 +37,8 @@ from mailerd.message.addresses import allow_special_use_domains
 from mailerd.supervisor.identity import read_server_dkim
 from mailerd.schema.config import Config, ReloadResult
 from mailerd.control.server import ControlServer
-from mailerd.journal.store import Journal, JournalError
+from mailerd.journal.backend import JournalError, JournalStore
+from mailerd.journal.factory import check_store, open_store
 from mailerd.system.log import event, setup_logging, stop_logging
 from mailerd.supervisor.supervisor import Supervisor
 from mailerd.supervisor.results import log_uncertain
@@ -46,6 +47,7 @@ from mailerd.schema.records import LostRecipient
 EXIT_CONFIG = 2
 EXIT_STATE = 3
 EXIT_LOCKED = 4
+EXIT_FENCED = 5  # another host took this one's recipients over (issue 16): systemd restarts it
 
 JOURNAL_FILE = "journal.sqlite3"
 RELOAD_FILE = "reload.result"  # the last SIGHUP's verdict (ReloadResult as JSON)
@@ -148,7 +150,7 @@ def tighten(path: Path, allowed: int) -> None:
               mode_was=f"{mode:04o}", mode=f"{mode & allowed:04o}")
 
 
-def log_recovered_uncertain(journal: Journal, since: float) -> None:
+def log_recovered_uncertain(journal: JournalStore, since: float) -> None:
     """One entry per recipient the recovery just made uncertain, like the entry of any
     other outcome, so that `journalctl MAILERD_CAMPAIGN=N` shows them too."""
     for campaign in journal.campaigns():
@@ -159,14 +161,15 @@ def log_recovered_uncertain(journal: Journal, since: float) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config, journal: Journal) -> None:
+    def __init__(self, config: Config, journal: JournalStore) -> None:
         self.config = config
         self.journal = journal
         self.committer = Committer(journal)
+        self.fenced = False
         # STATUS= counts what the journal holds, not what this process sent: after a
         # restart it still matches `mailerctl report` (issue 15); read before the loop runs
         self.supervisor = Supervisor(config, journal, self.committer,
-                                     sent_before=journal.sent_total())
+                                     sent_before=journal.sent_total(), on_fenced=self._fenced)
         self.commands = Commands(journal, self.committer, self.supervisor)
         self.control = ControlServer(
             self.commands, config.socket_path, config.socket_mode,
@@ -228,6 +231,13 @@ class Daemon:
                 pid=os.getpid(), count=self.reloads, ok=not error, message=error))
             failed = f"config reload failed, the previous config stays: {error}; " if error else ""
             notify.ready(failed + self.supervisor.status_line())
+
+    def _fenced(self) -> None:
+        """Another host took this one over (cluster.py): stop, and exit EXIT_FENCED."""
+        self.fenced = True
+        if not self.stop_requested.is_set():
+            event("daemon_stopping", reason="fenced", exit_status=EXIT_FENCED)
+            self.stop_requested.set()
 
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop_requested.is_set():
@@ -291,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     parser.add_argument("--check-config", action="store_true",
                         help="check the config file and every file it names (relay passwords, "
-                        "DKIM keys, CA bundles), then exit: 0 ok, 2 not")
+                        "DKIM keys, CA bundles), connect to a PostgreSQL journal, then exit: "
+                        "0 ok, 2 not")
     parser.add_argument("--reload", type=int, metavar="PID",
                         help="make the running daemon PID re-read its config (SIGHUP) and wait "
                              "for its verdict: 0 applied, 2 refused (the old config stays); "
@@ -332,6 +343,10 @@ def start(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.check_config:
         notes = check_files(config)
+        try:
+            check_store(config.journal)  # PostgreSQL: connects, changes nothing
+        except JournalError as exc:
+            raise ConfigError(str(exc)) from None
         print("\n".join([*notes, f"{args.config or '<built-in defaults>'}: ok"]))
         return 0
     if args.reload is not None:
@@ -340,24 +355,31 @@ def start(args: argparse.Namespace) -> int:
     setup_logging(config.daemon.log_level)
     os.umask(0o077)  # whatever started us: new state files are the daemon's alone
     lock_state_dir(config.state_dir)
-    journal_path = config.state_dir / JOURNAL_FILE
     secure_state_dir(config.state_dir)
-    lock_journal(journal_path)
-    journal = Journal(journal_path, config.daemon.journal_sync)
+    clustered = config.journal.backend == "postgresql"
+    if not clustered:
+        lock_journal(config.state_dir / JOURNAL_FILE)
+    journal = open_store(config.journal, config.state_dir, config.daemon.journal_sync)
     opened_at = time.time()
     try:
         recovery = journal.open()
     except JournalError as exc:
         raise StartupError(str(exc), EXIT_STATE) from None
     secure_state_dir(config.state_dir)  # the WAL and shared-memory files are new now
-    event("journal_recovered", path=str(journal.path), requeued=recovery.requeued,
+    event("journal_recovered", journal=config.journal.backend,
+          path=None if clustered else journal.location,
+          host=journal.host_id if clustered else None, requeued=recovery.requeued,
           uncertain=recovery.uncertain, discarded_campaigns=recovery.discarded_campaigns)
     if recovery.uncertain:
         log_recovered_uncertain(journal, opened_at)
     try:
-        asyncio.run(Daemon(config, journal).run())
+        daemon = Daemon(config, journal)
+        asyncio.run(daemon.run())
     finally:
         journal.close()
+    if daemon.fenced:
+        event("daemon_fenced", logging.ERROR, host=journal.host_id, exit_status=EXIT_FENCED)
+        return EXIT_FENCED
     return 0
 
 

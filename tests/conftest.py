@@ -14,7 +14,7 @@ from mailerctl.client import Refused
 from mailerd.journal.backend import JournalStore
 from mailerd.journal.store import Journal
 from mailerd.schema.control import CampaignReport
-from mailerd.testing.daemon import DaemonProcess, toml_value, write_config
+from mailerd.testing.daemon import DaemonProcess, postgresql_journal, toml_value, write_config
 from mailerd.testing.relay import Faults, FakeRelay
 from mailerd.testing.waiting import wait_until
 
@@ -193,12 +193,29 @@ def relay_factory() -> Iterator[Callable[..., FakeRelay]]:
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def journal_backend(request: pytest.FixtureRequest) -> str:
+    """The journal of the daemons daemon_factory makes: "sqlite" unless the test module
+    parametrises it (`pytest.mark.parametrize("journal_backend", JOURNAL_BACKENDS,
+    indirect=True)`)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, journal_backend: str,
+                   request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
+    """make(servers, **kwargs): a Daemon in its own work directory. On the "postgresql"
+    backend each gets a fresh database of the session's private PostgreSQL (one host of
+    its own); a `journal=` keyword says otherwise (tests/test_cluster.py: several hosts)."""
     daemons: list[Daemon] = []
 
     def make(servers: dict[str, dict[str, Any]], **kwargs: Any) -> Daemon:
         workdir = tmp_path / f"d{len(daemons)}"
         workdir.mkdir()
+        if journal_backend == "postgresql" and "journal" not in kwargs:
+            cluster = request.getfixturevalue("pg_cluster")
+            if not cluster.running:  # a test that stopped it and failed before starting it
+                cluster.start()
+            kwargs["journal"] = postgresql_journal(cluster.new_database(), "host-0", "10s")
         daemon = Daemon(workdir, servers, **kwargs)
         daemons.append(daemon)
         return daemon

@@ -24,6 +24,7 @@ EXPECTED = {
     "journal_cost": {"cpu", "window", "targets"},
     "dkim": {"end_to_end", "ratios", "targets", "micro"},
 }
+CLUSTER_SETUPS = {"sqlite", "pg_1", "pg_2", "pg_3"}
 CONTENDERS = {"mailerd", "smtp_source", "prebuilt", "prebuilt_uvloop", "ceiling", "naive", "ratios"}
 
 
@@ -61,6 +62,14 @@ def test_quick_bench_writes_every_scenario(smtp_tools: None, tmp_path: Path) -> 
     assert "journal/full" in results["journal_cost"]["window"]["ms_per_msg"]
     assert set(results["dkim"]["end_to_end"]) == {"unsigned", "rsa", "ed25519"}
     assert results["dkim"]["micro"]["rsa"]["ours_ms"] > 0
+    cluster = results["cluster"]
+    if "skipped" not in cluster:  # no PostgreSQL server binaries here: said in the table
+        assert set(cluster["by_setup"]) == CLUSTER_SETUPS
+        assert all(m["rate"] > 0 and m["commit_ms_per_msg"] > 0 for m in cluster["by_setup"].values())
+        assert cluster["by_setup"]["pg_1"]["postgresql_ms_per_msg"] > 0
+        assert set(cluster["targets"]) == {"pg_vs_sqlite", "takeover_s"}
+        assert 0 < cluster["takeover_s"] < 60
     text = markdown.read_text()
     assert "### 1. Throughput" in text and "### DKIM" in text
     assert "transport ceiling" in text and "cpu_ms_per_msg ≤ 0.3 ms" in text
+    assert "### Several hosts on PostgreSQL" in text

@@ -23,9 +23,15 @@ import subprocess
 import sys
 import time
 
-from conftest import campaign_addresses, make_campaign, relay_server, wait_until
+import pytest
+
+from conftest import (JOURNAL_BACKENDS, campaign_addresses, make_campaign, relay_server,
+                      wait_until)
 from mailerd.schema.control import ListCampaigns
 from mailerd.testing.relay import Faults
+
+# on both journals: SQLite, and a host of its own on PostgreSQL (issue 16)
+pytestmark = pytest.mark.parametrize("journal_backend", JOURNAL_BACKENDS, indirect=True)
 
 SEED = int(os.environ.get("MAILERD_CHAOS_SEED", random.randrange(1 << 30)))
 CYCLES = int(os.environ.get("MAILERD_CHAOS_CYCLES", "20"))

@@ -12,9 +12,14 @@ import os
 import signal
 from collections import Counter
 
-from conftest import (assert_nobody_lost_or_sent_twice, campaign_addresses, relay_server,
-                      wait_until)
+import pytest
+
+from conftest import (JOURNAL_BACKENDS, assert_nobody_lost_or_sent_twice,
+                      campaign_addresses, relay_server, wait_until)
 from mailerd.testing.relay import Faults
+
+# every test on both journals: SQLite, and a host of its own on PostgreSQL (issue 16)
+pytestmark = pytest.mark.parametrize("journal_backend", JOURNAL_BACKENDS, indirect=True)
 
 
 def assert_exactly_once(relay, expected: set[str]) -> None:

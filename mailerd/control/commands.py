@@ -340,6 +340,7 @@ class Commands:
             servers=self.supervisor.server_info(),
             journal_error=self.supervisor.storage_error,
             mailboxes=self.bounces.info(),
+            hosts=await self.supervisor.hosts(),
         )
 
     async def bounce_list(self, session: ClientSession, request: Bounces) -> Reply:

@@ -395,6 +395,7 @@ class DaemonStatus(Reply):
     servers: list[ServerInfo]
     journal_error: str | None = None  # set while the journal cannot be written: nothing is sent
     mailboxes: list[MailboxInfo] = []  # [bounces] mailboxes
+    hosts: list[HostInfo] = []  # the hosts sharing a PostgreSQL journal (none on SQLite)
 
 
 class SuppressResult(Reply):

@@ -20,7 +20,7 @@ import msgspec
 
 from mailerd.journal.committer import Committer
 from mailerd.journal.outbox import Outbox
-from mailerd.journal.store import Journal
+from mailerd.journal.backend import JournalStore
 from mailerd.message.addresses import suppression_key
 from mailerd.pacing.pacer import Decision
 from mailerd.schema.records import Claimed
@@ -52,14 +52,18 @@ def log_decision(server: ServerRun, decision: Decision) -> None:
 
 
 class Dispatch:
-    def __init__(self, servers: dict[str, ServerRun], journal: Journal, committer: Committer,
-                 outbox: Outbox, tasks: Tasks, is_stopping: Callable[[], bool]) -> None:
+    def __init__(self, servers: dict[str, ServerRun], journal: JournalStore,
+                 committer: Committer, outbox: Outbox, tasks: Tasks,
+                 is_stopping: Callable[[], bool],
+                 may_use: Callable[[ServerRun, WorkerSlot], bool] = lambda server, slot: True
+                 ) -> None:
         self.servers = servers
         self.journal = journal
         self.committer = committer
         self.outbox = outbox
         self.tasks = tasks
         self.is_stopping = is_stopping
+        self.may_use = may_use  # the worker holds one of the account's sessions (cluster.py)
         self.campaigns: dict[int, CampaignRun] = {}
         self.status_changed = asyncio.Event()  # a campaign started, paused or ended (STATUS=)
         self._scheduled = False
@@ -118,6 +122,9 @@ class Dispatch:
                 claimed = self._next_for(server.name)
                 if claimed is None:
                     return
+                if not self.may_use(server, slot):
+                    self.campaigns[claimed.campaign].buffer.appendleft(claimed)
+                    break
                 decision = server.pacer.take(now)
                 self._assign(slot, claimed)
                 assigned.append((claimed.campaign, claimed.line, server.name))

@@ -8,7 +8,9 @@ control/); each job lives in its own module, and each gets the others handed in:
 - results.py: what workers report, turned into journal writes and pacing (qmgr's feedback);
 - dispatch.py: campaign buffers and the hand-out of recipients to free slots (qmgr);
 - journal/outbox.py: journal writes nobody waits for, replayed after a storage failure;
-- tasks.py: the background tasks.
+- tasks.py: the background tasks;
+- cluster.py: the host's part among several on one PostgreSQL journal (lease,
+  takeover, campaigns of other hosts, the relay accounts' session slots).
 
 Here stay the servers' lifetime (added, reconfigured by `mailerctl set` or a
 reload), the once-a-second tick, and the read-only views (status, plan). All
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import msgspec
 
@@ -28,12 +31,14 @@ from mailerd.config import ConfigError, apply_setting, read_password
 from mailerd.schema.config import Config, ServerConfig
 from mailerd.journal.committer import Committer
 from mailerd.journal.outbox import Outbox
-from mailerd.journal.store import Journal, bounce_rule
+from mailerd.journal.backend import JournalStore
+from mailerd.journal.store import bounce_rule
 from mailerd.pacing.pacer import DAY, Pacer
 from mailerd.schema.records import Learned
-from mailerd.schema.control import CampaignSpec, ServerInfo, ServerPlan
+from mailerd.schema.control import CampaignSpec, HostInfo, ServerInfo, ServerPlan
 from mailerd.schema.workers import Stop
 from mailerd.supervisor.campaignrun import CampaignRun
+from mailerd.supervisor.cluster import Cluster
 from mailerd.supervisor.dispatch import Dispatch, log_decision
 from mailerd.supervisor.identity import Identity
 from mailerd.supervisor.processes import Processes
@@ -54,8 +59,8 @@ _overrides_decoder = msgspec.msgpack.Decoder(dict[str, str])
 
 
 class Supervisor:
-    def __init__(self, config: Config, journal: Journal, committer: Committer,
-                 sent_before: int = 0) -> None:
+    def __init__(self, config: Config, journal: JournalStore, committer: Committer,
+                 sent_before: int = 0, on_fenced: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.journal = journal
         self.committer = committer
@@ -68,11 +73,15 @@ class Supervisor:
         self.tasks = Tasks()
         self.outbox = Outbox(committer, journal.probe_write, on_writable=lambda: self.kick())
         self.dispatch = Dispatch(self.servers, journal, committer, self.outbox, self.tasks,
-                                 is_stopping=lambda: self.processes.stopping)
+                                 is_stopping=lambda: self.processes.stopping,
+                                 may_use=lambda server, slot: self.cluster.may_use(server, slot))
         self.results = Results(self.servers, self.dispatch, journal, committer, self.outbox,
                                self.tasks, config=lambda: self.config, sent_before=sent_before)
         self.processes = Processes(self.servers, self.results, self.tasks, lambda: self.config,
                                    self.passwords, self.identity)
+        self.cluster = Cluster(journal, committer, self.outbox, self.dispatch, self.tasks,
+                               self.servers, clustered=config.journal.backend == "postgresql",
+                               lease=config.journal.lease, on_fenced=on_fenced)
         self._last_prune = time.time()
 
     # ------------------------------------------------------------ what the daemon reads
@@ -109,12 +118,13 @@ class Supervisor:
             self.campaigns[row.id] = CampaignRun(row.id, row.uid, row.spec, row.state)
         for name, server in self.config.servers.items():
             await self._add_server(name, server)
+        self.cluster.start()
         self.tasks.spawn(self._tick_forever())
 
     async def stop(self, timeout: float) -> None:
         """Graceful: workers finish their transaction, give back the rest, QUIT, exit."""
         await self.processes.stop(timeout)
-        self.tasks.cancel_all()
+        self.tasks.cancel_all()  # the journal's close gives this host's session slots back
         await asyncio.to_thread(stop_template)
 
     # ------------------------------------------------------------ servers
@@ -219,6 +229,7 @@ class Supervisor:
     async def tick(self) -> None:
         """Once a second: hung workers, pacing recovery, due retries, finished campaigns."""
         self.processes.check_liveness()
+        self.cluster.tick()
         if self.outbox.error is not None:
             await self.outbox.retry()
             if self.outbox.error is not None:
@@ -243,19 +254,26 @@ class Supervisor:
         self.dispatch.kick()
 
     def add_campaign(self, campaign: int, uid: str, spec: CampaignSpec) -> None:
+        self.cluster.noted(campaign)
         self.dispatch.add_campaign(campaign, uid, spec)
 
     def resume_campaign(self, campaign: int, uid: str, spec: CampaignSpec) -> None:
+        self.cluster.noted(campaign)
         self.dispatch.resume_campaign(campaign, uid, spec)
 
     def halt_campaign(self, campaign: int, state: str) -> None:
         """Pause or cancel: no new transactions; unstarted jobs come back."""
+        self.cluster.noted(campaign)
         self.dispatch.halt_campaign(campaign, state)
 
     def rate(self, campaign: int) -> float:
         return self.dispatch.rate(campaign)
 
     # ------------------------------------------------------------ views
+
+    async def hosts(self) -> list[HostInfo]:
+        """The hosts on the same PostgreSQL journal (none on SQLite)."""
+        return await self.cluster.hosts()
 
     def server_info(self) -> list[ServerInfo]:
         now = time.time()

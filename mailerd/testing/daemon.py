@@ -34,6 +34,11 @@ def toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def postgresql_journal(dsn: str, host_id: str, lease: str = "2s") -> dict[str, Any]:
+    """The [journal] table of one host of several on the PostgreSQL database `dsn`."""
+    return {"backend": "postgresql", "dsn": dsn, "host_id": host_id, "lease": lease}
+
+
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     """A TOML file of `{"section": {"key": value}}`."""
     lines = []
@@ -52,13 +57,15 @@ class DaemonProcess:
     `sections` is the config as for write_config; the daemon's state_dir and socket
     are set to the work directory's. env: extra environment variables; stderr: where
     its stderr goes (default: the log file, with stdout); prefix: a command line that
-    execs the daemon's ("$@"); pass_fds: file descriptors it inherits.
+    execs the daemon's ("$@"); pass_fds: file descriptors it inherits. journal: the
+    [journal] table, e.g. `postgresql_journal(dsn, "host-a")` for one of several hosts
+    on one PostgreSQL database (default: SQLite in the state directory).
     """
 
     def __init__(self, workdir: Path, sections: dict[str, dict[str, Any]], *,
                  env: dict[str, str] | None = None, stderr: Any = None,
                  prefix: list[str] | None = None, pass_fds: tuple[int, ...] = (),
-                 call_timeout: float = 30) -> None:
+                 call_timeout: float = 30, journal: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.socket = str(workdir / "control.sock")
@@ -70,6 +77,9 @@ class DaemonProcess:
         self.call_timeout = call_timeout
         daemon = {"state_dir": str(self.state_dir), "socket": self.socket,
                   **sections.get("daemon", {})}
+        if journal is not None:
+            sections = {**sections, "journal": journal}
+        self.host_id: str | None = sections.get("journal", {}).get("host_id")
         self.config = write_config(workdir / "mailerd.toml", {**sections, "daemon": daemon})
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -118,6 +128,11 @@ class DaemonProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """A signal to the daemon and every worker (SIGSTOP/SIGCONT: freeze and thaw a host)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
 
     def kill_group(self) -> None:
         """kill -9 of the daemon and every worker (its whole process group)."""
