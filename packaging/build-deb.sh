@@ -88,6 +88,9 @@ rm -rf "$STAGE$VENV/include"
 # debug symbols and notes of the wheels' extensions: a third of their size, no use here
 find "$STAGE$VENV/lib" -name '*.so' -exec strip --strip-unneeded --remove-section=.comment \
     --remove-section=.note {} +
+# wheels that bundle their C libraries (psycopg_binary.libs/libpq.so.5...) ship them 0755;
+# Debian's policy is 0644 for shared libraries (lintian: shared-library-is-executable)
+find "$STAGE$VENV/lib" -type f -name '*.so*' -exec chmod 0644 {} +
 # console scripts (#! line) and pyvenv.cfg were written with the staging path
 sed -i "s|$STAGE$VENV|$VENV|g" "$STAGE$VENV"/bin/mailerd "$STAGE$VENV"/bin/mailerctl \
     "$STAGE$VENV/pyvenv.cfg"
