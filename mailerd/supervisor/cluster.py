@@ -42,6 +42,7 @@ from mailerd.schema.control import HostInfo
 from mailerd.schema.records import CampaignRow, TakeOver
 from mailerd.schema.workers import Hold
 from mailerd.supervisor.dispatch import Dispatch
+from mailerd.supervisor.results import log_uncertain
 from mailerd.supervisor.servers import ServerRun, WorkerSlot
 from mailerd.supervisor.tasks import Tasks
 from mailerd.system.log import event
@@ -313,5 +314,4 @@ def log_takeover(host: str, takeover: TakeOver) -> None:
     event("host_taken_over", logging.WARNING, host=takeover.host, by=host,
           requeued=takeover.requeued, uncertain=len(takeover.uncertain))
     for lost in takeover.uncertain:
-        event("uncertain", logging.WARNING, campaign=lost.campaign, recipient=lost.email,
-              reason=lost.reply, host=takeover.host)
+        log_uncertain(lost, host=takeover.host)
