@@ -43,6 +43,16 @@ class CampaignFile(CampaignBase, forbid_unknown_fields=True):
     dkim: DkimFile | None = None
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file's table; InputError naming the file when it cannot be read or parsed."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: invalid TOML: {exc}") from None
+
+
 def load_campaign(path: str | Path, columns: list[str]) -> CampaignSpec:
     return load_campaign_files(path, columns)[0]
 
@@ -50,12 +60,7 @@ def load_campaign(path: str | Path, columns: list[str]) -> CampaignSpec:
 def load_campaign_files(path: str | Path, columns: list[str]) -> tuple[CampaignSpec, list[Path]]:
     """The spec (bodies and DKIM key read in) and the attachments' paths, checked readable."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read campaign file: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(path, "campaign file")
     try:
         campaign = msgspec.convert(raw, CampaignFile)
     except msgspec.ValidationError as exc:

@@ -7,7 +7,6 @@ import argparse
 import csv
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +36,7 @@ from mailerd.schema.control import (
 from mailerd.message.render import Attachment, Renderer, RenderError, TemplateError, format_date, needs_smtputf8
 
 from . import output
-from .campaign import InputError, RecipientList, attachment_chunks, load_campaign_files
+from .campaign import InputError, RecipientList, attachment_chunks, load_campaign_files, read_toml
 from .client import Client
 
 PREVIEW_UID = "preview"
@@ -116,12 +115,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 def daemon_special_use_domains(path: Path) -> list[str]:
     """[delivery] allow_special_use_domains of the daemon's config file, checked as the
     daemon checks its [delivery] table."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read config: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(path, "config")
     try:
         delivery = msgspec.convert(raw.get("delivery", {}), DeliveryConfig, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
