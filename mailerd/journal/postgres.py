@@ -150,6 +150,12 @@ _FENCE = "SELECT generation FROM hosts WHERE host_id=%s FOR SHARE"  # see _fence
 # The same check inside a write sent without waiting for _FENCE's answer (_send): _FENCE,
 # sent before it in the transaction, holds the lock, so the two cannot disagree
 _CURRENT = "EXISTS (SELECT 1 FROM hosts WHERE host_id=%(host)s AND generation=%(gen)s)"
+# Held by this host's life, in a statement that joins its items on the primary key. The
+# same as holder=%(host)s AND holder_gen=%(gen)s (both given, never NULL), but no index can
+# serve it: with `=`, the generic plan of a prepared statement walks recipients_by_holder
+# (every row this host holds, and its dead versions) for each batch, a cost that grew
+# with the campaign; the primary key finds each item's row directly.
+_HELD = "r.holder IS NOT DISTINCT FROM %(host)s AND r.holder_gen IS NOT DISTINCT FROM %(gen)s"
 _MIGRATION_LOCK = 0x6D61696C  # pg_advisory_xact_lock key: one host migrates at a time
 _NOW = "extract(epoch from clock_timestamp())"  # the database's clock, in seconds
 
@@ -195,12 +201,12 @@ WITH items AS (
 done AS (
     UPDATE recipients r SET state='data-sent', dot_at=%(now)s, updated=%(now)s FROM items
     WHERE r.campaign=items.campaign AND r.line=items.line AND r.state IN ('sending', 'queued')
-      AND r.holder=%(host)s AND r.holder_gen=%(gen)s
+      AND {held}
     RETURNING r.campaign, r.line),
 counted AS (
     INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server)
 SELECT campaign, line FROM done
-"""
+""".format(held=_HELD)
 
 # The hand-out and the relay's answers of a batch, each in one statement (unnest: one
 # round trip and one statement for the server, where executemany makes one per row).
@@ -219,16 +225,15 @@ FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[], %(states)s::text[],
             %(codes)s::integer[], %(replies)s::text[], %(next_at)s::double precision[])
      AS o(campaign, line, state, code, reply, next_at)
 WHERE r.campaign=o.campaign AND r.line=o.line
-  AND r.state IN ('queued', 'sending', 'data-sent') AND r.holder=%(host)s AND r.holder_gen=%(gen)s
-  AND {current}
+  AND r.state IN ('queued', 'sending', 'data-sent') AND {held} AND {current}
 """
 _SENDING = _SENDING.format(current=_CURRENT)
-_OUTCOMES = _OUTCOMES.format(current=_CURRENT)
+_OUTCOMES = _OUTCOMES.format(held=_HELD, current=_CURRENT)
 _REQUEUE = """
 UPDATE recipients r SET state='queued', reply=coalesce(%(reply)s, r.reply), updated=%(now)s
 FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[]) AS i(campaign, line)
 WHERE r.campaign=i.campaign AND r.line=i.line AND r.state IN ('sending', 'data-sent')
-  AND r.holder=%(host)s AND r.holder_gen=%(gen)s AND """ + _CURRENT
+  AND """ + _HELD + " AND " + _CURRENT
 
 
 def _first_of_each(items: list[Any]) -> list[Any]:
