@@ -179,6 +179,7 @@ def test_a_taken_over_host_changes_nothing_in_a_committer_batch(two_hosts):
 
     assert a.recipients(campaign, None, None) == before
     assert states(a, campaign) == {1: "queued", 2: "queued", 3: "queued", 4: "queued"}
+    assert a.sends_since("isp", 0.0) == []  # nothing counted against the relay's limits
     assert claimed_lines(b, campaign) == [1, 2, 3, 4]
 
 

@@ -194,7 +194,8 @@ RETURNING r.line, r.email, r.fields, r.attempts, r.next_at
 """
 
 # mark_data_sent in one round trip: the rows this host holds become data-sent, each counts
-# as a send; the rows returned say which changed (a missing one undoes the op)
+# as a send (none once this host is taken over); the rows returned say which changed (a
+# missing one undoes the op)
 _DATA_SENT = """
 WITH items AS (
     SELECT * FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[]) AS i(campaign, line)),
@@ -204,9 +205,10 @@ done AS (
       AND {held}
     RETURNING r.campaign, r.line),
 counted AS (
-    INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server)
+    INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server
+    WHERE {current})
 SELECT campaign, line FROM done
-""".format(held=_HELD)
+""".format(held=_HELD, current=_CURRENT)
 
 # The hand-out and the relay's answers of a batch, each in one statement (unnest: one
 # round trip and one statement for the server, where executemany makes one per row).
@@ -629,8 +631,8 @@ class PgJournal(Journal):
         fence, self._fence = self._fence, None
         if fence is None:
             fence = self._execute(_FENCE, (self.host_id,))
-        elif self._pipe is not None:
-            self._pipe.sync()
+        elif self._pipe is not None and fence.pgresult is None:
+            self._pipe.sync()  # not answered yet (the answer may have come with a statement)
         row = fence.fetchone()
         current = row is not None and row[0] == self.generation
         if self._in_batch:
@@ -691,14 +693,23 @@ class PgJournal(Journal):
 
     def mark_data_sent(self, items: list[tuple[int, int, str]]) -> None:
         """As store.py's; FencedError when this host no longer holds a recipient."""
-        now = time.time()
-        with self._fenced() as current:
-            if not current:
+        params = {"campaigns": [c for c, _, _ in items], "lines": [line for _, line, _ in items],
+                  "servers": [server for _, _, server in items], "now": time.time(),
+                  "host": self.host_id, "gen": self.generation}
+        with self._transaction():
+            self._batch_pipeline(self.connection())
+            if self._fence is not None and self._pipe is not None:
+                # the check sent with BEGIN, still unread, is answered in the same round
+                # trip as the write (which it precedes, so its lock is held): a fenced host
+                # raises here and its op is undone with the batch's rollback
+                rows = self._execute(_DATA_SENT, params).fetchall()
+                if not self._generation_current():
+                    raise self._fenced_out()
+            elif self._generation_current():
+                rows = self._execute(_DATA_SENT, params).fetchall()
+            else:
                 raise self._fenced_out()
-            done = set(self._execute(_DATA_SENT, {
-                "campaigns": [c for c, _, _ in items], "lines": [line for _, line, _ in items],
-                "servers": [server for _, _, server in items], "now": now,
-                "host": self.host_id, "gen": self.generation}).fetchall())
+            done = set(rows)
             for campaign, line, _ in items:
                 if (campaign, line) not in done:
                     raise self._why_unsendable(campaign, line)
