@@ -157,6 +157,49 @@ def test_a_taken_over_host_can_neither_send_nor_record(two_hosts):
     assert [(h.host, h.alive) for h in b.hosts()] == [("host-a", False), ("host-b", True)]
 
 
+def test_a_taken_over_host_changes_nothing_in_a_committer_batch(two_hosts):
+    """The same fencing inside one batch, where the writes nobody reads are pipelined and
+    not waited for: each checks the generation itself, so a late answer, requeue or
+    hand-out of a taken-over host changes nothing, and its data-sent is refused."""
+    a, b = two_hosts
+    campaign = add_campaign(a, 4)
+    assert claimed_lines(a, campaign) == [1, 2, 3, 4]
+    a.mark_sending([(campaign, line, "isp") for line in (1, 2, 3)])
+    [taken] = b.take_over_expired(0.0)
+    assert taken.requeued == 3
+    before = a.recipients(campaign, None, None)
+
+    a.begin()
+    a.mark_sending([(campaign, 4, "isp")])  # released by the takeover: unheld, queued
+    a.record_outcomes([Outcome(campaign, line, "sent", 250, "late") for line in (1, 2)])
+    a.requeue([(campaign, 3)], "late")
+    with pytest.raises(FencedError, match="taken over"):
+        a.mark_data_sent([(campaign, 1, "isp")])
+    a.commit()
+
+    assert a.recipients(campaign, None, None) == before
+    assert states(a, campaign) == {1: "queued", 2: "queued", 3: "queued", 4: "queued"}
+    assert a.sends_since("isp", 0.0) == []  # nothing counted against the relay's limits
+    assert claimed_lines(b, campaign) == [1, 2, 3, 4]
+
+
+def test_a_batch_of_a_live_host_writes_every_op(two_hosts):
+    """The pipelined writes of one batch all land, in order, and a read in the middle sees
+    those before it."""
+    a, _ = two_hosts
+    campaign = add_campaign(a, 3)
+    assert claimed_lines(a, campaign) == [1, 2, 3]
+    a.begin()
+    a.mark_sending([(campaign, line, "isp") for line in (1, 2, 3)])
+    a.mark_data_sent([(campaign, 1, "isp"), (campaign, 2, "isp")])
+    a.record_outcomes([Outcome(campaign, 1, "sent", 250, "ok")])
+    assert states(a, campaign) == {1: "sent", 2: "data-sent", 3: "sending"}
+    a.requeue([(campaign, 3)], "dropped")
+    a.commit()
+    assert states(a, campaign) == {1: "sent", 2: "data-sent", 3: "queued"}
+    assert [r.reply for r in a.recipients(campaign, "queued", None)] == ["dropped"]
+
+
 def test_a_takeover_waits_for_the_hosts_transaction_in_progress(two_hosts):
     """The "." rule across hosts: a's data-sent either commits before the takeover (and
     becomes uncertain) or is refused; never both sent by a and requeued by b."""

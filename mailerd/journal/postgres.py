@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg
@@ -147,6 +147,15 @@ CREATE TABLE session_slots (
 _MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _SCHEMA_V1),)
 
 _FENCE = "SELECT generation FROM hosts WHERE host_id=%s FOR SHARE"  # see _fenced
+# The same check inside a write sent without waiting for _FENCE's answer (_send): _FENCE,
+# sent before it in the transaction, holds the lock, so the two cannot disagree
+_CURRENT = "EXISTS (SELECT 1 FROM hosts WHERE host_id=%(host)s AND generation=%(gen)s)"
+# Held by this host's life, in a statement that joins its items on the primary key. The
+# same as holder=%(host)s AND holder_gen=%(gen)s (both given, never NULL), but no index can
+# serve it: with `=`, the generic plan of a prepared statement walks recipients_by_holder
+# (every row this host holds, and its dead versions) for each batch, a cost that grew
+# with the campaign; the primary key finds each item's row directly.
+_HELD = "r.holder IS NOT DISTINCT FROM %(host)s AND r.holder_gen IS NOT DISTINCT FROM %(gen)s"
 _MIGRATION_LOCK = 0x6D61696C  # pg_advisory_xact_lock key: one host migrates at a time
 _NOW = "extract(epoch from clock_timestamp())"  # the database's clock, in seconds
 
@@ -185,19 +194,21 @@ RETURNING r.line, r.email, r.fields, r.attempts, r.next_at
 """
 
 # mark_data_sent in one round trip: the rows this host holds become data-sent, each counts
-# as a send; the rows returned say which changed (a missing one undoes the op)
+# as a send (none once this host is taken over); the rows returned say which changed (a
+# missing one undoes the op)
 _DATA_SENT = """
 WITH items AS (
     SELECT * FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[]) AS i(campaign, line)),
 done AS (
     UPDATE recipients r SET state='data-sent', dot_at=%(now)s, updated=%(now)s FROM items
     WHERE r.campaign=items.campaign AND r.line=items.line AND r.state IN ('sending', 'queued')
-      AND r.holder=%(host)s AND r.holder_gen=%(gen)s
+      AND {held}
     RETURNING r.campaign, r.line),
 counted AS (
-    INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server)
+    INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server
+    WHERE {current})
 SELECT campaign, line FROM done
-"""
+""".format(held=_HELD, current=_CURRENT)
 
 # The hand-out and the relay's answers of a batch, each in one statement (unnest: one
 # round trip and one statement for the server, where executemany makes one per row).
@@ -207,7 +218,7 @@ UPDATE recipients r SET state='sending', server=i.server, updated=%(now)s,
 FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[], %(servers)s::text[])
      AS i(campaign, line, server)
 WHERE r.campaign=i.campaign AND r.line=i.line AND r.state IN ('queued', 'deferred')
-  AND (r.holder IS NULL OR r.holder=%(host)s AND r.holder_gen=%(gen)s)
+  AND (r.holder IS NULL OR r.holder=%(host)s AND r.holder_gen=%(gen)s) AND {current}
 """
 _OUTCOMES = """
 UPDATE recipients r SET state=o.state, code=o.code, reply=o.reply, next_at=o.next_at,
@@ -216,8 +227,15 @@ FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[], %(states)s::text[],
             %(codes)s::integer[], %(replies)s::text[], %(next_at)s::double precision[])
      AS o(campaign, line, state, code, reply, next_at)
 WHERE r.campaign=o.campaign AND r.line=o.line
-  AND r.state IN ('queued', 'sending', 'data-sent') AND r.holder=%(host)s AND r.holder_gen=%(gen)s
+  AND r.state IN ('queued', 'sending', 'data-sent') AND {held} AND {current}
 """
+_SENDING = _SENDING.format(current=_CURRENT)
+_OUTCOMES = _OUTCOMES.format(held=_HELD, current=_CURRENT)
+_REQUEUE = """
+UPDATE recipients r SET state='queued', reply=coalesce(%(reply)s, r.reply), updated=%(now)s
+FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[]) AS i(campaign, line)
+WHERE r.campaign=i.campaign AND r.line=i.line AND r.state IN ('sending', 'data-sent')
+  AND """ + _HELD + " AND " + _CURRENT
 
 
 def _first_of_each(items: list[Any]) -> list[Any]:
@@ -227,6 +245,11 @@ def _first_of_each(items: list[Any]) -> list[Any]:
     for item in items:
         seen.setdefault((item[0], item[1]), item)
     return list(seen.values())
+
+
+def _permanent(outcome: Outcome) -> bool:
+    """A permanent failure: what store.py's _suppress_bounces looks at."""
+    return outcome.state == "failed" and outcome.code is not None and 500 <= outcome.code < 600
 
 
 @functools.lru_cache(maxsize=256)
@@ -288,6 +311,13 @@ class PgJournal(Journal):
         self._in_batch = False  # between begin() and commit()/rollback()
         self._begin_pending = False  # begin() was called, BEGIN goes with the first statement
         self._generation_checked: bool | None = None  # in this transaction: still current?
+        # The batch's pipeline (see _batch_pipeline): open from the batch's first statement
+        # to its COMMIT, unless a savepoint or COPY closed it; the fencing check's cursor,
+        # whose result is read only when an op needs it
+        self._pipeline: ExitStack | None = None
+        self._pipe: psycopg.Pipeline | None = None
+        self._pipeline_allowed = False
+        self._fence: psycopg.Cursor[Any] | None = None
 
     # ------------------------------------------------------------ connection
 
@@ -331,36 +361,60 @@ class PgJournal(Journal):
         return self._dialect
 
     def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
+        """A statement whose results are read now: one round trip, which also carries
+        whatever the batch has sent before it and not waited for."""
         conn = self.connection()
-        if not self._begin_pending:
-            return conn.execute(sql, params)
-        with self._beginning(conn):
-            return conn.execute(sql, params)
+        pipeline = self._batch_pipeline(conn)
+        cursor = conn.execute(sql, params)
+        if pipeline is not None:
+            pipeline.sync()
+        return cursor
 
     def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> psycopg.Cursor[Any]:
         """The rows in one round trip (psycopg pipelines executemany)."""
         conn = self.connection()
         cursor = conn.cursor()
-        if not rows:
-            return cursor
-        if not self._begin_pending:
+        if rows:
+            pipeline = self._batch_pipeline(conn)
             cursor.executemany(sql, rows)
-            return cursor
-        with self._beginning(conn):
-            cursor.executemany(sql, rows)
+            if pipeline is not None:
+                pipeline.sync()
         return cursor
 
-    @contextmanager
-    def _beginning(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
-        """The committer's BEGIN, this host's fencing check and the statements of the block,
-        sent together (one round trip instead of three)."""
-        self._begin_pending = False
-        with conn.pipeline():
+    def _send(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> None:
+        """A write whose result nobody reads, inside a batch: sent without waiting for it
+        (it goes with the next statement whose results are read, or with the COMMIT). Its
+        error, if any, is raised by that statement; the committer then runs the batch
+        again, each op in its savepoint, where nothing is pipelined. `sql` checks this
+        host's generation itself (_CURRENT), relying on the lock of the _FENCE sent
+        with BEGIN."""
+        conn = self.connection()
+        if self._batch_pipeline(conn) is None and not self._generation_current():
+            return  # not pipelined: checked first, under the lock, as _fenced
+        conn.execute(sql, params)
+
+    def _batch_pipeline(self, conn: psycopg.Connection[Any]) -> psycopg.Pipeline | None:
+        """In the committer's batch, the pipeline its statements go through (BEGIN and
+        this host's fencing check are its first two, sent with the batch's first
+        statement); None outside a batch, or once a savepoint or COPY closed it."""
+        if not self._in_batch:
+            return None
+        if self._pipeline is None and self._pipeline_allowed:
+            self._pipeline = ExitStack()
+            self._pipe = self._pipeline.enter_context(conn.pipeline())
+        if self._begin_pending:
+            self._begin_pending = False
             conn.execute("BEGIN")
-            fence = conn.execute(_FENCE, (self.host_id,))
-            yield
-        row = fence.fetchone()
-        self._generation_checked = row is not None and row[0] == self.generation
+            if self._pipe is not None:
+                self._fence = conn.execute(_FENCE, (self.host_id,))
+        return self._pipe
+
+    def _close_pipeline(self) -> None:
+        """Wait for everything sent; the rest of the batch runs one statement at a time."""
+        self._pipeline_allowed = False
+        pipeline, self._pipeline, self._pipe = self._pipeline, None, None
+        if pipeline is not None:
+            pipeline.close()  # syncs: an error of a statement sent earlier is raised here
 
     # ------------------------------------------------------------ lifecycle
 
@@ -485,20 +539,23 @@ class PgJournal(Journal):
     # ------------------------------------------------------------ transactions (committer.py)
 
     def begin(self) -> None:
-        """The BEGIN itself goes out with the batch's first statement (_beginning)."""
+        """The BEGIN itself goes out with the batch's first statement (_batch_pipeline)."""
         try:
             self.connection()  # a connection lost since the last batch is opened again now
         except psycopg.Error as exc:
             raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
-        self._in_batch = self._begin_pending = True
+        self._in_batch = self._begin_pending = self._pipeline_allowed = True
         self._generation_checked = None
+        self._fence = None
 
     def commit(self) -> None:
         began = not self._begin_pending
         try:
             if not began:
                 return  # the batch ran no statement
-            status = self.connection().execute("COMMIT").statusmessage  # never a new connection
+            cursor = self.connection().execute("COMMIT")  # never a new connection
+            self._close_pipeline()  # the COMMIT's round trip, with what was sent before it
+            status = cursor.statusmessage
         except psycopg.Error as exc:
             raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
         finally:
@@ -508,23 +565,37 @@ class PgJournal(Journal):
 
     def rollback(self) -> None:
         began = not self._begin_pending
+        try:
+            self._close_pipeline()
+        except psycopg.Error:
+            pass  # an error of the batch, which the ROLLBACK undoes
         self._end_batch()
         if not began or self._conn is None or self._conn.closed or self._conn.broken:
             return  # nothing began, or a lost connection took its transaction with it
         self._transaction_statement("ROLLBACK")
 
     def _end_batch(self) -> None:
-        self._in_batch = self._begin_pending = False
+        self._in_batch = self._begin_pending = self._pipeline_allowed = False
         self._generation_checked = None
+        self._fence = None
+        if self._pipeline is not None:  # an error left it open: leave pipeline mode
+            try:
+                self._close_pipeline()
+            except psycopg.Error:
+                pass
 
     def savepoint(self, name: str) -> None:
+        try:
+            self._close_pipeline()  # each op's error must be its own (committer.py)
+        except psycopg.Error as exc:
+            raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
         self._transaction_statement(f"SAVEPOINT {name}")
 
     def release(self, name: str) -> None:
         self._transaction_statement(f"RELEASE SAVEPOINT {name}")
 
     def rollback_to(self, name: str) -> None:
-        self._generation_checked = None  # a lock taken after the savepoint is gone with it
+        self._generation_checked = self._fence = None  # a lock taken after it is gone with it
         self._transaction_statement(f"ROLLBACK TO SAVEPOINT {name}")
 
     def _transaction_statement(self, sql: str) -> None:
@@ -547,17 +618,26 @@ class PgJournal(Journal):
         whether this life's generation is still the current one. A takeover bumps it under
         FOR UPDATE, so it cannot happen between the check and the writes that follow."""
         with self._transaction():
-            if self._begin_pending:
-                with self._beginning(self.connection()):
-                    pass
-            if self._in_batch and self._generation_checked is not None:
-                yield self._generation_checked
-                return
-            row = self._execute(_FENCE, (self.host_id,)).fetchone()
-            current = row is not None and row[0] == self.generation
-            if self._in_batch:
-                self._generation_checked = current
-            yield current
+            yield self._generation_current()
+
+    def _generation_current(self) -> bool:
+        """Whether this life's generation is still the current one, this host's `hosts`
+        row locked (FOR SHARE) until the end of the transaction; in a batch, checked
+        once (the check sent with BEGIN is read here, at the first op that needs it)."""
+        if self._in_batch:
+            self._batch_pipeline(self.connection())
+            if self._generation_checked is not None:
+                return self._generation_checked
+        fence, self._fence = self._fence, None
+        if fence is None:
+            fence = self._execute(_FENCE, (self.host_id,))
+        elif self._pipe is not None and fence.pgresult is None:
+            self._pipe.sync()  # not answered yet (the answer may have come with a statement)
+        row = fence.fetchone()
+        current = row is not None and row[0] == self.generation
+        if self._in_batch:
+            self._generation_checked = current
+        return current
 
     def _fenced_out(self) -> FencedError:
         return FencedError(f"host {self.host_id} (generation {self.generation}) was taken over "
@@ -579,9 +659,8 @@ class PgJournal(Journal):
         """As store.py's, with COPY: a big list loads several times faster than row by row."""
         now = time.time()
         conn = self.connection()
-        if self._begin_pending:  # COPY cannot go in a pipeline: BEGIN on its own first
-            with self._beginning(conn):
-                pass
+        self._batch_pipeline(conn)  # BEGIN first
+        self._close_pipeline()  # COPY cannot go in a pipeline
         with conn.cursor().copy(
                 "COPY recipients (campaign, line, email, email_key, fields, state, reply, updated) "
                 "FROM STDIN") as copy:
@@ -605,26 +684,32 @@ class PgJournal(Journal):
         return queued, [row[:4] for row in deferred]
 
     def mark_sending(self, items: list[tuple[int, int, str]]) -> None:
-        now = time.time()
-        with self._fenced() as current:
-            if not current:
-                return
-            items = _first_of_each(items)
-            self._execute(_SENDING, {
+        items = _first_of_each(items)
+        with self._transaction():  # fenced in the statement: nothing waits for the answer
+            self._send(_SENDING, {
                 "campaigns": [c for c, _, _ in items], "lines": [line for _, line, _ in items],
-                "servers": [server for _, _, server in items], "now": now,
+                "servers": [server for _, _, server in items], "now": time.time(),
                 "host": self.host_id, "gen": self.generation})
 
     def mark_data_sent(self, items: list[tuple[int, int, str]]) -> None:
         """As store.py's; FencedError when this host no longer holds a recipient."""
-        now = time.time()
-        with self._fenced() as current:
-            if not current:
+        params = {"campaigns": [c for c, _, _ in items], "lines": [line for _, line, _ in items],
+                  "servers": [server for _, _, server in items], "now": time.time(),
+                  "host": self.host_id, "gen": self.generation}
+        with self._transaction():
+            self._batch_pipeline(self.connection())
+            if self._fence is not None and self._pipe is not None:
+                # the check sent with BEGIN, still unread, is answered in the same round
+                # trip as the write (which it precedes, so its lock is held): a fenced host
+                # raises here and its op is undone with the batch's rollback
+                rows = self._execute(_DATA_SENT, params).fetchall()
+                if not self._generation_current():
+                    raise self._fenced_out()
+            elif self._generation_current():
+                rows = self._execute(_DATA_SENT, params).fetchall()
+            else:
                 raise self._fenced_out()
-            done = set(self._execute(_DATA_SENT, {
-                "campaigns": [c for c, _, _ in items], "lines": [line for _, line, _ in items],
-                "servers": [server for _, _, server in items], "now": now,
-                "host": self.host_id, "gen": self.generation}).fetchall())
+            done = set(rows)
             for campaign, line, _ in items:
                 if (campaign, line) not in done:
                     raise self._why_unsendable(campaign, line)
@@ -639,31 +724,24 @@ class PgJournal(Journal):
 
     def record_outcomes(self, outcomes: list[Outcome]) -> None:
         """As store.py's, for the recipients this host holds (and then no longer holds)."""
-        now = time.time()
-        with self._fenced() as current:
-            if not current:
-                return
-            first = _first_of_each(outcomes)
-            self._execute(_OUTCOMES, {
+        first = _first_of_each(outcomes)
+        with self._transaction():  # fenced in the statement: nothing waits for the answer
+            self._send(_OUTCOMES, {
                 "campaigns": [o.campaign for o in first], "lines": [o.line for o in first],
                 "states": [o.state for o in first], "codes": [o.code for o in first],
                 "replies": [o.reply for o in first], "next_at": [o.next_at for o in first],
-                "now": now, "host": self.host_id, "gen": self.generation})
-            if self.bounce_rule is not None:
+                "now": time.time(), "host": self.host_id, "gen": self.generation})
+            if self.bounce_rule is not None and any(_permanent(o) for o in outcomes) \
+                    and self._generation_current():
                 self._suppress_bounces(outcomes)
 
     def requeue(self, items: list[tuple[int, int]], reply: str | None = None) -> None:
         """As store.py's; the recipients stay held by this host, whose queue has them again."""
-        now = time.time()
-        with self._fenced() as current:
-            if not current:
-                return
-            self._executemany(
-                "UPDATE recipients SET state='queued', reply=coalesce(%s, reply), updated=%s "
-                "WHERE campaign=%s AND line=%s AND state IN ('sending', 'data-sent') "
-                "AND holder=%s AND holder_gen=%s",
-                [(reply, now, campaign, line, self.host_id, self.generation)
-                 for campaign, line in items])
+        with self._transaction():  # fenced in the statement: nothing waits for the answer
+            self._send(_REQUEUE, {
+                "campaigns": [c for c, _ in items], "lines": [line for _, line in items],
+                "reply": reply, "now": time.time(), "host": self.host_id,
+                "gen": self.generation})
 
     def settle_lost_worker(self, items: list[tuple[int, int]]
                            ) -> tuple[list[LostRecipient], int]:
