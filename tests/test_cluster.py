@@ -271,3 +271,23 @@ def test_mailerctl_set_on_one_host_paces_every_host_and_a_reload_keeps_it(
     wait_until(lambda: b.log().count("config_reloaded") > reloaded, 30, "host-1's reload")
     wait_seconds(a, 2)  # a reload that dropped them would reach host-0 within a look
     assert follows(a) and follows(b), "a reload of one host keeps the cluster's settings"
+
+
+def test_a_limit_learned_by_one_host_reaches_the_others(tmp_path, hosts):
+    # host-1 is frozen (well within its lease) while host-0 meets the relay's daily quota
+    # and learns it: thawed, host-1 must follow without asking the relay itself
+    relay, (a, b) = hosts(2, Faults(quota_after=20, quota_seconds=0), lease=10.0)
+    b.signal_group(signal.SIGSTOP)
+    try:
+        cid = a.send_campaign(tmp_path / "c", 100)
+        wait_until(lambda: "daily_quota" in server_status(a).learned, 7,
+                   "host-0 to learn the quota")
+    finally:
+        b.signal_group(signal.SIGCONT)
+    wait_until(lambda: "daily_quota" in server_status(b).learned, 5,
+               "host-1 to follow what host-0 learned")
+    assert server_status(b).learned["daily_quota"] == server_status(a).learned["daily_quota"]
+    wait_seconds(b, 2)  # a host that did not follow would ask the relay meanwhile
+    assert server_status(b).state == "parked"
+    assert server_status(b).refused == 0 and sent_by(b) == 0
+    assert a.report(cid).counts.sent == len(relay.messages()) <= 20 + SESSIONS

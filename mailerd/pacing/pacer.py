@@ -133,6 +133,7 @@ class Pacer:
         # nothing paced by a rate until the others have seen it (not_before)
         self.hosts = 1
         self.not_before = 0.0
+        self.starts_shared = False  # `starts` holds every host's sends (for the quotas)
 
     # ------------------------------------------------------------ settings
 
@@ -191,7 +192,9 @@ class Pacer:
             times.append(self.starts[-1] + 1.0 / rate)
         configured = self.rate
         if configured and len(self.starts) >= configured.count:
-            times.append(self.starts[-int(configured.count)] + configured.per * self.hosts)
+            # over this host's own starts, its part; over every host's, the account's
+            per = configured.per if self.starts_shared else configured.per * self.hosts
+            times.append(self.starts[-int(configured.count)] + per)
         times.extend(reopens for _, _, reopens in self._quotas_reached(now))
         return max(times)
 

@@ -253,7 +253,8 @@ class Cluster:
         what the journal holds, then this host's starts not yet in it."""
         now = time.time()
         for name, server in self.servers.items():
-            if not server.pacer.quotas():
+            server.pacer.starts_shared = bool(server.pacer.quotas())
+            if not server.pacer.starts_shared:
                 continue
             last = self._sends_read_to.get(name)
             fresh = await self.committer.read(self.journal.sends_since, name,
