@@ -244,9 +244,12 @@ class Cluster:
         too) goes to the supervisor, which applies what differs from this host's."""
         for name, row in rows.items():
             if name in self.servers and self._server_rows.get(name) != row:
-                self.on_server_state(name, *row)
+                try:
+                    self.on_server_state(name, *row)
+                except Exception as exc:  # one server's row must not stop the looks
+                    event("pacing_follow_failed", logging.WARNING, server=name,
+                          host=self.host_id, error=str(exc) or type(exc).__name__)
         self._server_rows = rows
-
 
     async def _read_shared_sends(self) -> None:
         """Every host's send times of the servers that have a quota, for their pacers:
