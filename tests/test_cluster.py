@@ -23,6 +23,7 @@ from conftest import (assert_nobody_lost_or_sent_twice, campaign_addresses, rela
 from mailerd.daemon import EXIT_FENCED
 from mailerd.testing.daemon import postgresql_journal
 from mailerd.testing.relay import Faults
+from test_pacing import arrival_times, busiest_window, server_status
 
 TOTAL = 3000
 SESSIONS = 3  # the relay account's connections, for the whole cluster
@@ -218,3 +219,75 @@ def test_an_hourly_quota_counts_every_hosts_sends(tmp_path, relay_factory, daemo
     assert sent < 380, f"the quota is the account's: {sent} sent, hourly_quota = 300"
     assert daemons[1].report(cid).counts.sent == sent
     assert all(s.state == "parked" for d in daemons for s in d.status().servers)
+
+
+# ---------------------------------------------------------------- the account's pacing, shared
+
+def test_the_accounts_rate_is_shared_by_the_hosts(tmp_path, relay_factory, daemon_factory,
+                                                  pg_dsn):
+    relay = relay_factory()
+    daemons = [daemon_factory({"isp": relay_server(relay, connections=4, rate="20/s")},
+                              journal=postgresql_journal(pg_dsn, f"host-{i}")).start()
+               for i in range(2)]
+    # each host claims its own batch of the 3,000: both send from the start
+    cid = daemons[0].send_campaign(tmp_path / "c", TOTAL)
+    wait_until(lambda: len(relay.messages()) >= 300, 60, "300 messages at the relay")
+    daemons[1].ctl("cancel", str(cid))
+    wait_until(lambda: all(d.report(cid).counts.sending == 0 for d in daemons), 10,
+               "both hosts to stop sending")
+    assert max(relay.count_by_rcpt().values()) == 1
+    assert all(sent_by(d) >= 100 for d in daemons), [sent_by(d) for d in daemons]
+    times = arrival_times(relay)[:300]
+    # the jitter allowance of test_pacing.py's rate test: 20/s x 2.5 s + 1; two hosts each
+    # pacing at the whole rate send about 80 in 2 s
+    assert busiest_window(times, 2.0) <= 51
+    assert times[-1] - times[0] >= 12.0  # 300 messages at 20/s take about 15 s
+
+
+def test_mailerctl_set_on_one_host_paces_every_host_and_a_reload_keeps_it(
+        tmp_path, relay_factory, daemon_factory, pg_dsn):
+    relay = relay_factory(Faults(reply_delay=0.01))
+    a, b = [daemon_factory({"isp": relay_server(relay, connections=3, rate="50/s")},
+                           journal=postgresql_journal(pg_dsn, f"host-{i}")).start()
+            for i in range(2)]
+    settings = {"rate": "4/s", "connections": "1"}
+    a.ctl("set", "isp", *(f"{k}={v}" for k, v in settings.items()))
+
+    def follows(daemon) -> bool:
+        server = server_status(daemon)
+        return server.settings == settings and server.effective_connections == 1
+
+    wait_until(lambda: follows(b), 5, "host-1 to follow host-0's mailerctl set")
+    cid = b.send_campaign(tmp_path / "c", 40)
+    b.wait_done(cid, timeout=60)
+    times = arrival_times(relay)
+    assert len(times) == 40 and max(relay.count_by_rcpt().values()) == 1
+    assert busiest_window(times, 2.0) <= 4 * 2.5 + 1, "the account's rate is host-0's 4/s"
+    assert times[-1] - times[0] >= 7.0  # 40 at 4/s take about 10 s; at 50/s, under 1 s
+    assert relay.max_concurrent_seen == 1
+
+    reloaded = b.log().count("config_reloaded")
+    b.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: b.log().count("config_reloaded") > reloaded, 30, "host-1's reload")
+    wait_seconds(a, 2)  # a reload that dropped them would reach host-0 within a look
+    assert follows(a) and follows(b), "a reload of one host keeps the cluster's settings"
+
+
+def test_a_limit_learned_by_one_host_reaches_the_others(tmp_path, hosts):
+    # host-1 is frozen (well within its lease) while host-0 meets the relay's daily quota
+    # and learns it: thawed, host-1 must follow without asking the relay itself
+    relay, (a, b) = hosts(2, Faults(quota_after=20, quota_seconds=0), lease=10.0)
+    b.signal_group(signal.SIGSTOP)
+    try:
+        cid = a.send_campaign(tmp_path / "c", 100)
+        wait_until(lambda: "daily_quota" in server_status(a).learned, 7,
+                   "host-0 to learn the quota")
+    finally:
+        b.signal_group(signal.SIGCONT)
+    wait_until(lambda: "daily_quota" in server_status(b).learned, 5,
+               "host-1 to follow what host-0 learned")
+    assert server_status(b).learned["daily_quota"] == server_status(a).learned["daily_quota"]
+    wait_seconds(b, 2)  # a host that did not follow would ask the relay meanwhile
+    assert server_status(b).state == "parked"
+    assert server_status(b).refused == 0 and sent_by(b) == 0
+    assert a.report(cid).counts.sent == len(relay.messages()) <= 20 + SESSIONS

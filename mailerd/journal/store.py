@@ -904,3 +904,9 @@ class Journal:
             "VALUES (?, ?, ?, 'unsubscribe', ?, ?)",
             (source, mailbox, time.time(), len(recipients), summary))
         return BounceApplied(True, [(c, a, "unsubscribe") for c, a, _ in recipients], suppressed)
+
+    def server_states(self) -> dict[str, tuple[bytes | None, bytes | None]]:
+        """Every server's (learned, overrides), as server_state gives one: several hosts on
+        one journal follow each other's `mailerctl set` and learned limits with it."""
+        rows = self._db.execute("SELECT name, learned, overrides FROM servers").fetchall()
+        return {row[0]: (row[1], row[2]) for row in rows}

@@ -128,6 +128,12 @@ class Pacer:
         self.last_rate_signal = 0.0
         self.session_ends: collections.deque[int] = collections.deque(maxlen=SAME_LENGTH_TO_LEARN)
         self.changed = False  # learned state needs saving
+        # several hosts on one journal (supervisor/cluster.py): the account's rate is shared
+        # by the live hosts, each sends its part; and a host that has just joined sends
+        # nothing paced by a rate until the others have seen it (not_before)
+        self.hosts = 1
+        self.not_before = 0.0
+        self.starts_shared = False  # `starts` holds every host's sends (for the quotas)
 
     # ------------------------------------------------------------ settings
 
@@ -138,10 +144,15 @@ class Pacer:
     def set_patterns(self, patterns: PatternConfig) -> None:
         self.classifier = Classifier(patterns)
 
-    def effective_rate(self) -> float | None:
-        """Messages per second allowed now: the lower of the set and the learned rate."""
+    def account_rate(self) -> float | None:
+        """The account's messages per second: the lower of the set and the learned rate."""
         rates = [r for r in (self.rate and self.rate.per_second, self.learned.rate) if r]
         return min(rates) if rates else None
+
+    def effective_rate(self) -> float | None:
+        """Messages per second this host may send now: its part of the account's rate."""
+        rate = self.account_rate()
+        return rate / self.hosts if rate else None
 
     def effective_connections(self) -> int:
         learned = self.learned.connections
@@ -175,11 +186,15 @@ class Pacer:
         if self.paused_until:
             times.append(self.paused_until)
         rate = self.effective_rate()
+        if rate and self.not_before > now:
+            times.append(self.not_before)
         if rate and self.starts:
             times.append(self.starts[-1] + 1.0 / rate)
         configured = self.rate
         if configured and len(self.starts) >= configured.count:
-            times.append(self.starts[-int(configured.count)] + configured.per)
+            # over this host's own starts, its part; over every host's, the account's
+            per = configured.per if self.starts_shared else configured.per * self.hosts
+            times.append(self.starts[-int(configured.count)] + per)
         times.extend(reopens for _, _, reopens in self._quotas_reached(now))
         return max(times)
 
@@ -274,8 +289,9 @@ class Pacer:
     def _slow_down(self, reply: str, now: float) -> Decision:
         if self.paused_until and self.paused_until > now and self.pause_reason == "rate refusal":
             return Decision("note", "rate", "already slowed down", reply)
-        recent = self.recent_rate(now, 60.0) or self.effective_rate() or 1.0
-        current = self.effective_rate() or recent
+        # learned for the account: this host saw its part of it
+        recent = self.recent_rate(now, 60.0) * self.hosts or self.account_rate() or 1.0
+        current = self.account_rate() or recent
         self.learned.rate = max(min(current, recent) * RATE_BACKOFF, 1.0 / 60)
         self.last_rate_signal = now
         pause = retry_hint(reply) or RATE_PAUSE

@@ -21,6 +21,16 @@ Every daemon on the same database holds a lease (its `hosts` row, journal/postgr
   sessions beyond it are held (Hold: QUIT once the job in flight is done), so every host
   gets to send.
 - quotas: the hourly and daily quotas count every host's sends (the shared `sends` table).
+- rate: each host paces at its part of the account's rate (the rate divided by the live
+  hosts, as session slots are shared), re-evaluated at every look. A host that dies is
+  still counted until its lease has passed: the others send less meanwhile, never more.
+  A host that joins sends nothing paced by a rate for JOIN_WAIT, by which time the
+  others have seen it and slowed to their new part. (Counting the shared `sends` of the
+  last second instead would be a second old at every look: each host would see room
+  the others had already used.)
+- pacing settings: `mailerctl set` and the learned limits are the `servers` rows, stored
+  once; every look reads them, and a row another host changed is followed here
+  (on_server_state, the supervisor's: the same path as a local `mailerctl set`).
 
 On SQLite (one host) none of this runs and every worker may hold a session.
 """
@@ -50,6 +60,8 @@ from mailerd.system.log import event
 DISCOVER_EVERY = 1.0  # seconds between two looks at the shared campaigns (and the hosts)
 SLOT_RETRY = 0.2  # seconds between two asks for a session slot while all are taken
 ACTIVE_STATES = ("running", "paused")
+JOIN_WAIT = 2 * DISCOVER_EVERY  # a joining host's first rate-paced send: after the others' look
+ServerStateSeen = Callable[[str, bytes | None, bytes | None], None]
 
 
 class HeldSlot(NamedTuple):
@@ -60,7 +72,9 @@ class HeldSlot(NamedTuple):
 class Cluster:
     def __init__(self, journal: JournalStore, committer: Committer, outbox: Outbox,
                  dispatch: Dispatch, tasks: Tasks, servers: dict[str, ServerRun], *,
-                 clustered: bool, lease: float, on_fenced: Callable[[], None]) -> None:
+                 clustered: bool, lease: float, on_fenced: Callable[[], None],
+                 on_server_state: ServerStateSeen = lambda name, learned, overrides: None
+                 ) -> None:
         self.journal = journal
         self.committer = committer
         self.outbox = outbox
@@ -70,6 +84,8 @@ class Cluster:
         self.clustered = clustered
         self.lease = lease
         self.on_fenced = on_fenced
+        self.on_server_state = on_server_state
+        self._server_rows: dict[str, tuple[bytes | None, bytes | None]] = {}  # as last read
         self.fenced = False
         self.healthy_since: float | None = None  # monotonic: renewing without a failure since
         self.alive_hosts = 1
@@ -91,6 +107,9 @@ class Cluster:
         if not self.clustered:
             return
         self.healthy_since = time.monotonic()  # open() has just registered this generation
+        not_before = time.time() + JOIN_WAIT
+        for server in self.servers.values():
+            server.pacer.not_before = not_before
         self.tasks.spawn(self._renew_forever())
         self.tasks.spawn(self._take_over_forever())
         self.tasks.spawn(self._discover_forever())
@@ -150,9 +169,9 @@ class Cluster:
         self._changed_here[campaign] = time.monotonic()
 
     async def _discover_forever(self) -> None:
-        while not self.fenced:
-            await asyncio.sleep(DISCOVER_EVERY)
+        while not self.fenced:  # a look at once: the live hosts decide this host's rate
             await self.discover()
+            await asyncio.sleep(DISCOVER_EVERY)
 
     async def discover(self) -> None:
         began = time.monotonic()
@@ -162,10 +181,14 @@ class Cluster:
             gone = [c for c in self.dispatch.campaigns if c not in {row.id for row in rows}]
             ended = [await self.committer.read(self.journal.campaign, c) for c in gone]
             await self._read_shared_sends()
+            server_rows = await self.committer.read(self.journal.server_states)
         except Exception as exc:  # the database is away: the next look tries again
             event("cluster_look_failed", logging.DEBUG, error=str(exc))
             return
         self.alive_hosts = max(1, sum(1 for host in hosts if host.alive))
+        for server in self.servers.values():
+            self.pace(server)
+        self._follow_server_rows(server_rows)
         lives = {(host.host, host.generation, host.alive) for host in hosts}
         hosts_changed, self._lives = lives != self._lives, lives
         changed = {c for c, at in self._changed_here.items() if at >= began}
@@ -210,14 +233,31 @@ class Cluster:
                 run.rescan()
         self.dispatch.kick()
 
-    # ------------------------------------------------------------ shared quotas
+    # ------------------------------------------------------------ shared pacing
+
+    def pace(self, server: ServerRun) -> None:
+        """This host's part of the account's rate: one of the live hosts."""
+        server.pacer.hosts = self.alive_hosts if self.clustered else 1
+
+    def _follow_server_rows(self, rows: dict[str, tuple[bytes | None, bytes | None]]) -> None:
+        """A server row that changed since the last look (written by any host, this one
+        too) goes to the supervisor, which applies what differs from this host's."""
+        for name, row in rows.items():
+            if name in self.servers and self._server_rows.get(name) != row:
+                try:
+                    self.on_server_state(name, *row)
+                except Exception as exc:  # one server's row must not stop the looks
+                    event("pacing_follow_failed", logging.WARNING, server=name,
+                          host=self.host_id, error=str(exc) or type(exc).__name__)
+        self._server_rows = rows
 
     async def _read_shared_sends(self) -> None:
         """Every host's send times of the servers that have a quota, for their pacers:
         what the journal holds, then this host's starts not yet in it."""
         now = time.time()
         for name, server in self.servers.items():
-            if not server.pacer.quotas():
+            server.pacer.starts_shared = bool(server.pacer.quotas())
+            if not server.pacer.starts_shared:
                 continue
             last = self._sends_read_to.get(name)
             fresh = await self.committer.read(self.journal.sends_since, name,

@@ -81,7 +81,8 @@ class Supervisor:
                                    self.passwords, self.identity)
         self.cluster = Cluster(journal, committer, self.outbox, self.dispatch, self.tasks,
                                self.servers, clustered=config.journal.backend == "postgresql",
-                               lease=config.journal.lease, on_fenced=on_fenced)
+                               lease=config.journal.lease, on_fenced=on_fenced,
+                               on_server_state=self.follow_server_state)
         self._last_prune = time.time()
 
     # ------------------------------------------------------------ what the daemon reads
@@ -138,6 +139,7 @@ class Supervisor:
         server = ServerRun(name, config, Pacer(name, config, learned, sends, self.config.patterns))
         server.overrides = overrides
         self.servers[name] = server
+        self.cluster.pace(server)
         self.processes.resize(server)
         server.choose_active()
 
@@ -191,8 +193,35 @@ class Supervisor:
         self._reconfigure(server, config)
         return server
 
+    def follow_server_state(self, name: str, learned_blob: bytes | None,
+                            overrides_blob: bytes | None) -> None:
+        """Another host's `mailerctl set` or learned limits (cluster.py): applied here as
+        a local `mailerctl set` is; what this host learned and has not saved yet wins."""
+        server = self.servers.get(name)
+        if server is None or name not in self.config.servers:
+            return
+        overrides = _overrides_decoder.decode(overrides_blob) if overrides_blob else {}
+        if overrides != server.overrides:
+            server.overrides = overrides
+            event("pacing_followed", server=name, host=self.journal.host_id,
+                  settings=" ".join(f"{k}={v}" for k, v in overrides.items()) or None)
+            self._reconfigure(server, self._with_overrides(name, self.config.servers[name],
+                                                           overrides))
+        learned = _learned_decoder.decode(learned_blob) if learned_blob else Learned()
+        pacer = server.pacer
+        if not pacer.changed and learned != pacer.learned:
+            now = time.time()
+            if learned.connections != pacer.learned.connections:
+                pacer.last_sessions_signal = now  # its recovery starts from here, as there
+            if learned.rate != pacer.learned.rate:
+                pacer.last_rate_signal = now
+            pacer.learned = learned
+            event("learned_followed", server=name, host=self.journal.host_id)
+            self.results.apply_pacing(server)
+
     async def reload(self, config: Config) -> None:
-        """SIGHUP: the config file is the truth again; run-time settings are dropped."""
+        """SIGHUP: the config file is the truth again; run-time settings are dropped
+        (on several hosts they are the cluster's, kept and applied over the file)."""
         rotated = self.identity.reload(config)  # first: a key it cannot use changes nothing
         self.config = config
         self.journal.bounce_rule = bounce_rule(config.suppression)
@@ -214,7 +243,9 @@ class Supervisor:
             return
         server = self.servers[name]
         server.pacer.set_patterns(self.config.patterns)
-        if server.overrides:
+        if self.cluster.clustered:  # stored once for every host: one host's reload keeps them
+            config = self._with_overrides(name, config, server.overrides)
+        elif server.overrides:
             server.overrides = {}
             await self.committer.run(self.journal.save_overrides, name, None)
         self._reconfigure(server, config, restart=key_rotated)
