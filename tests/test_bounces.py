@@ -466,6 +466,16 @@ POSTFIX_WHY_NOT = private_postfix.missing() or IMAP_WHY_NOT
 RELAY_USER, RELAY_PASSWORD = "relayuser", "S3cret-relay-pw"
 
 
+def postfix_relay_settings(postfix, tmp_path: Path, connections: int) -> dict:
+    """[servers.postfix] for a campaign through the private Postfix, with the VERP return path."""
+    secret = tmp_path / "relay.secret"
+    secret.write_text(RELAY_PASSWORD + "\n")
+    return {"host": "127.0.0.1", "port": postfix.port, "security": "starttls",
+            "tls_ca_file": str(postfix.ca_file), "tls_server_name": private_postfix.TLS_NAME,
+            "username": RELAY_USER, "password_file": str(secret), "connections": connections,
+            "timeout": "10s", "return_path": RETURN_PATH}
+
+
 @pytest.mark.skipif(POSTFIX_WHY_NOT is not None, reason=POSTFIX_WHY_NOT or "")
 def test_postfix_bounces_unknown_users_and_the_next_campaign_skips_them(
         tmp_path, daemon_factory, dovecot):
@@ -483,12 +493,7 @@ def test_postfix_bounces_unknown_users_and_the_next_campaign_skips_them(
     postfix = private_postfix.PrivatePostfix(sink.port, users={RELAY_USER: RELAY_PASSWORD})
     try:
         postfix.start()
-        secret = tmp_path / "relay.secret"
-        secret.write_text(RELAY_PASSWORD + "\n")
-        server = {"host": "127.0.0.1", "port": postfix.port, "security": "starttls",
-                  "tls_ca_file": str(postfix.ca_file), "tls_server_name": private_postfix.TLS_NAME,
-                  "username": RELAY_USER, "password_file": str(secret), "connections": 4,
-                  "timeout": "10s", "return_path": RETURN_PATH}
+        server = postfix_relay_settings(postfix, tmp_path, connections=4)
         daemon = with_mailbox(daemon_factory({"postfix": server}),
                               mailbox_settings(dovecot, tmp_path)).start()
         gone = {f"lost{i}@gone.example" for i in range(20)}

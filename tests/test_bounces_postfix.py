@@ -26,11 +26,11 @@ from conftest import Daemon, make_campaign
 from dovecot_imap import PrivateDovecot
 from mailerd.testing.relay import Faults, FakeRelay, Received
 from mailerd.testing.waiting import wait_until
-from test_bounces import (IMAP_WHY_NOT, RETURN_PATH, dovecot, mailbox_settings,  # noqa: F401
-                          suppression_reasons, with_mailbox)
+from test_bounces import (IMAP_WHY_NOT, RELAY_PASSWORD, RELAY_USER, dovecot,  # noqa: F401
+                          mailbox_settings, postfix_relay_settings, suppression_reasons,
+                          with_mailbox)
 
 WHY_NOT = private_postfix.missing() or IMAP_WHY_NOT
-RELAY_USER, RELAY_PASSWORD = "relayuser", "S3cret-relay-pw"
 SLOW = {f"slow{i}@slow.example" for i in range(5)}  # their mailboxes answer 451 for ever
 FINE = 20
 SOFT_BOUNCE_LIMIT = 2
@@ -69,12 +69,7 @@ def test_postfix_delay_notices_are_soft_and_suppress_only_after_the_limit(
         transports={"slow.example": f"smtp:[127.0.0.1]:{slow.port}"})
     try:
         postfix.start()
-        secret = tmp_path / "relay.secret"
-        secret.write_text(RELAY_PASSWORD + "\n")
-        server = {"host": "127.0.0.1", "port": postfix.port, "security": "starttls",
-                  "tls_ca_file": str(postfix.ca_file), "tls_server_name": private_postfix.TLS_NAME,
-                  "username": RELAY_USER, "password_file": str(secret), "connections": 2,
-                  "timeout": "10s", "return_path": RETURN_PATH}
+        server = postfix_relay_settings(postfix, tmp_path, connections=2)
         daemon = with_mailbox(daemon_factory({"postfix": server}), mailbox_settings(dovecot, tmp_path),
                               soft_bounce_limit=SOFT_BOUNCE_LIMIT).start()
         files = make_campaign(tmp_path / "c", FINE, extra_rows=[f"{a},Slow,S" for a in sorted(SLOW)])
