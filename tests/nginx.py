@@ -22,10 +22,10 @@ import ssl
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
 
 from mailerd.testing.waiting import wait_until
 from postfix import free_port, make_test_ca
+from test_unsubscribe import Answer, exchange
 
 NGINX = "/usr/sbin/nginx"
 SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "nginx-unsubscribe.conf"
@@ -49,12 +49,6 @@ http {{
     include {base}/site.conf;
 }}
 """
-
-
-class Answer(NamedTuple):
-    status: int
-    headers: dict[str, str]
-    text: str
 
 
 def missing() -> str | None:
@@ -147,13 +141,7 @@ class PrivateNginx:
             connection = _LoopbackHTTPS(self.https_port, context)
         else:
             connection = _LoopbackHTTP(self.http_port)
-        try:
-            connection.request(method, target, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return Answer(response.status, dict(response.getheaders()),
-                          response.read().decode("utf-8", "replace"))
-        finally:
-            connection.close()
+        return exchange(connection, method, target, body, headers)
 
     def log(self, name: str = "error.log") -> str:
         path = self.base / name

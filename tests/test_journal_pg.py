@@ -11,11 +11,13 @@ goes on with a new connection, nothing lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
@@ -308,13 +310,23 @@ def test_session_slots_under_concurrent_hosts(pg_dsn: str):
 # ---------------------------------------------------------------- PostgreSQL goes away
 
 
+@contextlib.asynccontextmanager
+async def running_committer(dsn: str) -> AsyncIterator[tuple[PgJournal, Committer]]:
+    """Host "host-a" on `dsn`, opened, with its committer thread running; both stopped after."""
+    journal = PgJournal(dsn, "host-a")
+    journal.open()
+    committer = Committer(journal)
+    committer.start()
+    try:
+        yield journal, committer
+    finally:
+        await committer.stop()
+        journal.close()
+
+
 def test_a_postgresql_restart_fails_one_batch_and_the_next_reconnects(pg_cluster, pg_dsn):
     async def scenario() -> None:
-        journal = PgJournal(pg_dsn, "host-a")
-        journal.open()
-        committer = Committer(journal)
-        committer.start()
-        try:
+        async with running_committer(pg_dsn) as (journal, committer):
             campaign = await committer.run(add_campaign, journal, 3)
             await committer.run(journal.mark_sending, [(campaign, 1, "isp")])
             pg_cluster.restart("immediate")  # like a crash of the server: WAL replayed
@@ -324,9 +336,6 @@ def test_a_postgresql_restart_fails_one_batch_and_the_next_reconnects(pg_cluster
             await committer.run(journal.record_outcomes, [Outcome(campaign, 1, "sent", 250, "ok")])
             assert await committer.run(journal.renew_lease)
             assert (await committer.read(journal.counts, campaign)).sent == 1
-        finally:
-            await committer.stop()
-            journal.close()
 
     asyncio.run(scenario())
 
@@ -400,11 +409,7 @@ def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
     """The committer's group commit on PostgreSQL: one transaction for the ops queued
     together; the op that fails is undone alone (its savepoint), the others commit."""
     async def scenario() -> None:
-        journal = PgJournal(pg_dsn, "host-a")
-        journal.open()
-        committer = Committer(journal)
-        committer.start()
-        try:
+        async with running_committer(pg_dsn) as (journal, committer):
             campaign = await committer.run(add_campaign, journal, 4)
             await committer.run(journal.mark_sending, [(campaign, line, "isp") for line in (1, 2, 3)])
             await committer.run(journal.record_outcomes, [Outcome(campaign, 2, "sent", 250, "ok")])
@@ -418,9 +423,6 @@ def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
             assert states(journal, campaign) == {1: "data-sent", 2: "sent", 3: "data-sent",
                                                  4: "suppressed"}
             assert len(journal.sends_since("isp", 0)) == 2  # the failed op's send is undone too
-        finally:
-            await committer.stop()
-            journal.close()
 
     asyncio.run(scenario())
 

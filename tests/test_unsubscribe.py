@@ -43,6 +43,18 @@ class Answer(NamedTuple):
     text: str
 
 
+def exchange(connection: http.client.HTTPConnection, method: str, target: str,
+             body: bytes | None, headers: dict[str, str] | None) -> Answer:
+    """One request on `connection`, its whole answer, and the connection closed."""
+    try:
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Answer(response.status, dict(response.getheaders()),
+                      response.read().decode("utf-8", "replace"))
+    finally:
+        connection.close()
+
+
 class Service:
     """A real `python -m mailerd.unsubscribe` process for one daemon."""
 
@@ -77,13 +89,7 @@ class Service:
         else:
             address = urlsplit(self.base)
             connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return Answer(response.status, dict(response.getheaders()),
-                          response.read().decode("utf-8", "replace"))
-        finally:
-            connection.close()
+        return exchange(connection, method, path, body, headers)
 
     def one_click(self, link: str) -> Answer:
         """What a mail client sends for RFC 8058's one-click unsubscribe."""

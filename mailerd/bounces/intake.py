@@ -1,6 +1,6 @@
 """Bounce intake: each [bounces] mailbox read, each message read into the journal.
 
-For every message: read it (classify.py), commit what it means (Journal.apply_bounce,
+For every message: read it (classify.py), commit what it means (JournalStore.apply_bounce,
 or apply_unsubscribe for a mail to a List-Unsubscribe mailto address, through the
 committer), and only then move it to done_folder or delete it. A crash between the
 commit and the move re-reads it at the next poll; the journal knows its sha256 and
@@ -32,7 +32,7 @@ from mailerd.bounces.imap import IdleNotOffered, IdleWatch, ImapMailbox
 from mailerd.bounces.mailbox import Entry, Mailbox, MailboxError, MessageError, files_problem
 from mailerd.bounces.pop3 import Pop3Mailbox
 from mailerd.journal.committer import Committer
-from mailerd.journal.store import Journal
+from mailerd.journal.backend import JournalStore
 from mailerd.message.addresses import suppression_key
 from mailerd.schema.config import BouncesConfig, MailboxConfig
 from mailerd.schema.control import MailboxInfo
@@ -74,7 +74,7 @@ def mailbox_files_problems(config: BouncesConfig) -> tuple[list[str], list[str]]
 class Intake:
     """Reads one mailbox message into the journal; the pollers share it."""
 
-    def __init__(self, journal: Journal, committer: Committer, key: bytes,
+    def __init__(self, journal: JournalStore, committer: Committer, key: bytes,
                  config: BouncesConfig, skip_suppressed: SkipSuppressed) -> None:
         self.journal = journal
         self.committer = committer
@@ -289,7 +289,7 @@ class MailboxPoller:
 class BounceIntake:
     """The pollers of every [bounces] mailbox, as tasks of the daemon."""
 
-    def __init__(self, journal: Journal, committer: Committer, key: bytes, config: BouncesConfig,
+    def __init__(self, journal: JournalStore, committer: Committer, key: bytes, config: BouncesConfig,
                  skip_suppressed: SkipSuppressed) -> None:
         self.intake = Intake(journal, committer, key, config, skip_suppressed)
         self.pollers = {name: self._poller(name, mailbox, config)

@@ -19,7 +19,7 @@ from mailerd.control.bounded import TEMPLATE_TIME_LIMIT, TemplateTimeout, run_bo
 from mailerd.control.enqueue import check_spec, store_chunk
 from mailerd.control.suppression import SuppressionList
 from mailerd.journal.committer import Committer
-from mailerd.journal.store import Journal
+from mailerd.journal.backend import JournalStore
 from mailerd.message.check import SpecError
 from mailerd.message.rowcheck import unsafe_rows
 from mailerd.message.render import message_id_for
@@ -88,7 +88,7 @@ class ClientSession:
 
 
 class Commands:
-    def __init__(self, journal: Journal, committer: Committer, supervisor: Supervisor) -> None:
+    def __init__(self, journal: JournalStore, committer: Committer, supervisor: Supervisor) -> None:
         self.journal = journal
         self.committer = committer
         self.supervisor = supervisor

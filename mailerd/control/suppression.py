@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from mailerd.journal.committer import Committer
-from mailerd.journal.store import Journal
+from mailerd.journal.backend import JournalStore
 from mailerd.message.addresses import check_address, suppression_key
 from mailerd.schema.control import (
     SUPPRESSION_REASONS,
@@ -37,7 +37,7 @@ class SuppressionList:
     `drop_suppressed(keys)` takes recipients with those suppression keys out of them
     and returns their (campaign, line)."""
 
-    def __init__(self, journal: Journal, committer: Committer,
+    def __init__(self, journal: JournalStore, committer: Committer,
                  drop_suppressed: Callable[[set[str]], list[tuple[int, int]]]) -> None:
         self.journal = journal
         self.committer = committer

@@ -19,7 +19,7 @@ import msgspec
 from mailerd.schema.config import Config
 from mailerd.journal.committer import Committer, JournalWriteError
 from mailerd.journal.outbox import Outbox
-from mailerd.journal.store import Journal
+from mailerd.journal.backend import JournalStore
 from mailerd.schema.records import Claimed, LostRecipient, Outcome
 from mailerd.pacing.classify import Cause, Verdict
 from mailerd.pacing.pacer import Decision
@@ -54,7 +54,7 @@ def limits(server: ServerRun) -> Limits:
 
 
 class Results:
-    def __init__(self, servers: dict[str, ServerRun], dispatch: Dispatch, journal: Journal,
+    def __init__(self, servers: dict[str, ServerRun], dispatch: Dispatch, journal: JournalStore,
                  committer: Committer, outbox: Outbox, tasks: Tasks,
                  config: Callable[[], Config], sent_before: int = 0) -> None:
         self.servers = servers
