@@ -16,20 +16,18 @@ Targets: one host on PostgreSQL >= 0.6x the same host on SQLite; takeover <= lea
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from mailerd.testing import postgres  # the private cluster the tests use too
 from mailerd.testing.daemon import toml_value
 
 from . import data
 from .mailerd_proc import Mailerd
 from .tools import Sink, interleaved, median_of, proc_cpu, process_tree, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import postgres  # noqa: E402  (tests/postgres.py: the private cluster the tests use too)
 
 RATIO_TARGET = 0.6
 TAKEOVER_MARGIN = 2.0

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Mapping
 import msgspec
 import pytest
 
-import postgres
+from mailerd.testing import postgres
 from mailerctl.client import Refused
 from mailerd.journal.backend import JournalStore
 from mailerd.journal.store import Journal
@@ -128,7 +128,7 @@ JOURNAL_BACKENDS = ("sqlite", "postgresql")
 
 def new_journal(backend: str, request: pytest.FixtureRequest, host_id: str = "host-a") -> JournalStore:
     """A journal, not yet opened: on a real SQLite file in the test's directory, or in a
-    fresh database of the session's private PostgreSQL (tests/postgres.py)."""
+    fresh database of the session's private PostgreSQL (mailerd/testing/postgres.py)."""
     if backend == "sqlite":
         return Journal(request.getfixturevalue("tmp_path") / "journal.sqlite3", host_id=host_id)
     from mailerd.journal.postgres import PgJournal
@@ -158,7 +158,7 @@ def journal(request: pytest.FixtureRequest) -> Iterator[JournalStore]:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[postgres.PgCluster]:
-    """A private PostgreSQL (tests/postgres.py) for the whole session, fsync on:
+    """A private PostgreSQL (mailerd/testing/postgres.py) for the whole session, fsync on:
     `new_database()` gives a fresh database's DSN; restart()/stop()/start() for the tests
     of a PostgreSQL that goes away under the daemons. Skipped where it cannot run."""
     reason = postgres.missing()

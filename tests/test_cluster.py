@@ -1,5 +1,5 @@
 """Several mailerd hosts on one PostgreSQL journal (issue 16): real daemons, a real private
-PostgreSQL cluster (tests/postgres.py), one fake relay account they all send through.
+PostgreSQL cluster (mailerd/testing/postgres.py), one fake relay account they all send through.
 
 The relay account allows 3 sessions in total: each host is configured with connections = 3,
 so without the cluster-wide ceiling two hosts would open 6, and the relay records the most

@@ -122,7 +122,7 @@ class PgCluster:
             "log_min_messages": "warning",
         }
         with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write("\n# tests/postgres.py\n")
+            conf.write("\n# mailerd/testing/postgres.py\n")
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
         return self
 
