@@ -12,12 +12,14 @@ relay would see two groups inside one interval.
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from conftest import campaign_addresses, relay_server, wait_until
 from mailerd.journal.postgres import PgJournal
 from mailerd.testing.daemon import postgresql_journal
+from mailerd.testing.relay import Faults
 from test_cluster import assert_exactly_once, sent_by, wait_seconds
 from test_pacing import arrival_times, busiest_window, server_status
 
@@ -43,9 +45,9 @@ def bursts(times: list[float], gap: float) -> list[int]:
 
 @pytest.fixture
 def two_hosts(relay_factory, daemon_factory, pg_dsn):
-    """make(**pacing) -> (relay, [host-0, host-1]): one account of 2 sessions in all."""
-    def make(**pacing):
-        relay = relay_factory()
+    """make(faults, **pacing) -> (relay, [host-0, host-1]): one account of 2 sessions in all."""
+    def make(faults: Faults | None = None, **pacing):
+        relay = relay_factory(faults)
         daemons = [daemon_factory({"isp": relay_server(relay, connections=2, **pacing)},
                                   journal=postgresql_journal(pg_dsn, f"host-{i}")).start()
                    for i in range(2)]
@@ -76,13 +78,24 @@ def test_groups_and_intervals_are_the_accounts_across_hosts(tmp_path, two_hosts)
     assert times[-1] - times[0] >= 5 * (INTERVAL - JITTER)
 
 
-def test_every_host_shows_the_pause_of_the_accounts_group(tmp_path, two_hosts):
-    relay, daemons = two_hosts(group_size=SIZE, group_interval="30s")
+def test_every_host_shows_the_pause_of_the_accounts_group_and_quits_before_it(tmp_path,
+                                                                             two_hosts):
+    # A pause longer than idle_timeout (30 s): every host's sessions QUIT at once rather
+    # than sit idle until the relay cuts them. Both hosts must be sending when the group
+    # fills: a slow relay, and a start once each host has seen the other (then each keeps
+    # one of the two sessions; its rate, its part of the account's, shows it).
+    relay, daemons = two_hosts(Faults(reply_delay=0.1), group_size=SIZE, group_interval="40s",
+                               rate="100/s")
+    wait_until(lambda: all(server_status(d).rate == 50 for d in daemons), 10,
+               "each host to see the other")
     campaigns = campaign_on_each(tmp_path, daemons, 20)
     wait_until(lambda: len(relay.messages()) >= SIZE, 30, f"the first {SIZE} messages")
-    tenth = arrival_times(relay)[SIZE - 1]
+    group = sorted(relay.messages(), key=lambda r: r.t)
+    assert {r.rcpt.split("@")[1] for r in group} == {domain for _, domain in campaigns}, \
+        "both hosts sent some of the group"
+    # each host sends the campaign enqueued on it (module docstring)
     sender = next(i for i, (_, domain) in enumerate(campaigns)
-                  if any(r.t == tenth and r.rcpt.endswith(domain) for r in relay.messages()))
+                  if group[SIZE - 1].rcpt.endswith(domain))
     other = daemons[1 - sender]  # it did not send the group's last message
 
     def paused(daemon):
@@ -91,7 +104,8 @@ def test_every_host_shows_the_pause_of_the_accounts_group(tmp_path, two_hosts):
 
     shown = wait_until(lambda: paused(other), 5, "the other host to show the account's pause")
     mine = wait_until(lambda: paused(daemons[sender]), 5, "the sender to show the pause")
-    assert abs(shown.until - mine.until) < 1.5 and shown.until > tenth + 25
+    assert abs(shown.until - mine.until) < 1.5 and shown.until > time.time() + 30
+    wait_until(lambda: relay.active_sessions == 0, 10, "every host's sessions to QUIT")
     wait_seconds(other, 2)  # a host that did not count the other's messages would send on
     assert len(relay.messages()) == SIZE
     assert paused(other) and paused(daemons[sender])

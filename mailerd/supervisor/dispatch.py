@@ -74,6 +74,7 @@ class Dispatch:
         self._scheduled = False
         self._wake_handle: asyncio.TimerHandle | None = None
         self._rr = 0
+        self._hold_when_done: set[WorkerSlot] = set()  # to QUIT before a long group pause
 
     def all_slots(self) -> list[WorkerSlot]:
         return [slot for server in self.servers.values() for slot in server.slots]
@@ -104,6 +105,8 @@ class Dispatch:
         if self.outbox.error is not None:
             return  # never send what the journal cannot record
         now = time.time()
+        if self._hold_when_done:
+            self._hold_the_done(now)
         assigned: list[tuple[int, int, str]] = []
         for server in self.servers.values():
             self._feed(server, now, assigned)
@@ -148,10 +151,22 @@ class Dispatch:
 
     def group_pause(self, server: ServerRun, decision: Decision) -> None:
         """A pause after a full group began: logged; sessions that would sit idle past the
-        relay's idle timeout are held (QUIT once their job in flight is done)."""
+        relay's idle timeout are held (they QUIT), each once its jobs are done."""
         log_decision(server, decision)
         if server.config.group_interval > server.config.idle_timeout:
-            for slot in server.slots:  # the relay would cut an idle session: QUIT first
+            self._hold_when_done.update(server.slots)  # the relay would cut an idle session
+            self._hold_the_done(now=time.time())
+
+    def _hold_the_done(self, now: float) -> None:
+        """A Hold gives back the jobs a worker has not begun: the group's last ones, handed
+        out a moment ago, are sent first (the group counted them)."""
+        for slot in list(self._hold_when_done):
+            if slot.jobs:
+                continue
+            self._hold_when_done.discard(slot)
+            server = self.servers.get(slot.server_name)
+            paused_until = server.pacer.paused_until if server is not None else None
+            if paused_until is not None and paused_until > now:
                 slot.send(Hold())
 
     def _next_for(self, server: str) -> Claimed | None:
