@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mailerd.pacing.classify import Cause
-from mailerd.pacing.pacer import Pacer
+from mailerd.pacing.pacer import TURN_TTL, Pacer
 from mailerd.schema.config import ServerConfig, parse_rate
 from mailerd.schema.records import Learned
 
@@ -50,6 +50,42 @@ def test_group_pause_after_every_group():
     assert p.state(1.0)[0] == "paused"
     p.tick(10.0)
     assert p.next_start(10.0) == 10.0
+
+
+def test_on_several_hosts_a_group_is_spent_from_the_turns_granted():
+    p = pacer(group_size=5, group_interval=10, connections=3)
+    p.shared_groups = True  # cluster.py: the account's groups are counted in the journal
+    assert p.needs_turns(0.0)
+    assert p.grant_turns(2, 0.0, asked_at=0.0, now=0.01) is None
+    assert not p.needs_turns(0.02)
+    assert p.take(0.02) is None and p.take(0.03) is None
+    assert p.needs_turns(0.04)  # used up: ask again
+    # the grant that fills the group: its turns first, then the pause it began
+    assert p.grant_turns(1, 10.5, asked_at=0.04, now=0.05) is None
+    assert p.next_start(0.06) == 0.06 and p.state(0.06)[0] == "ok"
+    decision = p.take(0.06)
+    assert decision is not None and decision.action == "pause"
+    assert p.next_start(0.07) == pytest.approx(10.55)
+    assert p.state(1.0)[:2] == ("paused", "group of 5 sent")
+
+
+def test_a_pause_another_host_began_shows_here_and_turns_expire():
+    p = pacer(group_size=5, group_interval=10, connections=3)
+    p.shared_groups = True
+    decision = p.grant_turns(0, 8.0, asked_at=1.0, now=1.1)
+    assert decision is not None and decision.cause == "group"
+    assert p.state(2.0) == ("paused", "group of 5 sent", pytest.approx(9.1))
+    assert p.next_start(2.0) == pytest.approx(9.1)
+    p.grant_turns(3, 0.0, asked_at=9.2, now=9.3)
+    assert not p.needs_turns(9.6)
+    assert p.needs_turns(9.2 + TURN_TTL)  # not used in time: lost, never carried over
+    assert p.turns == 0
+
+
+def test_on_one_host_the_pacer_counts_its_groups_without_turns():
+    p = pacer(group_size=5, group_interval=10, connections=3)
+    assert not p.needs_turns(0.0)
+    assert start_many(p, 0.0, 5) == 0.0 and p.next_start(0.0) == 10.0
 
 
 def test_quota_window_counts_restored_sends():

@@ -40,7 +40,7 @@ from mailerd.schema.records import LostRecipient, NewRecipient, Outcome, Recover
 
 import msgspec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE campaigns (
@@ -143,8 +143,18 @@ CREATE TABLE session_slots (
 );
 """
 
+# A relay account's Group/Interval, counted for every host (take_group_turns): the turns
+# of the current group handed out so far, and the end of the pause after a full group
+_SCHEMA_V2_GROUPS = """
+CREATE TABLE server_groups (
+    server       text PRIMARY KEY,
+    taken        integer NOT NULL DEFAULT 0,
+    paused_until double precision  -- the database's clock; NULL: the group is open
+);
+"""
+
 # (version, what takes the database from the one before to it); a new database runs them all
-_MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _SCHEMA_V1),)
+_MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2_GROUPS))
 
 _FENCE = "SELECT generation FROM hosts WHERE host_id=%s FOR SHARE"  # see _fenced
 # The same check inside a write sent without waiting for _FENCE's answer (_send): _FENCE,
@@ -171,6 +181,31 @@ _DATA_SENT_UNCERTAIN = ("UPDATE recipients SET state='uncertain', code=NULL, rep
                         "holder=NULL, holder_gen=NULL, updated=%s WHERE {held} AND state='data-sent' "
                         "RETURNING campaign, line, email, reply, server")
 _RELEASE_REST = "UPDATE recipients SET holder=NULL, holder_gen=NULL WHERE {held}"
+
+# A block of turns of `server`'s current group, under the row's lock: none while the
+# pause after a full group lasts (its row keeps it), a new group once it is over; the
+# grant that fills the group (or finds it already full: the size was lowered) starts the
+# pause. Returns the turns granted and the seconds until the pause ends (0: none).
+_ENSURE_GROUP = "INSERT INTO server_groups (server) VALUES (%(server)s) ON CONFLICT DO NOTHING"
+_TAKE_GROUP_TURNS = f"""
+WITH old AS (
+    SELECT taken, paused_until, {_NOW} AS now FROM server_groups
+    WHERE server=%(server)s FOR UPDATE),
+open AS (
+    SELECT now, coalesce(paused_until > now, false) AS pausing,
+           CASE WHEN paused_until IS NULL THEN taken ELSE 0 END AS counted FROM old),
+given AS (
+    SELECT now, pausing, counted,
+           CASE WHEN pausing OR counted >= %(size)s THEN 0
+                ELSE least(%(want)s, %(size)s - counted) END AS granted FROM open)
+UPDATE server_groups g SET
+    taken = CASE WHEN pausing THEN g.taken
+                 WHEN counted + granted >= %(size)s THEN 0 ELSE counted + granted END,
+    paused_until = CASE WHEN pausing THEN g.paused_until
+                        WHEN counted + granted >= %(size)s THEN now + %(pause)s END
+FROM given WHERE g.server=%(server)s
+RETURNING granted, greatest(coalesce(g.paused_until - now, 0), 0)
+"""
 
 _TAKE_QUEUED = """
 WITH picked AS (
@@ -832,6 +867,22 @@ class PgJournal(Journal):
                 if full is not None and full[0] >= limit:
                     return None
         return None
+
+    def take_group_turns(self, server: str, want: int, size: int, pause: float
+                         ) -> tuple[int, float]:
+        """Up to `want` turns (messages) of `server`'s current group of `size`, counted for
+        every host: (turns granted, seconds until the pause after the group ends, 0 if
+        none). A grant that fills the group starts a pause of `pause` seconds; during it
+        nothing is granted. A fenced host is granted nothing."""
+        params = {"server": server, "want": max(0, want), "size": max(1, size),
+                  "pause": pause}
+        with self._fenced() as current:
+            if not current:
+                return 0, 0.0
+            self.connection().execute(_ENSURE_GROUP, params)  # in a batch: with the next
+            row = self._execute(_TAKE_GROUP_TURNS, params).fetchone()
+        assert row is not None
+        return int(row[0]), float(row[1])
 
     def release_session_slot(self, server: str, slot: int) -> None:
         self._execute("DELETE FROM session_slots WHERE server=%s AND slot=%s AND host_id=%s "

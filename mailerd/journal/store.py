@@ -333,6 +333,11 @@ class Journal:
     def release_session_slot(self, server: str, slot: int) -> None:
         self._session_slots.get(server, set()).discard(slot)
 
+    def take_group_turns(self, server: str, want: int, size: int, pause: float
+                         ) -> tuple[int, float]:
+        """One host: its pacer counts the groups itself (never asked on SQLite)."""
+        return want, 0.0
+
     def recover(self) -> Recovery:
         """Classify what a crash left behind (rule 3 of the write discipline)."""
         now = time.time()

@@ -15,6 +15,10 @@ names. Signals it learns from, and what each does:
   session length    -> the same count of messages twice before a drop: rotate at it
   rate              -> slow down to 70 % of the recent rate, pause briefly
   quota             -> park until the quota window reopens, or an exponential cool-off
+Group/Interval (group_size messages, then every session pauses group_interval) is
+counted here on one host; on several hosts the account's groups are counted in the
+journal for every host, and the pacer spends the turns its host was granted
+(grant_turns, needs_turns).
 What was learned is a msgspec Struct (schema/records.py Learned) the journal stores
 per server.
 """
@@ -36,6 +40,10 @@ RATE_RECOVERY = 1.1
 RATE_PAUSE = 5.0  # seconds of silence after a rate refusal without a hint
 SAME_LENGTH_TO_LEARN = 2
 SESSIONS_SIGNAL_GUARD = 1.0  # seconds: one halving per burst of "too many sessions"
+# Seconds a turn of the account's shared group stays usable after it was asked for. The
+# pause after a full group is this much longer than group_interval, so a turn used late
+# still leaves the relay a whole interval of silence before the next group.
+TURN_TTL = 0.5
 
 
 class Decision(NamedTuple):
@@ -134,6 +142,12 @@ class Pacer:
         self.hosts = 1
         self.not_before = 0.0
         self.starts_shared = False  # `starts` holds every host's sends (for the quotas)
+        # Group/Interval counted for every host (cluster.py): the turns of the account's
+        # current group this host holds, until when, and the pause its grant began
+        self.shared_groups = False
+        self.turns = 0
+        self.turns_expire = 0.0
+        self.pause_after_turns: float | None = None
 
     # ------------------------------------------------------------ settings
 
@@ -211,14 +225,56 @@ class Pacer:
     def take(self, now: float) -> Decision | None:
         """Record one transaction start; returns a decision when a group pause begins."""
         self.starts.append(now)
-        if self.server.group_size and self.server.group_interval:
-            self.group_count += 1
-            if self.group_count >= self.server.group_size:
-                self.group_count = 0
-                self.paused_until = now + self.server.group_interval
-                self.pause_reason = f"group of {self.server.group_size} sent"
-                return Decision("pause", "group", f"for {self.server.group_interval:g}s")
+        if not self.grouped():
+            return None
+        if self.shared_groups:
+            return self._use_turn(now)
+        self.group_count += 1
+        if self.group_count >= self.server.group_size:
+            self.group_count = 0
+            return self._group_pause(now, self.server.group_interval)
         return None
+
+    def grouped(self) -> bool:
+        return bool(self.server.group_size and self.server.group_interval)
+
+    def _group_pause(self, now: float, seconds: float) -> Decision:
+        self.paused_until = now + seconds
+        self.pause_reason = f"group of {self.server.group_size} sent"
+        return Decision("pause", "group", f"for {round(seconds, 1):g}s")
+
+    # ------------------------------------------------------------ the group, several hosts
+
+    def needs_turns(self, now: float) -> bool:
+        """Several hosts: this host holds no usable turn of the account's group, so it may
+        start nothing before it is granted some. Always False on one host."""
+        if not (self.shared_groups and self.grouped()):
+            return False
+        if self.turns and now < self.turns_expire:
+            return False
+        self.turns, self.pause_after_turns = 0, None  # too late: lost (the account sees fewer)
+        return True
+
+    def grant_turns(self, granted: int, pause_left: float, asked_at: float,
+                    now: float) -> Decision | None:
+        """The journal's answer to an ask made at `asked_at`: `granted` turns, usable for
+        TURN_TTL from the ask, and the seconds of the group's pause left. A pause another
+        host's grant began applies now; one this grant began, once its turns are used."""
+        self.turns, self.turns_expire = granted, asked_at + TURN_TTL
+        self.pause_after_turns = None
+        if pause_left <= 0:
+            return None
+        if granted:
+            self.pause_after_turns = now + pause_left
+            return None
+        return self._group_pause(now, pause_left)
+
+    def _use_turn(self, now: float) -> Decision | None:
+        self.turns = max(0, self.turns - 1)
+        if self.turns or self.pause_after_turns is None:
+            return None
+        until, self.pause_after_turns = self.pause_after_turns, None
+        return self._group_pause(now, max(0.0, until - now))
 
     def recent_rate(self, now: float, window: float = 60.0) -> float:
         """Starts per second over the last `window` (or since the first start in it)."""

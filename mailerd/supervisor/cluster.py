@@ -28,6 +28,15 @@ Every daemon on the same database holds a lease (its `hosts` row, journal/postgr
   others have seen it and slowed to their new part. (Counting the shared `sends` of the
   last second instead would be a second old at every look: each host would see room
   the others had already used.)
+- groups: a server's Group/Interval counts every host's messages. Before a start the
+  dispatch needs a turn of the account's current group; a host asks the journal for a
+  block of turns (at most as many as it can start now, one ask at a time per server),
+  which grants what is left of the group and, once the group is full, records the
+  pause on the database's clock. A turn not used within TURN_TTL of its ask is lost
+  (the account sees fewer, never more), and the pause is TURN_TTL longer than
+  group_interval, so the relay always gets a whole interval of silence. A host asking
+  during the pause is told its end: every host's pacer shows it and holds its sessions
+  before a long interval, as on one host.
 - pacing settings: `mailerctl set` and the learned limits are the `servers` rows, stored
   once; every look reads them, and a row another host changed is followed here
   (on_server_state, the supervisor's: the same path as a local `mailerctl set`).
@@ -47,7 +56,7 @@ from typing import Callable, NamedTuple
 from mailerd.journal.backend import JournalStore
 from mailerd.journal.committer import Committer
 from mailerd.journal.outbox import Outbox
-from mailerd.pacing.pacer import DAY, forget_before
+from mailerd.pacing.pacer import DAY, TURN_TTL, forget_before
 from mailerd.schema.control import HostInfo
 from mailerd.schema.records import CampaignRow, TakeOver
 from mailerd.schema.workers import Hold
@@ -96,6 +105,7 @@ class Cluster:
         self._changed_here: dict[int, float] = {}  # campaign -> monotonic time of a local change
         self._shared_sends: dict[str, collections.deque[float]] = {}
         self._sends_read_to: dict[str, float] = {}
+        self._asking_turns: set[str] = set()  # servers whose group turns are being asked for
 
     @property
     def host_id(self) -> str:
@@ -110,6 +120,7 @@ class Cluster:
         not_before = time.time() + JOIN_WAIT
         for server in self.servers.values():
             server.pacer.not_before = not_before
+        self.dispatch.ask_turns = self.ask_turns
         self.tasks.spawn(self._renew_forever())
         self.tasks.spawn(self._take_over_forever())
         self.tasks.spawn(self._discover_forever())
@@ -238,6 +249,7 @@ class Cluster:
     def pace(self, server: ServerRun) -> None:
         """This host's part of the account's rate: one of the live hosts."""
         server.pacer.hosts = self.alive_hosts if self.clustered else 1
+        server.pacer.shared_groups = self.clustered
 
     def _follow_server_rows(self, rows: dict[str, tuple[bytes | None, bytes | None]]) -> None:
         """A server row that changed since the last look (written by any host, this one
@@ -270,6 +282,33 @@ class Cluster:
             newest = sends[-1] if sends else now - DAY
             server.pacer.starts = collections.deque(
                 [*sends, *(t for t in server.pacer.starts if t > newest)])
+
+    # ------------------------------------------------------------ the account's groups
+
+    def ask_turns(self, server: ServerRun, want: int) -> None:
+        """Turns of the account's current group for this host, `want` at most (one ask
+        at a time per server); the dispatch is kicked once they are there."""
+        if self.fenced or server.name in self._asking_turns:
+            return
+        self._asking_turns.add(server.name)
+        self.tasks.spawn(self._take_turns(server, max(1, min(want, self.share(server)))))
+
+    async def _take_turns(self, server: ServerRun, want: int) -> None:
+        config = server.config
+        asked_at = time.time()  # a turn's life starts before the journal grants it
+        try:
+            granted, pause_left = await self.committer.run(
+                self.journal.take_group_turns, server.name, want, config.group_size,
+                config.group_interval + TURN_TTL)
+        except Exception as exc:  # the database is away: asked again at the next kick
+            event("group_turns_failed", logging.DEBUG, server=server.name, error=str(exc))
+            return
+        finally:
+            self._asking_turns.discard(server.name)
+        decision = server.pacer.grant_turns(granted, pause_left, asked_at, time.time())
+        if decision is not None:
+            self.dispatch.group_pause(server, decision)
+        self.dispatch.kick()
 
     # ------------------------------------------------------------ session slots
 

@@ -5,6 +5,9 @@ journal (`CampaignRun.buffer`: refilled below BUFFER_LOW, CLAIM_BATCH at a time)
 every free, active worker slot of every server is fed from those buffers in turn,
 as far as that server's pacer allows. Nothing is handed out while the journal
 cannot be written (`Outbox.error`): what it cannot record must not be sent.
+On several hosts a server with Group/Interval also needs turns of the account's
+group (pacer.needs_turns); `ask_turns` (cluster.py) asks the journal for them and
+kicks the dispatch when they are there.
 A campaign is done once the journal holds nothing pending for it and nothing of
 it is buffered or held by a worker.
 """
@@ -64,11 +67,14 @@ class Dispatch:
         self.tasks = tasks
         self.is_stopping = is_stopping
         self.may_use = may_use  # the worker holds one of the account's sessions (cluster.py)
+        # ask the journal for turns of the account's group (several hosts: cluster.py)
+        self.ask_turns: Callable[[ServerRun, int], None] = lambda server, want: None
         self.campaigns: dict[int, CampaignRun] = {}
         self.status_changed = asyncio.Event()  # a campaign started, paused or ended (STATUS=)
         self._scheduled = False
         self._wake_handle: asyncio.TimerHandle | None = None
         self._rr = 0
+        self._hold_when_done: set[WorkerSlot] = set()  # to QUIT before a long group pause
 
     def all_slots(self) -> list[WorkerSlot]:
         return [slot for server in self.servers.values() for slot in server.slots]
@@ -99,6 +105,8 @@ class Dispatch:
         if self.outbox.error is not None:
             return  # never send what the journal cannot record
         now = time.time()
+        if self._hold_when_done:
+            self._hold_the_done(now)
         assigned: list[tuple[int, int, str]] = []
         for server in self.servers.values():
             self._feed(server, now, assigned)
@@ -125,16 +133,40 @@ class Dispatch:
                 if not self.may_use(server, slot):
                     self.campaigns[claimed.campaign].buffer.appendleft(claimed)
                     break
+                if server.pacer.needs_turns(now):
+                    self.campaigns[claimed.campaign].buffer.appendleft(claimed)
+                    self.ask_turns(server, self._free_slots(server, prefetch))
+                    return
                 decision = server.pacer.take(now)
                 self._assign(slot, claimed)
                 assigned.append((claimed.campaign, claimed.line, server.name))
                 if decision is not None:
-                    self._group_pause(server, decision)
+                    self.group_pause(server, decision)
 
-    def _group_pause(self, server: ServerRun, decision: Decision) -> None:
+    @staticmethod
+    def _free_slots(server: ServerRun, prefetch: int) -> int:
+        """How many jobs this server's active slots could take now."""
+        return sum(prefetch - len(slot.jobs) for slot in server.slots
+                   if slot.slot in server.active and slot.accepting and len(slot.jobs) < prefetch)
+
+    def group_pause(self, server: ServerRun, decision: Decision) -> None:
+        """A pause after a full group began: logged; sessions that would sit idle past the
+        relay's idle timeout are held (they QUIT), each once its jobs are done."""
         log_decision(server, decision)
         if server.config.group_interval > server.config.idle_timeout:
-            for slot in server.slots:  # the relay would cut an idle session: QUIT first
+            self._hold_when_done.update(server.slots)  # the relay would cut an idle session
+            self._hold_the_done(now=time.time())
+
+    def _hold_the_done(self, now: float) -> None:
+        """A Hold gives back the jobs a worker has not begun: the group's last ones, handed
+        out a moment ago, are sent first (the group counted them)."""
+        for slot in list(self._hold_when_done):
+            if slot.jobs:
+                continue
+            self._hold_when_done.discard(slot)
+            server = self.servers.get(slot.server_name)
+            paused_until = server.pacer.paused_until if server is not None else None
+            if paused_until is not None and paused_until > now:
                 slot.send(Hold())
 
     def _next_for(self, server: str) -> Claimed | None:
