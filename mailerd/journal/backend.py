@@ -47,6 +47,11 @@ class FencedError(JournalError):
     """This host no longer holds the recipient (another host took it over): no "." for it."""
 
 
+class HostIdInUse(JournalError):
+    """Another daemon renews this host_id's lease (PostgreSQL): two daemons with one
+    host_id would fence each other in turn. A configuration error: the daemon exits."""
+
+
 class JournalWriteError(Exception):
     """The journal could not commit (disk full, I/O error, database gone): nothing of the
     batch was kept; the outbox replays it once the journal takes writes again."""
@@ -81,6 +86,9 @@ class JournalStore(Protocol):
     def hosts(self) -> list[HostInfo]: ...
     def acquire_session_slot(self, server: str, limit: int) -> int | None: ...
     def release_session_slot(self, server: str, slot: int) -> None: ...
+    def share_servers(self, servers: list[str]) -> dict[str, int]:
+        """This host sends through `servers`: how many hosts send through each account."""
+        ...
 
     # ---------------------------------------------------------- enqueue
     def begin_campaign(self, uid: str, spec: CampaignSpec, owner_uid: int | None = None) -> int: ...

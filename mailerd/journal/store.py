@@ -333,6 +333,9 @@ class Journal:
     def release_session_slot(self, server: str, slot: int) -> None:
         self._session_slots.get(server, set()).discard(slot)
 
+    def share_servers(self, servers: list[str]) -> dict[str, int]:
+        return {server: 1 for server in servers}  # one daemon per journal
+
     def recover(self) -> Recovery:
         """Classify what a crash left behind (rule 3 of the write discipline)."""
         now = time.time()
