@@ -26,7 +26,7 @@ from mailerd.config import ConfigError, load_config
 from mailerd.journal.backend import FencedError, JournalError, JournalWriteError
 from mailerd.journal.committer import Committer
 from mailerd.journal.factory import open_store
-from mailerd.journal.postgres import PgJournal
+from mailerd.journal.postgres import SCHEMA_VERSION, PgJournal
 from mailerd.journal.store import Journal
 from mailerd.schema.config import JournalConfig
 from mailerd.schema.control import CampaignSpec
@@ -349,7 +349,7 @@ def test_a_foreign_or_newer_database_is_refused(pg_cluster, pg_dsn):
     newer.close()
     database = pg_dsn.rsplit("dbname=", 1)[1]
     pg_cluster.psql("INSERT INTO schema_version VALUES (99, 0)", database)
-    with pytest.raises(JournalError, match="schema version 99; this mailerd knows version 1"):
+    with pytest.raises(JournalError, match=f"schema version 99; this mailerd knows version {SCHEMA_VERSION}"):
         PgJournal(pg_dsn, "host-a").open()
     foreign = pg_cluster.new_database()
     pg_cluster.psql("CREATE TABLE orders (id integer)", foreign.rsplit("dbname=", 1)[1])
