@@ -31,9 +31,9 @@ Every daemon on the same database holds a lease (its `hosts` row, journal/postgr
   never more. A host that starts sending through an account (it joined, or has work for
   it now) sends nothing paced by a rate for JOIN_WAIT after the look that recorded it, by
   which time the others have seen it and slowed to their new part; until that look, an
-  account it does not send through is held back by JOIN_WAIT at every look. (Counting the shared `sends` of the
-  last second instead would be a second old at every look: each host would see room
-  the others had already used.)
+  account it does not send through is held back by JOIN_WAIT at every look. (Counting
+  the shared `sends` of the last second instead would be a second old at every look:
+  each host would see room the others had already used.)
 - pacing settings: `mailerctl set` and the learned limits are the `servers` rows, stored
   once; every look reads them, and a row another host changed is followed here
   (on_server_state, the supervisor's: the same path as a local `mailerctl set`).
