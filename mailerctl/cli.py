@@ -108,10 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("set", help="change a server's pacing in the running daemon")
     p.add_argument("server")
-    p.add_argument("settings", nargs="+", metavar="KEY=VALUE",
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE",
                    help="connections, group_size, group_interval, messages_per_connection, rate, "
                         "hourly_quota, daily_quota, idle_timeout, clean_period, quota_cooloff; "
                         "learned=forget drops what was learned")
+    p.add_argument("--reset", nargs="*", metavar="KEY",
+                   help="drop the run-time settings named (all when none is named): the "
+                        "config file's values apply again, on every host")
 
     p = sub.add_parser("settle", help="decide about uncertain recipients after checking "
                        "the relay's log")
@@ -356,16 +359,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_set(args: argparse.Namespace) -> int:
+    request = _set_request(args)
+    with connect(args) as client:
+        reply = client.call(request)
+    output.show(getattr(reply, "message", ""))
+    return EXIT_OK
+
+
+def _set_request(args: argparse.Namespace) -> SetPacing:
+    if args.reset is not None:
+        if args.settings:
+            raise InputError("--reset and KEY=VALUE settings: one or the other")
+        named = [item for item in args.reset if "=" in item]
+        if named:
+            raise InputError(f"{named[0]!r}: --reset takes setting names (e.g. rate), "
+                             "not KEY=VALUE")
+        return SetPacing(server=args.server, settings={}, reset=True,
+                         keys=[item.strip() for item in args.reset])
+    if not args.settings:
+        raise InputError("nothing to set: give KEY=VALUE pairs (or --reset [KEY ...])")
     settings = {}
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError(f"{item!r}: expected KEY=VALUE")
         settings[key.strip()] = value.strip()
-    with connect(args) as client:
-        reply = client.call(SetPacing(server=args.server, settings=settings))
-    output.show(getattr(reply, "message", ""))
-    return EXIT_OK
+    return SetPacing(server=args.server, settings=settings)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -217,7 +217,7 @@ def server_text(server: ServerInfo) -> list[str]:
         f"server {server.name}  {server.host}:{server.port}  {state}",
         f"  connections {server.effective_connections} of {server.connections}  "
         f"messages/connection {server.messages_per_connection or '-'}  "
-        f"rate {f'{server.rate:.3g}/s' if server.rate else '-'}",
+        f"rate {rate_text(server)}",
         f"  sent: last minute {windows.get('minute', 0)}, hour {windows.get('hour', 0)}, "
         f"day {windows.get('day', 0)}  sessions ended {server.sessions_ended}, "
         f"dropped {server.drops}, refused {server.refused}",
@@ -227,6 +227,15 @@ def server_text(server: ServerInfo) -> list[str]:
     if server.settings:
         lines.append("  set at run time: " + ", ".join(f"{k}={v}" for k, v in server.settings.items()))
     return lines
+
+
+def rate_text(server: ServerInfo) -> str:
+    """This host's rate; with several hosts sending through the account, its part of it."""
+    if not server.rate:
+        return "-"
+    if server.hosts <= 1 or not server.account_rate:
+        return f"{server.rate:.3g}/s"
+    return f"{server.rate:.3g}/s of {server.account_rate:.3g}/s ({server.hosts} hosts)"
 
 
 def plan_json(plan: CampaignPlan) -> dict[str, Any]:

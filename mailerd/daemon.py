@@ -37,7 +37,7 @@ from mailerd.message.addresses import allow_special_use_domains
 from mailerd.supervisor.identity import read_server_dkim
 from mailerd.schema.config import Config, ReloadResult
 from mailerd.control.server import ControlServer
-from mailerd.journal.backend import JournalError, JournalStore
+from mailerd.journal.backend import HostIdInUse, JournalError, JournalStore
 from mailerd.journal.factory import check_store, open_store
 from mailerd.system.log import event, setup_logging, stop_logging
 from mailerd.supervisor.supervisor import Supervisor
@@ -363,6 +363,8 @@ def start(args: argparse.Namespace) -> int:
     opened_at = time.time()
     try:
         recovery = journal.open()
+    except HostIdInUse as exc:  # the config's to fix: systemd must not restart it in a loop
+        raise StartupError(str(exc), EXIT_CONFIG) from None
     except JournalError as exc:
         raise StartupError(str(exc), EXIT_STATE) from None
     secure_state_dir(config.state_dir)  # the WAL and shared-memory files are new now

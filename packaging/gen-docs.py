@@ -138,7 +138,8 @@ def mailerctl_page() -> str:
 def mailerd_page() -> str:
     return man_page("mailerd", 8, daemon.build_parser(), docstring_body(daemon), [
         ("EXIT STATUS", f"0 stopped after a drain; {daemon.EXIT_CONFIG} a config, password or "
-                        f"key file error (also --check-config and a refused --reload); "
+                        f"key file error (also --check-config, a refused --reload and a "
+                        f"[journal] host_id another running mailerd uses); "
                         f"{daemon.EXIT_STATE} the state directory cannot be used; "
                         f"{daemon.EXIT_LOCKED} another mailerd holds the state directory. The "
                         "unit does not restart on 2, 3 or 4 (RestartPreventExitStatus=)."),

@@ -380,6 +380,8 @@ class Commands:
         return await self._report(row.id)
 
     async def set_pacing(self, session: ClientSession, request: SetPacing) -> Reply:
+        if request.reset:
+            return await self.reset_pacing(session, request)
         if not request.settings:
             return Error(message="nothing to set: give KEY=VALUE pairs")
         try:
@@ -390,6 +392,22 @@ class Commands:
         event("server_settings_changed", server=request.server, **session.peer.log_fields)
         return Ok(message=f"servers.{server.name}: " + ", ".join(
             f"{k}={v}" for k, v in request.settings.items()))
+
+    async def reset_pacing(self, session: ClientSession, request: SetPacing) -> Reply:
+        """`mailerctl set SERVER --reset [KEY ...]`: back to the config file's values."""
+        if request.settings:
+            return Error(message="--reset takes setting names, not KEY=VALUE pairs")
+        try:
+            dropped = await self.supervisor.reset_pacing(request.server, list(request.keys),
+                                                         session.peer.who)
+        except ConfigError as exc:
+            return Error(message=f"servers.{request.server}: {exc}")
+        event("server_settings_reset", server=request.server, settings=" ".join(dropped) or None,
+              **session.peer.log_fields)
+        if not dropped:
+            return Ok(message=f"servers.{request.server}: nothing was set at run time")
+        return Ok(message=f"servers.{request.server}: {', '.join(dropped)} back to the "
+                          f"config file's values")
 
     async def plan(self, session: ClientSession, request: Plan) -> Reply:
         row = await self._campaign(request.campaign)

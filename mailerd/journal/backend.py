@@ -47,6 +47,11 @@ class FencedError(JournalError):
     """This host no longer holds the recipient (another host took it over): no "." for it."""
 
 
+class HostIdInUse(JournalError):
+    """Another daemon renews this host_id's lease (PostgreSQL): two daemons with one
+    host_id would fence each other in turn. A configuration error: the daemon exits."""
+
+
 class JournalWriteError(Exception):
     """The journal could not commit (disk full, I/O error, database gone): nothing of the
     batch was kept; the outbox replays it once the journal takes writes again."""
@@ -86,6 +91,9 @@ class JournalStore(Protocol):
         """Turns of the relay account's current group, counted for every host: (turns
         granted, seconds until the pause after a full group ends). Only several hosts
         ask (cluster.py); one host counts its groups in its pacer."""
+        ...
+    def share_servers(self, servers: list[str]) -> dict[str, int]:
+        """This host sends through `servers`: how many hosts send through each account."""
         ...
 
     # ---------------------------------------------------------- enqueue

@@ -21,10 +21,12 @@ def open_store(config: JournalConfig, state_dir: Path, synchronous: str = "full"
     `synchronous` is [daemon] journal_sync, for SQLite (PostgreSQL always commits to disk)."""
     if config.backend == "sqlite":
         return Journal(state_dir / JOURNAL_FILE, synchronous, host_id=config.host)
-    from mailerd.journal.postgres import PgJournal  # only here: SQLite users never load psycopg
+    # only here: SQLite users never load psycopg
+    from mailerd.journal.postgres import PgJournal, instance_name
 
     assert config.dsn is not None  # JournalConfig requires it for postgresql
-    return PgJournal(config.dsn, config.host, config.lease, read_db_password(config))
+    return PgJournal(config.dsn, config.host, config.lease, read_db_password(config),
+                     instance=instance_name(state_dir))
 
 
 def check_store(config: JournalConfig) -> None:

@@ -21,15 +21,17 @@ FencedError, so it cannot write a "." for a recipient another host re-queued.
 from __future__ import annotations
 
 import functools
+import socket
 import time
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
-from mailerd.journal.backend import FencedError, JournalError, JournalWriteError
+from mailerd.journal.backend import FencedError, HostIdInUse, JournalError, JournalWriteError
 from mailerd.journal.store import (
     UNCERTAIN_AFTER_RESTART,
     UNCERTAIN_WORKER_DIED,
@@ -40,7 +42,7 @@ from mailerd.schema.records import LostRecipient, NewRecipient, Outcome, Recover
 
 import msgspec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE campaigns (
@@ -153,8 +155,25 @@ CREATE TABLE server_groups (
 );
 """
 
+# Which hosts send through which relay account (server), renewed at every look of each host
+# (cluster.py): the account's rate and session slots are split among them, not among every
+# live host. A host that stops looking still counts until `until` (its lease) has passed.
+# `instance` names the daemon behind a host_id (machine id and state directory): a second
+# daemon started with a host_id another one is renewing refuses to start (_register).
+_SCHEMA_V3_SHARES = """
+CREATE TABLE server_users (
+    server     text NOT NULL,
+    host_id    text NOT NULL,
+    generation integer NOT NULL,
+    until      double precision NOT NULL,  -- the database's clock
+    PRIMARY KEY (server, host_id)
+);
+ALTER TABLE hosts ADD COLUMN instance text;
+"""
+
 # (version, what takes the database from the one before to it); a new database runs them all
-_MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2_GROUPS))
+_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, _SCHEMA_V1), (2, _SCHEMA_V2_GROUPS), (3, _SCHEMA_V3_SHARES))
 
 _FENCE = "SELECT generation FROM hosts WHERE host_id=%s FOR SHARE"  # see _fenced
 # The same check inside a write sent without waiting for _FENCE's answer (_send): _FENCE,
@@ -327,16 +346,36 @@ def describe_dsn(dsn: str) -> str:
     return f"postgresql database {parts.get('dbname', parts.get('user', '?'))!s} on {where}"
 
 
+MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+
+
+def instance_name(state_dir: Path | None) -> str:
+    """The daemon behind a host_id: this machine (its systemd machine id, else its host
+    name) and the state directory. The same daemon restarting after a crash or kill -9
+    has the same one; a second daemon given the same host_id has another."""
+    machine = None
+    for path in MACHINE_ID_FILES:
+        try:
+            machine = Path(path).read_text().strip() or None
+        except OSError:
+            continue
+        if machine:
+            break
+    where = f"machine {machine}" if machine else f"host {socket.gethostname()}"
+    return f"{where}, state directory {state_dir.resolve() if state_dir else '?'}"
+
+
 class PgJournal(Journal):
     """The journal in a PostgreSQL database, as host `host_id` among those sharing it."""
 
     def __init__(self, dsn: str, host_id: str, lease: float = 10.0,
-                 password: str | None = None) -> None:
+                 password: str | None = None, instance: str | None = None) -> None:
         # Journal's own __init__ is for a file: set what its shared methods use
         self.dsn = dsn
         self.location = describe_dsn(dsn)
         self.host_id = host_id
         self.lease = lease
+        self.instance = instance or instance_name(None)  # which daemon runs this host_id
         self._password = password
         self.bounce_rule = None
         self.generation = 0  # set by open(): this life's number among the host's lives
@@ -506,15 +545,31 @@ class PgJournal(Journal):
                     conn.execute("INSERT INTO schema_version VALUES (%s, %s)", (step, time.time()))
 
     def _register(self) -> int:
-        """This host's new life: generation = the previous one + 1."""
-        row = self._execute(
-            f"INSERT INTO hosts (host_id, generation, renewed_at, started) "
-            f"VALUES (%s, 1, {_NOW}, {_NOW}) ON CONFLICT (host_id) DO UPDATE SET "
-            f"generation = hosts.generation + 1, renewed_at = excluded.renewed_at, "
-            f"started = excluded.started, taken_over_by = NULL RETURNING generation",
-            (self.host_id,)).fetchone()
+        """This host's new life: generation = the previous one + 1. HostIdInUse when
+        another daemon (another instance) renewed this host_id's lease within the lease:
+        starting would fence it, and it would fence this one in turn."""
+        with self._transaction():
+            row = self._execute(
+                f"SELECT instance, {_NOW} - renewed_at FROM hosts WHERE host_id=%s "
+                f"AND taken_over_by IS NULL FOR UPDATE", (self.host_id,)).fetchone()
+            if row is not None and row[0] not in (None, self.instance) and row[1] < self.lease:
+                raise HostIdInUse(self._in_use_message(row[0], row[1]))
+            row = self._execute(
+                f"INSERT INTO hosts (host_id, generation, renewed_at, started, instance) "
+                f"VALUES (%s, 1, {_NOW}, {_NOW}, %s) ON CONFLICT (host_id) DO UPDATE SET "
+                f"generation = hosts.generation + 1, renewed_at = excluded.renewed_at, "
+                f"started = excluded.started, taken_over_by = NULL, "
+                f"instance = excluded.instance RETURNING generation",
+                (self.host_id, self.instance)).fetchone()
         assert row is not None
         return int(row[0])
+
+    def _in_use_message(self, other: str, renewed_ago: float) -> str:
+        return (f"host_id {self.host_id!r} is in use by another mailerd ({other}), which "
+                f"renewed its lease {max(0.0, renewed_ago):.1f}s ago on {self.location}; this "
+                f"daemon is {self.instance}. Give each daemon its own [journal] host_id (default: "
+                f"the machine's host name); if that daemon has stopped for good, start this one "
+                f"again after its lease ({self.lease:g}s)")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -528,11 +583,14 @@ class PgJournal(Journal):
                 self._conn = None
 
     def _release_claims(self) -> None:
-        """A clean stop: what this host claimed but never handed out is free for others."""
+        """A clean stop: what this host claimed but never handed out is free for others, and
+        it takes no more part of any account's rate or sessions."""
         self._execute(
             "UPDATE recipients SET holder=NULL, holder_gen=NULL WHERE holder=%s AND holder_gen=%s "
             "AND state IN ('queued', 'deferred')", (self.host_id, self.generation))
         self._execute("DELETE FROM session_slots WHERE host_id=%s AND generation=%s",
+                      (self.host_id, self.generation))
+        self._execute("DELETE FROM server_users WHERE host_id=%s AND generation=%s",
                       (self.host_id, self.generation))
 
     def recover(self) -> Recovery:
@@ -827,12 +885,31 @@ class PgJournal(Journal):
                 requeued, uncertain = self._crash_rules(
                     "holder=%s", (host,), UNCERTAIN_AFTER_TAKEOVER.format(host=host))
                 self._execute("DELETE FROM session_slots WHERE host_id=%s", (host,))
+                self._execute("DELETE FROM server_users WHERE host_id=%s", (host,))
                 for (campaign,) in self._execute(
                         "SELECT id FROM campaigns WHERE state='loading' AND loader=%s",
                         (host,)).fetchall():
                     self._delete_campaign(campaign)
                 taken.append(TakeOver(host, requeued, uncertain))
         return taken
+
+    def share_servers(self, servers: list[str]) -> dict[str, int]:
+        """This host sends through `servers` (and no other) until a lease from now: how
+        many hosts send through each account, this one included (a host that stopped
+        looking counts until its lease has passed)."""
+        params = {"servers": servers, "host": self.host_id, "gen": self.generation,
+                  "lease": self.lease}
+        with self._transaction():
+            self._execute("DELETE FROM server_users WHERE host_id=%(host)s "
+                          "AND NOT (server = ANY(%(servers)s::text[]))", params)
+            self._execute(
+                f"INSERT INTO server_users (server, host_id, generation, until) "
+                f"SELECT server, %(host)s, %(gen)s, {_NOW} + %(lease)s "
+                f"FROM unnest(%(servers)s::text[]) AS server ON CONFLICT (server, host_id) "
+                f"DO UPDATE SET generation=excluded.generation, until=excluded.until", params)
+            rows = self._execute(f"SELECT server, count(*) FROM server_users "
+                                 f"WHERE until >= {_NOW} GROUP BY server").fetchall()
+        return {server: int(count) for server, count in rows}
 
     def hosts(self) -> list[HostInfo]:
         rows = self._execute(

@@ -338,6 +338,9 @@ class Journal:
         """One host: its pacer counts the groups itself (never asked on SQLite)."""
         return want, 0.0
 
+    def share_servers(self, servers: list[str]) -> dict[str, int]:
+        return {server: 1 for server in servers}  # one daemon per journal
+
     def recover(self) -> Recovery:
         """Classify what a crash left behind (rule 3 of the write discipline)."""
         now = time.time()

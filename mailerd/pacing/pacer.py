@@ -440,8 +440,11 @@ class Pacer:
         }
 
     def capacity(self, now: float, observed: float) -> float:
-        """Messages per second this server can be expected to carry from now on."""
-        rate = self.effective_rate()
+        """Messages per second this account can be expected to carry from now on, every
+        host sending through it (`observed`: recent_rate, this host's part unless
+        `starts` holds every host's sends)."""
+        rate = self.account_rate()
+        observed *= 1 if self.starts_shared else self.hosts
         estimates = [r for r in (rate, observed or None) if r]
         per_second = min(estimates) if estimates else 0.0
         size, interval = self.server.group_size, self.server.group_interval

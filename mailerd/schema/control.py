@@ -152,8 +152,13 @@ class ListCampaigns(Request):
 
 
 class SetPacing(Request):
+    """`mailerctl set`: KEY=VALUE settings; or, with `reset`, drop run-time settings (the
+    named `keys`, or all when none is named) back to the config file's values."""
+
     server: str
     settings: dict[str, str]
+    reset: bool = False
+    keys: list[str] = []
 
 
 class Plan(Request):
@@ -352,12 +357,14 @@ class ServerInfo(msgspec.Struct, kw_only=True):
     learned: dict[str, float | int]
     settings: dict[str, str]  # changed at run time with `mailerctl set`
     messages_per_connection: int
-    rate: float | None
+    rate: float | None  # this host's part of the account's rate
     sessions_ended: int
     drops: int
     refused: int
     workers: list[WorkerInfo]
     broken: str | None = None  # why its workers are no longer respawned (until set or reload)
+    account_rate: float | None = None  # the account's, shared by the hosts sending through it
+    hosts: int = 1  # the hosts whose parts `rate` is one of (several hosts on PostgreSQL)
 
 
 class HostInfo(msgspec.Struct, kw_only=True):

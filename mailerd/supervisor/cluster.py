@@ -17,17 +17,23 @@ Every daemon on the same database holds a lease (its `hosts` row, journal/postgr
 - session slots: a relay account's `connections` is a ceiling for the whole cluster. A
   worker is handed jobs only while it holds one of the account's slots in the database;
   the slot goes back once the worker has neither jobs nor a session. A host keeps at most
-  its fair share of the slots (the ceiling divided by the live hosts, rounded up): the
-  sessions beyond it are held (Hold: QUIT once the job in flight is done), so every host
-  gets to send.
+  its fair share of the slots (the ceiling divided by the hosts sending through that
+  account, rounded up): the sessions beyond it are held (Hold: QUIT once the job in
+  flight is done), so every host gets to send.
+- sending hosts: at every look each host records the accounts it has work for (a running
+  campaign that uses the server), until a lease from now (journal `server_users`), and
+  reads how many hosts send through each. A live host with nothing to send through an
+  account takes no part of it.
 - quotas: the hourly and daily quotas count every host's sends (the shared `sends` table).
-- rate: each host paces at its part of the account's rate (the rate divided by the live
-  hosts, as session slots are shared), re-evaluated at every look. A host that dies is
-  still counted until its lease has passed: the others send less meanwhile, never more.
-  A host that joins sends nothing paced by a rate for JOIN_WAIT, by which time the
-  others have seen it and slowed to their new part. (Counting the shared `sends` of the
-  last second instead would be a second old at every look: each host would see room
-  the others had already used.)
+- rate: each host paces at its part of the account's rate (the rate divided by the hosts
+  sending through it, as session slots are shared), re-evaluated at every look. A host
+  that dies is still counted until its lease has passed: the others send less meanwhile,
+  never more. A host that starts sending through an account (it joined, or has work for
+  it now) sends nothing paced by a rate for JOIN_WAIT after the look that recorded it, by
+  which time the others have seen it and slowed to their new part; until that look, an
+  account it does not send through is held back by JOIN_WAIT at every look. (Counting
+  the shared `sends` of the last second instead would be a second old at every look:
+  each host would see room the others had already used.)
 - groups: a server's Group/Interval counts every host's messages. Before a start the
   dispatch needs a turn of the account's current group; a host asks the journal for a
   block of turns (at most as many as it can start now, one ask at a time per server),
@@ -97,7 +103,8 @@ class Cluster:
         self._server_rows: dict[str, tuple[bytes | None, bytes | None]] = {}  # as last read
         self.fenced = False
         self.healthy_since: float | None = None  # monotonic: renewing without a failure since
-        self.alive_hosts = 1
+        self.sending: set[str] = set()  # the accounts this host sends through, as last recorded
+        self.senders: dict[str, int] = {}  # account -> hosts sending through it, as last read
         self.held: dict[WorkerSlot, HeldSlot] = {}
         self._asking: set[WorkerSlot] = set()
         self._holding: set[WorkerSlot] = set()  # told to Hold: they give their slot back
@@ -193,10 +200,13 @@ class Cluster:
             ended = [await self.committer.read(self.journal.campaign, c) for c in gone]
             await self._read_shared_sends()
             server_rows = await self.committer.read(self.journal.server_states)
+            sending = self._servers_with_work()
+            senders = await self.committer.run(self.journal.share_servers, sorted(sending))
         except Exception as exc:  # the database is away: the next look tries again
             event("cluster_look_failed", logging.DEBUG, error=str(exc))
             return
-        self.alive_hosts = max(1, sum(1 for host in hosts if host.alive))
+        self._hold_back(sending)
+        self.sending, self.senders = sending, senders
         for server in self.servers.values():
             self.pace(server)
         self._follow_server_rows(server_rows)
@@ -247,9 +257,32 @@ class Cluster:
     # ------------------------------------------------------------ shared pacing
 
     def pace(self, server: ServerRun) -> None:
-        """This host's part of the account's rate: one of the live hosts."""
-        server.pacer.hosts = self.alive_hosts if self.clustered else 1
-        server.pacer.shared_groups = self.clustered
+        """This host's part of the account's rate and sessions: one of the hosts sending
+        through it (itself counted also before it was recorded as one: erring low)."""
+        if not self.clustered:
+            server.pacer.hosts = 1
+            return
+        server.pacer.shared_groups = True
+        others = self.senders.get(server.name, 0) - (server.name in self.sending)
+        server.pacer.hosts = max(1, others + 1)
+
+    def _servers_with_work(self) -> set[str]:
+        """The accounts this host sends through: a running campaign uses them, and they
+        have workers that may send (not broken, not removed by a reload)."""
+        running = [run for run in self.dispatch.campaigns.values() if run.state == "running"]
+        return {name for name, server in self.servers.items()
+                if server.broken is None and any(not slot.retired for slot in server.slots)
+                and any(run.uses(name) for run in running)}
+
+    def _hold_back(self, sending: set[str]) -> None:
+        """No rate-paced send through an account before the other hosts have seen this one
+        among its senders: JOIN_WAIT after the look that records it. An account without
+        work here is held back at every look, so that work arriving between two looks
+        waits for the next one."""
+        not_before = time.time() + JOIN_WAIT
+        for name, server in self.servers.items():
+            if name not in sending or name not in self.sending:
+                server.pacer.not_before = max(server.pacer.not_before, not_before)
 
     def _follow_server_rows(self, rows: dict[str, tuple[bytes | None, bytes | None]]) -> None:
         """A server row that changed since the last look (written by any host, this one
@@ -314,7 +347,7 @@ class Cluster:
 
     def share(self, server: ServerRun) -> int:
         """How many of the account's sessions this host may hold."""
-        return max(1, math.ceil(server.pacer.effective_connections() / self.alive_hosts))
+        return max(1, math.ceil(server.pacer.effective_connections() / server.pacer.hosts))
 
     def may_use(self, server: ServerRun, slot: WorkerSlot) -> bool:
         """May this worker be handed a job now: it holds one of the account's slots.

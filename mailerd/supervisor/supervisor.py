@@ -166,11 +166,16 @@ class Supervisor:
                 slot.send(Stop())  # respawned at once with the new Setup
         self.results.apply_pacing(server)
 
+    def _configured_server(self, name: str) -> ServerRun:
+        server = self.servers.get(name)
+        if server is None or name not in self.config.servers:
+            raise ConfigError(f"no server named {name!r} (configured: "
+                              f"{', '.join(self.config.servers)})")
+        return server
+
     async def set_pacing(self, name: str, settings: dict[str, str], who: str) -> ServerRun:
         """`mailerctl set`: change pacing now; journaled so it outlives a restart."""
-        server = self.servers.get(name)
-        if server is None:
-            raise ConfigError(f"no server named {name!r} (configured: {', '.join(self.servers)})")
+        server = self._configured_server(name)
         config = server.config
         forget = settings.pop("learned", None)
         if forget not in (None, "forget"):
@@ -192,6 +197,29 @@ class Supervisor:
               or None, learned="forgotten" if forget else None)
         self._reconfigure(server, config)
         return server
+
+    async def reset_pacing(self, name: str, keys: list[str], who: str) -> list[str]:
+        """`mailerctl set --reset`: the run-time settings named (all when none is) are
+        dropped, the config file's values apply again, on every host (the journal's
+        servers row, which the other hosts follow). The keys dropped."""
+        server = self._configured_server(name)
+        unknown = [key for key in keys if key not in server.overrides]
+        if unknown:
+            now_set = ", ".join(sorted(server.overrides)) or "none"
+            raise ConfigError(f"{', '.join(unknown)}: not set at run time (set now: {now_set})")
+        dropped = sorted(keys or server.overrides)
+        overrides = {k: v for k, v in server.overrides.items() if k not in dropped}
+        blob = msgspec.msgpack.encode(overrides) if overrides else None
+
+        def journal_it() -> None:
+            self.journal.save_overrides(name, blob)
+            self.journal.audit(None, "reset", f"server={name} {dropped} {who}")
+
+        await self.committer.run(journal_it)
+        server.overrides = overrides
+        event("pacing_reset", server=name, settings=" ".join(dropped) or None)
+        self._reconfigure(server, self._with_overrides(name, self.config.servers[name], overrides))
+        return dropped
 
     def follow_server_state(self, name: str, learned_blob: bytes | None,
                             overrides_blob: bytes | None) -> None:
@@ -308,8 +336,14 @@ class Supervisor:
 
     def server_info(self) -> list[ServerInfo]:
         now = time.time()
-        return [server.info(now) for server in self.servers.values()
+        return [self._server_info(server, now) for server in self.servers.values()
                 if server.name in self.config.servers]
+
+    @staticmethod
+    def _server_info(server: ServerRun, now: float) -> ServerInfo:
+        info = server.info(now)
+        info.account_rate, info.hosts = server.pacer.account_rate(), server.pacer.hosts
+        return info
 
     def plan(self, spec: CampaignSpec, left: int) -> tuple[float | None, list[ServerPlan]]:
         """Estimated seconds to send `left` more over the campaign's servers, and why."""

@@ -17,6 +17,7 @@ _mailerctl() {
         --limit) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --recipients) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --reconnect-timeout) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --reset) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --row) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --stage) COMPREPLY=($(compgen -W "connect mail rcpt data dot" -- "$cur")); return ;;
@@ -37,7 +38,7 @@ _mailerctl() {
         report) opts="-h --help --state --limit --csv --raw-csv --json" ;;
         bounces) opts="-h --help --json" ;;
         list) opts="-h --help --json" ;;
-        set) opts="-h --help" ;;
+        set) opts="-h --help --reset" ;;
         settle) opts="-h --help --as --json" ;;
         plan) opts="-h --help --json" ;;
         preview) opts="-h --help --recipients -r --row --config" ;;
