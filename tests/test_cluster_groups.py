@@ -1,5 +1,5 @@
 """Group/Interval of a relay account on several hosts (issue 16): the account's groups count
-every host's messages. Real daemons on a real private PostgreSQL (tests/postgres.py), one
+every host's messages. Real daemons on a real private PostgreSQL (mailerd/testing/postgres.py), one
 fake relay recording when each message arrived.
 
 Each host is given a campaign of its own, enqueued on it: a host claims a new campaign's
@@ -82,11 +82,12 @@ def test_every_host_shows_the_pause_of_the_accounts_group_and_quits_before_it(tm
                                                                              two_hosts):
     # A pause longer than idle_timeout (30 s): every host's sessions QUIT at once rather
     # than sit idle until the relay cuts them. Both hosts must be sending when the group
-    # fills: a slow relay, and a start once each host has seen the other (then each keeps
-    # one of the two sessions; its rate, its part of the account's, shows it).
+    # fills: a slow relay, and a start once each host has seen the other; a rate, so that
+    # each host waits until the others have seen it among the account's senders (then
+    # each keeps one of the two sessions).
     relay, daemons = two_hosts(Faults(reply_delay=0.1), group_size=SIZE, group_interval="40s",
                                rate="100/s")
-    wait_until(lambda: all(server_status(d).rate == 50 for d in daemons), 10,
+    wait_until(lambda: all(sum(h.alive for h in d.status().hosts) == 2 for d in daemons), 10,
                "each host to see the other")
     campaigns = campaign_on_each(tmp_path, daemons, 20)
     wait_until(lambda: len(relay.messages()) >= SIZE, 30, f"the first {SIZE} messages")

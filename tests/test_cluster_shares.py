@@ -1,6 +1,6 @@
 """Several hosts on one PostgreSQL journal (issue 16): who takes a part of a relay account,
 what `mailerctl status` and `plan` say about it, `mailerctl set --reset`, and a host_id
-given to two daemons. Real daemons, a real private PostgreSQL (tests/postgres.py), real
+given to two daemons. Real daemons, a real private PostgreSQL (mailerd/testing/postgres.py), real
 relays on loopback; every test asserts what the relay received or what mailerctl says.
 """
 
