@@ -328,6 +328,12 @@ class PgJournal(Journal):
         # takeover of its host, for long after the lease
         stuck_ms = int(max(2.0, self.lease / 2) * 1000)
         conn.execute("SET synchronous_commit = on")
+        # The batch's statements are prepared (psycopg, after a few runs) and take arrays
+        # (unnest): with `auto`, PostgreSQL's estimate of an array parameter's length makes
+        # the generic plan look dearer than a custom one, so it planned every execution
+        # again, costing more server time than running them. Their generic plans find
+        # each row by the primary key (_HELD keeps the holder index out of them).
+        conn.execute("SET plan_cache_mode = force_generic_plan")
         conn.execute(f"SET idle_in_transaction_session_timeout = {stuck_ms}")
         return conn
 
