@@ -202,6 +202,30 @@ def test_a_batch_of_a_live_host_writes_every_op(two_hosts):
     assert [r.reply for r in a.recipients(campaign, "queued", None)] == ["dropped"]
 
 
+def test_the_statements_of_a_delivery_are_planned_once(two_hosts):
+    """The hand-out, data-sent and answers of every batch run with their generic plans:
+    with the default, PostgreSQL planned them again at each batch (custom plans), which
+    cost more server time than running them. Every other statement keeps the default."""
+    a, _ = two_hosts
+    campaign = add_campaign(a, 40)
+    assert claimed_lines(a, campaign, limit=40) == list(range(1, 41))
+    for line in range(1, 41, 2):  # 20 batches of two recipients
+        pair = [(campaign, line, "isp"), (campaign, line + 1, "isp")]
+        a.begin()
+        a.mark_sending(pair)
+        a.mark_data_sent(pair)
+        a.record_outcomes([Outcome(campaign, number, "sent", 250, "ok")
+                           for _, number, _ in pair])
+        a.commit()
+    assert set(states(a, campaign).values()) == {"sent"}
+    plans = a.connection().execute(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%unnest%'").fetchall()
+    assert len(plans) == 3  # prepared: sending, data-sent, outcomes
+    assert all(generic >= 15 and custom == 0 for generic, custom in plans), plans
+    assert a.connection().execute("SHOW plan_cache_mode").fetchone() == ("auto",)
+
+
 def test_a_takeover_waits_for_the_hosts_transaction_in_progress(two_hosts):
     """The "." rule across hosts: a's data-sent either commits before the takeover (and
     becomes uncertain) or is refused; never both sent by a and requeued by b."""

@@ -156,6 +156,15 @@ _CURRENT = "EXISTS (SELECT 1 FROM hosts WHERE host_id=%(host)s AND generation=%(
 # (every row this host holds, and its dead versions) for each batch, a cost that grew
 # with the campaign; the primary key finds each item's row directly.
 _HELD = "r.holder IS NOT DISTINCT FROM %(host)s AND r.holder_gen IS NOT DISTINCT FROM %(gen)s"
+# Around each statement of a message's delivery (_SENDING, _DATA_SENT, _OUTCOMES, _REQUEUE):
+# they are prepared (psycopg, after a few runs) and take arrays. With `auto`, PostgreSQL
+# estimates an array parameter's length better in a custom plan, so the generic plan looks
+# dearer and it planned every execution again, costing more server time than running
+# them. Their generic plans find each row by the primary key (_HELD keeps the holder index
+# out). Only for them: a generic plan of a long IN list (first_lines) scans the campaign.
+# Inside a transaction, so a rollback undoes the SET too.
+_GENERIC_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan"
+_DEFAULT_PLAN = "RESET plan_cache_mode"
 _MIGRATION_LOCK = 0x6D61696C  # pg_advisory_xact_lock key: one host migrates at a time
 _NOW = "extract(epoch from clock_timestamp())"  # the database's clock, in seconds
 
@@ -328,12 +337,6 @@ class PgJournal(Journal):
         # takeover of its host, for long after the lease
         stuck_ms = int(max(2.0, self.lease / 2) * 1000)
         conn.execute("SET synchronous_commit = on")
-        # The batch's statements are prepared (psycopg, after a few runs) and take arrays
-        # (unnest): with `auto`, PostgreSQL's estimate of an array parameter's length makes
-        # the generic plan look dearer than a custom one, so it planned every execution
-        # again, costing more server time than running them. Their generic plans find
-        # each row by the primary key (_HELD keeps the holder index out of them).
-        conn.execute("SET plan_cache_mode = force_generic_plan")
         conn.execute(f"SET idle_in_transaction_session_timeout = {stuck_ms}")
         return conn
 
@@ -376,6 +379,17 @@ class PgJournal(Journal):
             pipeline.sync()
         return cursor
 
+    def _execute_generic(self, sql: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
+        """_execute for a statement of a message's delivery, with its generic plan."""
+        conn = self.connection()
+        self._batch_pipeline(conn)
+        conn.execute(_GENERIC_PLAN)
+        cursor = conn.execute(sql, params)
+        conn.execute(_DEFAULT_PLAN)
+        if self._pipe is not None:
+            self._pipe.sync()
+        return cursor
+
     def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> psycopg.Cursor[Any]:
         """The rows in one round trip (psycopg pipelines executemany)."""
         conn = self.connection()
@@ -397,7 +411,9 @@ class PgJournal(Journal):
         conn = self.connection()
         if self._batch_pipeline(conn) is None and not self._generation_current():
             return  # not pipelined: checked first, under the lock, as _fenced
+        conn.execute(_GENERIC_PLAN)
         conn.execute(sql, params)
+        conn.execute(_DEFAULT_PLAN)
 
     def _batch_pipeline(self, conn: psycopg.Connection[Any]) -> psycopg.Pipeline | None:
         """In the committer's batch, the pipeline its statements go through (BEGIN and
@@ -708,11 +724,11 @@ class PgJournal(Journal):
                 # the check sent with BEGIN, still unread, is answered in the same round
                 # trip as the write (which it precedes, so its lock is held): a fenced host
                 # raises here and its op is undone with the batch's rollback
-                rows = self._execute(_DATA_SENT, params).fetchall()
+                rows = self._execute_generic(_DATA_SENT, params).fetchall()
                 if not self._generation_current():
                     raise self._fenced_out()
             elif self._generation_current():
-                rows = self._execute(_DATA_SENT, params).fetchall()
+                rows = self._execute_generic(_DATA_SENT, params).fetchall()
             else:
                 raise self._fenced_out()
             done = set(rows)
