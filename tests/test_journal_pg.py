@@ -171,14 +171,23 @@ def test_a_taken_over_host_changes_nothing_in_a_committer_batch(two_hosts):
     assert taken.requeued == 3
     before = a.recipients(campaign, None, None)
 
-    a.begin()
-    a.mark_sending([(campaign, 4, "isp")])  # released by the takeover: unheld, queued
-    a.record_outcomes([Outcome(campaign, line, "sent", 250, "late") for line in (1, 2)])
-    a.requeue([(campaign, 3)], "late")
-    with pytest.raises(FencedError, match="taken over"):
-        a.mark_data_sent([(campaign, 1, "isp")])
-    a.commit()
+    async def one_batch() -> list[object]:
+        committer = Committer(a)
+        committer.start()
+        try:  # queued in one turn of the event loop: one batch
+            return await asyncio.gather(
+                committer.run(a.mark_sending, [(campaign, 4, "isp")]),  # released: unheld, queued
+                committer.run(a.record_outcomes,
+                              [Outcome(campaign, line, "sent", 250, "late") for line in (1, 2)]),
+                committer.run(a.requeue, [(campaign, 3)], "late"),
+                committer.run(a.mark_data_sent, [(campaign, 1, "isp")]),
+                return_exceptions=True)
+        finally:
+            await committer.stop()
 
+    *writes, data_sent = asyncio.run(one_batch())
+    assert writes == [None, None, None]
+    assert isinstance(data_sent, FencedError) and "taken over" in str(data_sent)
     assert a.recipients(campaign, None, None) == before
     assert states(a, campaign) == {1: "queued", 2: "queued", 3: "queued", 4: "queued"}
     assert a.sends_since("isp", 0.0) == []  # nothing counted against the relay's limits

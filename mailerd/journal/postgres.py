@@ -202,22 +202,25 @@ WHERE r.campaign=picked.campaign AND r.line=picked.line
 RETURNING r.line, r.email, r.fields, r.attempts, r.next_at
 """
 
-# mark_data_sent in one round trip: the rows this host holds become data-sent, each counts
-# as a send (none once this host is taken over); the rows returned say which changed (a
-# missing one undoes the op)
-_DATA_SENT = """
+# mark_data_sent: the rows this host holds become data-sent, each counts as a send (none
+# once this host is taken over). Read: the rows returned say which changed (a missing one
+# undoes the op). In a pipelined batch nothing waits for it: the statement itself fails
+# (division by zero) when a row did not change, which the COMMIT answers; the committer
+# then runs the batch again, each op in its savepoint, where the read form names the row.
+_DATA_SENT_WRITES = """
 WITH items AS (
     SELECT * FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[]) AS i(campaign, line)),
 done AS (
     UPDATE recipients r SET state='data-sent', dot_at=%(now)s, updated=%(now)s FROM items
     WHERE r.campaign=items.campaign AND r.line=items.line AND r.state IN ('sending', 'queued')
-      AND {held}
+      AND {held} AND {current}
     RETURNING r.campaign, r.line),
 counted AS (
     INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server
     WHERE {current})
-SELECT campaign, line FROM done
 """.format(held=_HELD, current=_CURRENT)
+_DATA_SENT = _DATA_SENT_WRITES + "SELECT campaign, line FROM done"
+_DATA_SENT_OR_FAIL = _DATA_SENT_WRITES + "SELECT 1 / (count(*) = %(recipients)s)::integer FROM done"
 
 # The hand-out and the relay's answers of a batch, each in one statement (unnest: one
 # round trip and one statement for the server, where executemany makes one per row).
@@ -401,16 +404,20 @@ class PgJournal(Journal):
                 pipeline.sync()
         return cursor
 
-    def _send(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> None:
+    def _send(self, sql: str, params: dict[str, Any]) -> None:
         """A write whose result nobody reads, inside a batch: sent without waiting for it
         (it goes with the next statement whose results are read, or with the COMMIT). Its
         error, if any, is raised by that statement; the committer then runs the batch
         again, each op in its savepoint, where nothing is pipelined. `sql` checks this
         host's generation itself (_CURRENT), relying on the lock of the _FENCE sent
         with BEGIN."""
-        conn = self.connection()
-        if self._batch_pipeline(conn) is None and not self._generation_current():
+        if self._batch_pipeline(self.connection()) is None and not self._generation_current():
             return  # not pipelined: checked first, under the lock, as _fenced
+        self._send_generic(sql, params)
+
+    def _send_generic(self, sql: str, params: dict[str, Any]) -> None:
+        """A statement of a message's delivery, with its generic plan, not waited for."""
+        conn = self.connection()
         conn.execute(_GENERIC_PLAN)
         conn.execute(sql, params)
         conn.execute(_DEFAULT_PLAN)
@@ -579,6 +586,8 @@ class PgJournal(Journal):
             self._close_pipeline()  # the COMMIT's round trip, with what was sent before it
             status = cursor.statusmessage
         except psycopg.Error as exc:
+            if not self.is_storage_error(exc):
+                raise  # an op's statement sent without waiting failed: see committer.py
             raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
         finally:
             self._end_batch()
@@ -719,19 +728,17 @@ class PgJournal(Journal):
                   "servers": [server for _, _, server in items], "now": time.time(),
                   "host": self.host_id, "gen": self.generation}
         with self._transaction():
-            self._batch_pipeline(self.connection())
-            if self._fence is not None and self._pipe is not None:
-                # the check sent with BEGIN, still unread, is answered in the same round
-                # trip as the write (which it precedes, so its lock is held): a fenced host
-                # raises here and its op is undone with the batch's rollback
-                rows = self._execute_generic(_DATA_SENT, params).fetchall()
-                if not self._generation_current():
+            if self._batch_pipeline(self.connection()) is not None:
+                if self._generation_checked is False:
                     raise self._fenced_out()
-            elif self._generation_current():
-                rows = self._execute_generic(_DATA_SENT, params).fetchall()
-            else:
+                # nothing waits: checked in the statement (_DATA_SENT_OR_FAIL), under the
+                # lock of the _FENCE sent before it, and answered with the COMMIT
+                recipients = len({(campaign, line) for campaign, line, _ in items})
+                self._send_generic(_DATA_SENT_OR_FAIL, {**params, "recipients": recipients})
+                return
+            if not self._generation_current():
                 raise self._fenced_out()
-            done = set(rows)
+            done = set(self._execute_generic(_DATA_SENT, params).fetchall())
             for campaign, line, _ in items:
                 if (campaign, line) not in done:
                     raise self._why_unsendable(campaign, line)
