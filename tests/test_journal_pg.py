@@ -460,6 +460,27 @@ def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
     asyncio.run(scenario())
 
 
+def test_an_op_whose_error_comes_with_the_commit_fails_alone(pg_dsn):
+    """A batch's writes are not waited for on PostgreSQL, so an op's own error comes with
+    the COMMIT: that op still fails alone with it, the others commit, and nothing is
+    taken for a storage failure (which the outbox would replay forever)."""
+    async def scenario() -> None:
+        async with running_committer(pg_dsn) as (journal, committer):
+            campaign = await committer.run(add_campaign, journal, 3)
+            await committer.run(journal.mark_sending, [(campaign, line, "isp") for line in (1, 2, 3)])
+            batch = [committer.run(journal.mark_data_sent, [(campaign, 1, "isp")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 3, "isp")]),
+                     committer.run(journal.record_outcomes,  # the batch's last statement
+                                   [Outcome(campaign, 2, "failed", 2 ** 40, "no such code")])]
+            results = await asyncio.gather(*batch, return_exceptions=True)
+            assert results[0] is None and results[1] is None
+            assert not isinstance(results[2], JournalWriteError)
+            assert "out of range" in str(results[2])
+            assert states(journal, campaign) == {1: "data-sent", 2: "sending", 3: "data-sent"}
+
+    asyncio.run(scenario())
+
+
 def test_a_daemon_on_sqlite_never_loads_psycopg(tmp_path):
     script = (
         "import sys\n"
