@@ -162,7 +162,8 @@ _HELD = "r.holder IS NOT DISTINCT FROM %(host)s AND r.holder_gen IS NOT DISTINCT
 # dearer and it planned every execution again, costing more server time than running
 # them. Their generic plans find each row by the primary key (_HELD keeps the holder index
 # out). Only for them: a generic plan of a long IN list (first_lines) scans the campaign.
-# Inside a transaction, so a rollback undoes the SET too.
+# In a batch the mode is switched only when it changes (_plans), and the transaction's end
+# undoes a SET LOCAL; elsewhere around each statement.
 _GENERIC_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan"
 _DEFAULT_PLAN = "RESET plan_cache_mode"
 _MIGRATION_LOCK = 0x6D61696C  # pg_advisory_xact_lock key: one host migrates at a time
@@ -330,6 +331,7 @@ class PgJournal(Journal):
         self._pipe: psycopg.Pipeline | None = None
         self._pipeline_allowed = False
         self._fence: psycopg.Cursor[Any] | None = None
+        self._generic_plans = False  # in the batch: _GENERIC_PLAN in force (see _plans)
 
     # ------------------------------------------------------------ connection
 
@@ -372,26 +374,33 @@ class PgJournal(Journal):
     def _db(self) -> _Dialect:  # type: ignore[override]
         return self._dialect
 
-    def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
+    def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = (),
+                 generic: bool = False) -> psycopg.Cursor[Any]:
         """A statement whose results are read now: one round trip, which also carries
-        whatever the batch has sent before it and not waited for."""
+        whatever the batch has sent before it and not waited for. `generic`: one of a
+        message's delivery (_GENERIC_PLAN)."""
         conn = self.connection()
         pipeline = self._batch_pipeline(conn)
-        cursor = conn.execute(sql, params)
+        with self._plans(conn, generic):
+            cursor = conn.execute(sql, params)
         if pipeline is not None:
             pipeline.sync()
         return cursor
 
-    def _execute_generic(self, sql: str, params: dict[str, Any]) -> psycopg.Cursor[Any]:
-        """_execute for a statement of a message's delivery, with its generic plan."""
-        conn = self.connection()
-        self._batch_pipeline(conn)
-        conn.execute(_GENERIC_PLAN)
-        cursor = conn.execute(sql, params)
-        conn.execute(_DEFAULT_PLAN)
-        if self._pipe is not None:
-            self._pipe.sync()
-        return cursor
+    @contextmanager
+    def _plans(self, conn: psycopg.Connection[Any], generic: bool) -> Iterator[None]:
+        """The statement inside runs with generic plans forced or not (_GENERIC_PLAN)."""
+        if not self._in_batch:
+            if generic:
+                conn.execute(_GENERIC_PLAN)
+            yield
+            if generic:
+                conn.execute(_DEFAULT_PLAN)
+            return
+        if generic != self._generic_plans:
+            conn.execute(_GENERIC_PLAN if generic else _DEFAULT_PLAN)
+            self._generic_plans = generic
+        yield
 
     def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> psycopg.Cursor[Any]:
         """The rows in one round trip (psycopg pipelines executemany)."""
@@ -399,7 +408,8 @@ class PgJournal(Journal):
         cursor = conn.cursor()
         if rows:
             pipeline = self._batch_pipeline(conn)
-            cursor.executemany(sql, rows)
+            with self._plans(conn, False):
+                cursor.executemany(sql, rows)
             if pipeline is not None:
                 pipeline.sync()
         return cursor
@@ -418,9 +428,8 @@ class PgJournal(Journal):
     def _send_generic(self, sql: str, params: dict[str, Any]) -> None:
         """A statement of a message's delivery, with its generic plan, not waited for."""
         conn = self.connection()
-        conn.execute(_GENERIC_PLAN)
-        conn.execute(sql, params)
-        conn.execute(_DEFAULT_PLAN)
+        with self._plans(conn, True):
+            conn.execute(sql, params)
 
     def _batch_pipeline(self, conn: psycopg.Connection[Any]) -> psycopg.Pipeline | None:
         """In the committer's batch, the pipeline its statements go through (BEGIN and
@@ -607,6 +616,7 @@ class PgJournal(Journal):
 
     def _end_batch(self) -> None:
         self._in_batch = self._begin_pending = self._pipeline_allowed = False
+        self._generic_plans = False  # the transaction's end undid the SET LOCAL
         self._generation_checked = None
         self._fence = None
         if self._pipeline is not None:  # an error left it open: leave pipeline mode
@@ -628,10 +638,15 @@ class PgJournal(Journal):
     def rollback_to(self, name: str) -> None:
         self._generation_checked = self._fence = None  # a lock taken after it is gone with it
         self._transaction_statement(f"ROLLBACK TO SAVEPOINT {name}")
+        self._generic_plans = True  # perhaps undone, perhaps not: the next RESET makes sure
 
     def _transaction_statement(self, sql: str) -> None:
         try:
-            self._execute(sql)
+            conn = self.connection()
+            pipeline = self._batch_pipeline(conn)
+            conn.execute(sql)  # never a switch of plans first: the transaction may be failed
+            if pipeline is not None:
+                pipeline.sync()
         except psycopg.Error as exc:
             raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
 
@@ -738,7 +753,7 @@ class PgJournal(Journal):
                 return
             if not self._generation_current():
                 raise self._fenced_out()
-            done = set(self._execute_generic(_DATA_SENT, params).fetchall())
+            done = set(self._execute(_DATA_SENT, params, generic=True).fetchall())
             for campaign, line, _ in items:
                 if (campaign, line) not in done:
                     raise self._why_unsendable(campaign, line)
