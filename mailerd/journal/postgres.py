@@ -417,8 +417,8 @@ class PgJournal(Journal):
     def _send(self, sql: str, params: dict[str, Any]) -> None:
         """A write whose result nobody reads, inside a batch: sent without waiting for it
         (it goes with the next statement whose results are read, or with the COMMIT). Its
-        error, if any, is raised by that statement; the committer then runs the batch
-        again, each op in its savepoint, where nothing is pipelined. `sql` checks this
+        error, if any, is raised by that statement or by commit(); the committer then runs
+        the batch again, each op in its savepoint, where nothing is pipelined. `sql` checks this
         host's generation itself (_CURRENT), relying on the lock of the _FENCE sent
         with BEGIN."""
         if self._batch_pipeline(self.connection()) is None and not self._generation_current():
