@@ -171,14 +171,23 @@ def test_a_taken_over_host_changes_nothing_in_a_committer_batch(two_hosts):
     assert taken.requeued == 3
     before = a.recipients(campaign, None, None)
 
-    a.begin()
-    a.mark_sending([(campaign, 4, "isp")])  # released by the takeover: unheld, queued
-    a.record_outcomes([Outcome(campaign, line, "sent", 250, "late") for line in (1, 2)])
-    a.requeue([(campaign, 3)], "late")
-    with pytest.raises(FencedError, match="taken over"):
-        a.mark_data_sent([(campaign, 1, "isp")])
-    a.commit()
+    async def one_batch() -> list[object]:
+        committer = Committer(a)
+        committer.start()
+        try:  # queued in one turn of the event loop: one batch
+            return await asyncio.gather(
+                committer.run(a.mark_sending, [(campaign, 4, "isp")]),  # released: unheld, queued
+                committer.run(a.record_outcomes,
+                              [Outcome(campaign, line, "sent", 250, "late") for line in (1, 2)]),
+                committer.run(a.requeue, [(campaign, 3)], "late"),
+                committer.run(a.mark_data_sent, [(campaign, 1, "isp")]),
+                return_exceptions=True)
+        finally:
+            await committer.stop()
 
+    *writes, data_sent = asyncio.run(one_batch())
+    assert writes == [None, None, None]
+    assert isinstance(data_sent, FencedError) and "taken over" in str(data_sent)
     assert a.recipients(campaign, None, None) == before
     assert states(a, campaign) == {1: "queued", 2: "queued", 3: "queued", 4: "queued"}
     assert a.sends_since("isp", 0.0) == []  # nothing counted against the relay's limits
@@ -200,6 +209,30 @@ def test_a_batch_of_a_live_host_writes_every_op(two_hosts):
     a.commit()
     assert states(a, campaign) == {1: "sent", 2: "data-sent", 3: "queued"}
     assert [r.reply for r in a.recipients(campaign, "queued", None)] == ["dropped"]
+
+
+def test_the_statements_of_a_delivery_are_planned_once(two_hosts):
+    """The hand-out, data-sent and answers of every batch run with their generic plans:
+    with the default, PostgreSQL planned them again at each batch (custom plans), which
+    cost more server time than running them. Every other statement keeps the default."""
+    a, _ = two_hosts
+    campaign = add_campaign(a, 40)
+    assert claimed_lines(a, campaign, limit=40) == list(range(1, 41))
+    for line in range(1, 41, 2):  # 20 batches of two recipients
+        pair = [(campaign, line, "isp"), (campaign, line + 1, "isp")]
+        a.begin()
+        a.mark_sending(pair)
+        a.mark_data_sent(pair)
+        a.record_outcomes([Outcome(campaign, number, "sent", 250, "ok")
+                           for _, number, _ in pair])
+        a.commit()
+    assert set(states(a, campaign).values()) == {"sent"}
+    plans = a.connection().execute(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+        "WHERE statement LIKE '%unnest%'").fetchall()
+    assert len(plans) == 3  # prepared: sending, data-sent, outcomes
+    assert all(generic >= 15 and custom == 0 for generic, custom in plans), plans
+    assert a.connection().execute("SHOW plan_cache_mode").fetchone() == ("auto",)
 
 
 def test_a_takeover_waits_for_the_hosts_transaction_in_progress(two_hosts):
@@ -424,6 +457,27 @@ def test_one_failing_op_of_a_batch_fails_alone_on_postgresql(pg_dsn):
             assert states(journal, campaign) == {1: "data-sent", 2: "sent", 3: "data-sent",
                                                  4: "suppressed"}
             assert len(journal.sends_since("isp", 0)) == 2  # the failed op's send is undone too
+
+    asyncio.run(scenario())
+
+
+def test_an_op_whose_error_comes_with_the_commit_fails_alone(pg_dsn):
+    """A batch's writes are not waited for on PostgreSQL, so an op's own error comes with
+    the COMMIT: that op still fails alone with it, the others commit, and nothing is
+    taken for a storage failure (which the outbox would replay forever)."""
+    async def scenario() -> None:
+        async with running_committer(pg_dsn) as (journal, committer):
+            campaign = await committer.run(add_campaign, journal, 3)
+            await committer.run(journal.mark_sending, [(campaign, line, "isp") for line in (1, 2, 3)])
+            batch = [committer.run(journal.mark_data_sent, [(campaign, 1, "isp")]),
+                     committer.run(journal.mark_data_sent, [(campaign, 3, "isp")]),
+                     committer.run(journal.record_outcomes,  # the batch's last statement
+                                   [Outcome(campaign, 2, "failed", 2 ** 40, "no such code")])]
+            results = await asyncio.gather(*batch, return_exceptions=True)
+            assert results[0] is None and results[1] is None
+            assert not isinstance(results[2], JournalWriteError)
+            assert "out of range" in str(results[2])
+            assert states(journal, campaign) == {1: "data-sent", 2: "sending", 3: "data-sent"}
 
     asyncio.run(scenario())
 

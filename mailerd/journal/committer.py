@@ -130,11 +130,13 @@ class Committer:
         try:
             store.begin()
             results = self._run_plain(ops)
+            if results is not None and not self._commit_plain():
+                results = None
             if results is None:  # an op failed: again from the start, each in its savepoint
                 store.rollback()
                 store.begin()
                 results = [self._run_in_savepoint(op) for op in ops]
-            store.commit()
+                store.commit()
         except Exception as exc:  # a transaction statement failed, or storage did (below)
             self._rollback()
             error = exc if isinstance(exc, JournalWriteError) else \
@@ -158,6 +160,20 @@ class Committer:
                     raise
                 return None
         return results
+
+    def _commit_plain(self) -> bool:
+        """COMMIT after _run_plain; False when it failed with an op's own error, not the
+        storage's: on PostgreSQL an op's write is not waited for (its pipeline), so its
+        error comes with the COMMIT, and the transaction is rolled back."""
+        try:
+            self.journal.commit()
+        except JournalWriteError:
+            raise
+        except Exception as exc:
+            if self.journal.is_storage_error(exc):
+                raise
+            return False
+        return True
 
     def _run_in_savepoint(self, op: _Op) -> tuple[_Op, bool, Any]:
         store = self.journal

@@ -185,6 +185,16 @@ _CURRENT = "EXISTS (SELECT 1 FROM hosts WHERE host_id=%(host)s AND generation=%(
 # (every row this host holds, and its dead versions) for each batch, a cost that grew
 # with the campaign; the primary key finds each item's row directly.
 _HELD = "r.holder IS NOT DISTINCT FROM %(host)s AND r.holder_gen IS NOT DISTINCT FROM %(gen)s"
+# Around each statement of a message's delivery (_SENDING, _DATA_SENT, _OUTCOMES, _REQUEUE):
+# they are prepared (psycopg, after a few runs) and take arrays. With `auto`, PostgreSQL
+# estimates an array parameter's length better in a custom plan, so the generic plan looks
+# dearer and it planned every execution again, costing more server time than running
+# them. Their generic plans find each row by the primary key (_HELD keeps the holder index
+# out). Only for them: a generic plan of a long IN list (first_lines) scans the campaign.
+# In a batch the mode is switched only when it changes (_plans), and the transaction's end
+# undoes a SET LOCAL; elsewhere around each statement.
+_GENERIC_PLAN = "SET LOCAL plan_cache_mode = force_generic_plan"
+_DEFAULT_PLAN = "RESET plan_cache_mode"
 _MIGRATION_LOCK = 0x6D61696C  # pg_advisory_xact_lock key: one host migrates at a time
 _NOW = "extract(epoch from clock_timestamp())"  # the database's clock, in seconds
 
@@ -247,22 +257,25 @@ WHERE r.campaign=picked.campaign AND r.line=picked.line
 RETURNING r.line, r.email, r.fields, r.attempts, r.next_at
 """
 
-# mark_data_sent in one round trip: the rows this host holds become data-sent, each counts
-# as a send (none once this host is taken over); the rows returned say which changed (a
-# missing one undoes the op)
-_DATA_SENT = """
+# mark_data_sent: the rows this host holds become data-sent, each counts as a send (none
+# once this host is taken over). Read: the rows returned say which changed (a missing one
+# undoes the op). In a pipelined batch nothing waits for it: the statement itself fails
+# (division by zero) when a row did not change, which the COMMIT answers; the committer
+# then runs the batch again, each op in its savepoint, where the read form names the row.
+_DATA_SENT_WRITES = """
 WITH items AS (
     SELECT * FROM unnest(%(campaigns)s::bigint[], %(lines)s::integer[]) AS i(campaign, line)),
 done AS (
     UPDATE recipients r SET state='data-sent', dot_at=%(now)s, updated=%(now)s FROM items
     WHERE r.campaign=items.campaign AND r.line=items.line AND r.state IN ('sending', 'queued')
-      AND {held}
+      AND {held} AND {current}
     RETURNING r.campaign, r.line),
 counted AS (
     INSERT INTO sends (server, t) SELECT server, %(now)s FROM unnest(%(servers)s::text[]) AS server
     WHERE {current})
-SELECT campaign, line FROM done
 """.format(held=_HELD, current=_CURRENT)
+_DATA_SENT = _DATA_SENT_WRITES + "SELECT campaign, line FROM done"
+_DATA_SENT_OR_FAIL = _DATA_SENT_WRITES + "SELECT 1 / (count(*) = %(recipients)s)::integer FROM done"
 
 # The hand-out and the relay's answers of a batch, each in one statement (unnest: one
 # round trip and one statement for the server, where executemany makes one per row).
@@ -392,6 +405,7 @@ class PgJournal(Journal):
         self._pipe: psycopg.Pipeline | None = None
         self._pipeline_allowed = False
         self._fence: psycopg.Cursor[Any] | None = None
+        self._generic_plans = False  # in the batch: _GENERIC_PLAN in force (see _plans)
 
     # ------------------------------------------------------------ connection
 
@@ -434,15 +448,33 @@ class PgJournal(Journal):
     def _db(self) -> _Dialect:  # type: ignore[override]
         return self._dialect
 
-    def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> psycopg.Cursor[Any]:
+    def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = (),
+                 generic: bool = False) -> psycopg.Cursor[Any]:
         """A statement whose results are read now: one round trip, which also carries
-        whatever the batch has sent before it and not waited for."""
+        whatever the batch has sent before it and not waited for. `generic`: one of a
+        message's delivery (_GENERIC_PLAN)."""
         conn = self.connection()
         pipeline = self._batch_pipeline(conn)
-        cursor = conn.execute(sql, params)
+        with self._plans(conn, generic):
+            cursor = conn.execute(sql, params)
         if pipeline is not None:
             pipeline.sync()
         return cursor
+
+    @contextmanager
+    def _plans(self, conn: psycopg.Connection[Any], generic: bool) -> Iterator[None]:
+        """The statement inside runs with generic plans forced or not (_GENERIC_PLAN)."""
+        if not self._in_batch:
+            if generic:
+                conn.execute(_GENERIC_PLAN)
+            yield
+            if generic:
+                conn.execute(_DEFAULT_PLAN)
+            return
+        if generic != self._generic_plans:
+            conn.execute(_GENERIC_PLAN if generic else _DEFAULT_PLAN)
+            self._generic_plans = generic
+        yield
 
     def _executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> psycopg.Cursor[Any]:
         """The rows in one round trip (psycopg pipelines executemany)."""
@@ -450,22 +482,28 @@ class PgJournal(Journal):
         cursor = conn.cursor()
         if rows:
             pipeline = self._batch_pipeline(conn)
-            cursor.executemany(sql, rows)
+            with self._plans(conn, False):
+                cursor.executemany(sql, rows)
             if pipeline is not None:
                 pipeline.sync()
         return cursor
 
-    def _send(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> None:
+    def _send(self, sql: str, params: dict[str, Any]) -> None:
         """A write whose result nobody reads, inside a batch: sent without waiting for it
         (it goes with the next statement whose results are read, or with the COMMIT). Its
-        error, if any, is raised by that statement; the committer then runs the batch
-        again, each op in its savepoint, where nothing is pipelined. `sql` checks this
+        error, if any, is raised by that statement or by commit(); the committer then runs
+        the batch again, each op in its savepoint, where nothing is pipelined. `sql` checks this
         host's generation itself (_CURRENT), relying on the lock of the _FENCE sent
         with BEGIN."""
-        conn = self.connection()
-        if self._batch_pipeline(conn) is None and not self._generation_current():
+        if self._batch_pipeline(self.connection()) is None and not self._generation_current():
             return  # not pipelined: checked first, under the lock, as _fenced
-        conn.execute(sql, params)
+        self._send_generic(sql, params)
+
+    def _send_generic(self, sql: str, params: dict[str, Any]) -> None:
+        """A statement of a message's delivery, with its generic plan, not waited for."""
+        conn = self.connection()
+        with self._plans(conn, True):
+            conn.execute(sql, params)
 
     def _batch_pipeline(self, conn: psycopg.Connection[Any]) -> psycopg.Pipeline | None:
         """In the committer's batch, the pipeline its statements go through (BEGIN and
@@ -650,6 +688,8 @@ class PgJournal(Journal):
             self._close_pipeline()  # the COMMIT's round trip, with what was sent before it
             status = cursor.statusmessage
         except psycopg.Error as exc:
+            if not self.is_storage_error(exc):
+                raise  # an op's statement sent without waiting failed: see committer.py
             raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
         finally:
             self._end_batch()
@@ -669,6 +709,7 @@ class PgJournal(Journal):
 
     def _end_batch(self) -> None:
         self._in_batch = self._begin_pending = self._pipeline_allowed = False
+        self._generic_plans = False  # the transaction's end undid the SET LOCAL
         self._generation_checked = None
         self._fence = None
         if self._pipeline is not None:  # an error left it open: leave pipeline mode
@@ -690,10 +731,15 @@ class PgJournal(Journal):
     def rollback_to(self, name: str) -> None:
         self._generation_checked = self._fence = None  # a lock taken after it is gone with it
         self._transaction_statement(f"ROLLBACK TO SAVEPOINT {name}")
+        self._generic_plans = True  # perhaps undone, perhaps not: the next RESET makes sure
 
     def _transaction_statement(self, sql: str) -> None:
         try:
-            self._execute(sql)
+            conn = self.connection()
+            pipeline = self._batch_pipeline(conn)
+            conn.execute(sql)  # never a switch of plans first: the transaction may be failed
+            if pipeline is not None:
+                pipeline.sync()
         except psycopg.Error as exc:
             raise JournalWriteError(f"journal write failed: {_why(exc)}") from None
 
@@ -790,19 +836,17 @@ class PgJournal(Journal):
                   "servers": [server for _, _, server in items], "now": time.time(),
                   "host": self.host_id, "gen": self.generation}
         with self._transaction():
-            self._batch_pipeline(self.connection())
-            if self._fence is not None and self._pipe is not None:
-                # the check sent with BEGIN, still unread, is answered in the same round
-                # trip as the write (which it precedes, so its lock is held): a fenced host
-                # raises here and its op is undone with the batch's rollback
-                rows = self._execute(_DATA_SENT, params).fetchall()
-                if not self._generation_current():
+            if self._batch_pipeline(self.connection()) is not None:
+                if self._generation_checked is False:
                     raise self._fenced_out()
-            elif self._generation_current():
-                rows = self._execute(_DATA_SENT, params).fetchall()
-            else:
+                # nothing waits: checked in the statement (_DATA_SENT_OR_FAIL), under the
+                # lock of the _FENCE sent before it, and answered with the COMMIT
+                recipients = len({(campaign, line) for campaign, line, _ in items})
+                self._send_generic(_DATA_SENT_OR_FAIL, {**params, "recipients": recipients})
+                return
+            if not self._generation_current():
                 raise self._fenced_out()
-            done = set(rows)
+            done = set(self._execute(_DATA_SENT, params, generic=True).fetchall())
             for campaign, line, _ in items:
                 if (campaign, line) not in done:
                     raise self._why_unsendable(campaign, line)
