@@ -305,6 +305,40 @@ WHERE r.campaign=i.campaign AND r.line=i.line AND r.state IN ('sending', 'data-s
   AND """ + _HELD + " AND " + _CURRENT
 
 
+# The array parameters of the delivery's statements, one element per item
+_ITEM_ARRAYS = ("campaigns", "lines", "servers", "states", "codes", "replies", "next_at")
+
+
+def _rows_of(params: dict[str, Any]) -> set[tuple[int, int]]:
+    return set(zip(params["campaigns"], params["lines"]))
+
+
+class _Pending:
+    """A delivery statement of the batch not sent yet, with the items of every op merged
+    into it (_send_generic). Ops merge when they touch different rows and agree on every
+    other parameter but `now` (the first op's: all are the same transaction's) and
+    `recipients` (_DATA_SENT_OR_FAIL's count of rows, which adds up)."""
+
+    def __init__(self, sql: str, params: dict[str, Any], rows: set[tuple[int, int]]) -> None:
+        self.sql = sql
+        self.params = {key: list(value) if key in _ITEM_ARRAYS else value
+                       for key, value in params.items()}
+        self.rows = set(rows)
+
+    def merge(self, params: dict[str, Any], rows: set[tuple[int, int]]) -> bool:
+        if not self.rows.isdisjoint(rows) or any(
+                params[key] != value for key, value in self.params.items()
+                if key not in _ITEM_ARRAYS and key not in ("now", "recipients")):
+            return False
+        for key in _ITEM_ARRAYS:
+            if key in self.params:
+                self.params[key] += params[key]
+        if "recipients" in self.params:
+            self.params["recipients"] += params["recipients"]
+        self.rows |= rows
+        return True
+
+
 def _first_of_each(items: list[Any]) -> list[Any]:
     """One item per (campaign, line), the first: as store.py's row-by-row updates, where a
     second write for the same recipient finds it changed already and does nothing."""
@@ -406,6 +440,7 @@ class PgJournal(Journal):
         self._pipeline_allowed = False
         self._fence: psycopg.Cursor[Any] | None = None
         self._generic_plans = False  # in the batch: _GENERIC_PLAN in force (see _plans)
+        self._pending: list[_Pending] = []  # the batch's writes not sent yet (_send_generic)
 
     # ------------------------------------------------------------ connection
 
@@ -463,7 +498,9 @@ class PgJournal(Journal):
 
     @contextmanager
     def _plans(self, conn: psycopg.Connection[Any], generic: bool) -> Iterator[None]:
-        """The statement inside runs with generic plans forced or not (_GENERIC_PLAN)."""
+        """The statement inside runs with generic plans forced or not (_GENERIC_PLAN),
+        after the batch's writes held back so far (_send_generic)."""
+        self._flush_pending()
         if not self._in_batch:
             if generic:
                 conn.execute(_GENERIC_PLAN)
@@ -500,7 +537,30 @@ class PgJournal(Journal):
         self._send_generic(sql, params)
 
     def _send_generic(self, sql: str, params: dict[str, Any]) -> None:
-        """A statement of a message's delivery, with its generic plan, not waited for."""
+        """A statement of a message's delivery, with its generic plan, not waited for. In a
+        pipelined batch it is held back and merged with the batch's other ops of the same
+        statement into one (psycopg and PostgreSQL pay per statement); it goes out before
+        the next statement of any other kind that touches one of its rows, or before
+        anything else is sent (_plans, commit, a savepoint)."""
+        if self._pipe is None or not self._in_batch:
+            self._run_generic(sql, params)
+            return
+        rows = _rows_of(params)
+        for pending in self._pending:
+            if pending.sql != sql and not pending.rows.isdisjoint(rows):
+                self._flush_pending()  # the order of two writes to one row is kept
+                break
+        for pending in self._pending:
+            if pending.sql == sql and pending.merge(params, rows):
+                return
+        self._pending.append(_Pending(sql, params, rows))
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for statement in pending:
+            self._run_generic(statement.sql, statement.params)
+
+    def _run_generic(self, sql: str, params: dict[str, Any]) -> None:
         conn = self.connection()
         with self._plans(conn, True):
             conn.execute(sql, params)
@@ -523,6 +583,8 @@ class PgJournal(Journal):
 
     def _close_pipeline(self) -> None:
         """Wait for everything sent; the rest of the batch runs one statement at a time."""
+        if self._pipe is not None and self._in_batch:
+            self._flush_pending()
         self._pipeline_allowed = False
         pipeline, self._pipeline, self._pipe = self._pipeline, None, None
         if pipeline is not None:
@@ -684,6 +746,7 @@ class PgJournal(Journal):
         try:
             if not began:
                 return  # the batch ran no statement
+            self._flush_pending()
             cursor = self.connection().execute("COMMIT")  # never a new connection
             self._close_pipeline()  # the COMMIT's round trip, with what was sent before it
             status = cursor.statusmessage
@@ -698,6 +761,7 @@ class PgJournal(Journal):
 
     def rollback(self) -> None:
         began = not self._begin_pending
+        self._pending = []  # never sent: nothing to undo
         try:
             self._close_pipeline()
         except psycopg.Error:
@@ -708,6 +772,7 @@ class PgJournal(Journal):
         self._transaction_statement("ROLLBACK")
 
     def _end_batch(self) -> None:
+        self._pending = []  # a rollback: never sent
         self._in_batch = self._begin_pending = self._pipeline_allowed = False
         self._generic_plans = False  # the transaction's end undid the SET LOCAL
         self._generation_checked = None
@@ -737,6 +802,7 @@ class PgJournal(Journal):
         try:
             conn = self.connection()
             pipeline = self._batch_pipeline(conn)
+            self._flush_pending()
             conn.execute(sql)  # never a switch of plans first: the transaction may be failed
             if pipeline is not None:
                 pipeline.sync()
@@ -1000,6 +1066,7 @@ class PgJournal(Journal):
         with self._fenced() as current:
             if not current:
                 return 0, 0.0
+            self._flush_pending()
             self.connection().execute(_ENSURE_GROUP, params)  # in a batch: with the next
             row = self._execute(_TAKE_GROUP_TURNS, params).fetchone()
         assert row is not None
