@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 from mailerd.schema.control import Report
+from mailerd.testing.ports import free_port
 
 from . import data
 from .mailerd_proc import Mailerd
-from .tools import Sink, free_port, median, pss_bytes, process_tree, wait_for
+from .tools import Sink, median, pss_bytes, process_tree, wait_for
 
 TARGETS = {"enqueue_s": 10.0, "report_s": 0.2, "pss_mb": 200.0, "restart_s": 2.0}
 SESSIONS = 8

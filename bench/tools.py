@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from mailerd.testing.ports import free_port
 from mailerd.testing.waiting import wait_until
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -70,12 +71,6 @@ def _postfix_master_running() -> bool:
     except (OSError, ValueError, IndexError):
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Sink:

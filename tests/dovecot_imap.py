@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mailerd.testing.ports import free_port
 from mailerd.testing.waiting import wait_until
-from postfix import DOVECOT, free_port, make_test_ca
+from postfix import DOVECOT, make_test_ca
 
 IMAP_BINARY = "/usr/lib/dovecot/imap"
 POP3_BINARY = "/usr/lib/dovecot/pop3"

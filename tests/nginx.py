@@ -23,8 +23,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from mailerd.testing.ports import free_port
 from mailerd.testing.waiting import wait_until
-from postfix import free_port, make_test_ca
+from postfix import make_test_ca
 from test_unsubscribe import Answer, exchange
 
 NGINX = "/usr/sbin/nginx"

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from mailerd.testing.ports import free_port
 from mailerd.testing.waiting import wait_until
 
 POSTFIX = "/usr/sbin/postfix"
@@ -59,12 +60,6 @@ def missing() -> str | None:
     except KeyError as exc:
         return f"user or group {exc} is missing (created by Debian's postfix/dovecot-core packages)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> None:

@@ -19,11 +19,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import itertools
 from pathlib import Path
+
+from mailerd.testing.ports import free_port
 
 SUPERUSER = "postgres"  # the cluster's superuser (a role name, not the OS user)
 RUN_AS = "postgres"  # the OS user the server runs as when the tests run as root
@@ -54,12 +55,6 @@ def missing() -> str | None:
         if not shutil.which("runuser"):
             return "runuser is missing (util-linux): needed to run PostgreSQL as a non-root user"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgCluster:
