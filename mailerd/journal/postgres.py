@@ -1066,8 +1066,7 @@ class PgJournal(Journal):
         with self._fenced() as current:
             if not current:
                 return 0, 0.0
-            self._flush_pending()
-            self.connection().execute(_ENSURE_GROUP, params)  # in a batch: with the next
+            self._execute(_ENSURE_GROUP, params)
             row = self._execute(_TAKE_GROUP_TURNS, params).fetchone()
         assert row is not None
         return int(row[0]), float(row[1])

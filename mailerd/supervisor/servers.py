@@ -188,6 +188,7 @@ class ServerRun:
             settings=dict(self.overrides),
             messages_per_connection=self.pacer.messages_per_connection(),
             rate=self.pacer.effective_rate(),
+            account_rate=self.pacer.account_rate(), hosts=self.pacer.hosts,
             sessions_ended=self.sessions_ended, drops=self.drops, refused=self.refused,
             workers=[s.info() for s in self.slots if not s.retired or s.alive],
             broken=self.broken,

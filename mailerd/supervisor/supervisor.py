@@ -186,17 +186,23 @@ class Supervisor:
         if forget:
             server.pacer.learned = Learned()
             server.pacer.changed = True
-        overrides = msgspec.msgpack.encode(server.overrides)
-
-        def journal_it() -> None:
-            self.journal.save_overrides(name, overrides)
-            self.journal.audit(None, "set", f"server={name} {settings} forget={bool(forget)} {who}")
-
-        await self.committer.run(journal_it)
+        await self._journal_overrides(name, server.overrides, "set",
+                                      f"server={name} {settings} forget={bool(forget)} {who}")
         event("pacing_set", server=name, settings=" ".join(f"{k}={v}" for k, v in settings.items())
               or None, learned="forgotten" if forget else None)
         self._reconfigure(server, config)
         return server
+
+    async def _journal_overrides(self, name: str, overrides: dict[str, str], action: str,
+                                 detail: str) -> None:
+        """The server's run-time settings, stored once for every host, with the audit line."""
+        blob = msgspec.msgpack.encode(overrides) if overrides else None
+
+        def journal_it() -> None:
+            self.journal.save_overrides(name, blob)
+            self.journal.audit(None, action, detail)
+
+        await self.committer.run(journal_it)
 
     async def reset_pacing(self, name: str, keys: list[str], who: str) -> list[str]:
         """`mailerctl set --reset`: the run-time settings named (all when none is) are
@@ -209,13 +215,7 @@ class Supervisor:
             raise ConfigError(f"{', '.join(unknown)}: not set at run time (set now: {now_set})")
         dropped = sorted(keys or server.overrides)
         overrides = {k: v for k, v in server.overrides.items() if k not in dropped}
-        blob = msgspec.msgpack.encode(overrides) if overrides else None
-
-        def journal_it() -> None:
-            self.journal.save_overrides(name, blob)
-            self.journal.audit(None, "reset", f"server={name} {dropped} {who}")
-
-        await self.committer.run(journal_it)
+        await self._journal_overrides(name, overrides, "reset", f"server={name} {dropped} {who}")
         server.overrides = overrides
         event("pacing_reset", server=name, settings=" ".join(dropped) or None)
         self._reconfigure(server, self._with_overrides(name, self.config.servers[name], overrides))
@@ -336,14 +336,8 @@ class Supervisor:
 
     def server_info(self) -> list[ServerInfo]:
         now = time.time()
-        return [self._server_info(server, now) for server in self.servers.values()
+        return [server.info(now) for server in self.servers.values()
                 if server.name in self.config.servers]
-
-    @staticmethod
-    def _server_info(server: ServerRun, now: float) -> ServerInfo:
-        info = server.info(now)
-        info.account_rate, info.hosts = server.pacer.account_rate(), server.pacer.hosts
-        return info
 
     def plan(self, spec: CampaignSpec, left: int) -> tuple[float | None, list[ServerPlan]]:
         """Estimated seconds to send `left` more over the campaign's servers, and why."""
